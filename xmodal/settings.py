@@ -1,0 +1,30 @@
+"""Defaults every part shares; each can be overridden by an environment variable or a flag."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOST = "127.0.0.1"
+HTTP_PORT = 8000
+GRPC_PORT = 8001
+METRICS_PORT = 8002
+
+IMAGE_COLLECTION = "xmodal_images"
+CAPTION_COLLECTION = "xmodal_captions"
+
+
+def data_dir() -> Path:
+    """The cache for fetched corpora, runs, the model repository and milvus-lite: ``$XMODAL_DATA`` or ``./xmodal-data``."""
+    return Path(os.environ.get("XMODAL_DATA", "xmodal-data"))
+
+
+def default_milvus_uri() -> str:
+    return str(data_dir() / "xmodal.db")
+
+
+def default_model_repository() -> Path:
+    return data_dir() / "model_repository"
+
+
+def default_triton_url() -> str:
+    return os.environ.get("XMODAL_TRITON_URL", f"{HOST}:{HTTP_PORT}")

@@ -1,0 +1,21 @@
+"""The Ray Data pipeline that fills Milvus: manifest -> read -> embed via Triton -> write.
+
+The names load on first use, so Ray workers importing ``xmodal.indexer.embed`` or
+``xmodal.indexer.sources`` do not pay for pymilvus.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from xmodal.indexer.pipeline import IndexReport, deadletter_path, index_captions, index_images
+
+__all__ = ["IndexReport", "deadletter_path", "index_captions", "index_images"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from xmodal.indexer import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'xmodal.indexer' has no attribute {name!r}")

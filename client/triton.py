@@ -1,0 +1,168 @@
+"""Talking to the xmodal ensembles on Triton over HTTP: connect, read the card, embed in batches.
+
+Shared by the client SDK and the indexer's embedding actors; tritonclient and numpy only.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import numpy as np
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from xmodal.card import CARD_PARAMETER, ModelCard
+
+IMAGE_MODEL, IMAGE_INPUT = "embed_image", "IMAGE"
+TEXT_MODEL, TEXT_INPUT = "embed_text", "TEXT"
+OUTPUT = "global"
+
+
+def host_port(url: str) -> str:
+    """tritonclient wants ``host:port``; accept ``http://host:port`` too."""
+    for scheme in ("http://", "https://"):
+        if url.startswith(scheme):
+            url = url[len(scheme):]
+    return url.rstrip("/")
+
+
+def connect(url: str, *, timeout: float = 10.0,
+            models: Sequence[str] = (IMAGE_MODEL, TEXT_MODEL)) -> triton_http.InferenceServerClient:
+    """A client for a live server whose `models` are ready; ConnectionError naming the URL if not."""
+    address = host_port(url)
+    client = triton_http.InferenceServerClient(address, connection_timeout=timeout, network_timeout=timeout)
+    try:
+        live = client.is_server_live()
+    except InferenceServerException as exc:
+        live, reason = False, exc.message()
+    except Exception as exc:  # refused, unreachable, timed out (socket and gevent errors)
+        live, reason = False, f"{type(exc).__name__}: {exc}"
+    else:
+        reason = "the server is not live"
+    if not live:
+        client.close()
+        raise ConnectionError(f"cannot reach Triton at {address}: {reason}")
+    for model in models:
+        try:
+            ready = client.is_model_ready(model)
+        except InferenceServerException:
+            ready = False
+        if not ready:
+            loaded = _ready_models(client)
+            client.close()
+            raise ConnectionError(
+                f"Triton at {address} is up but model {model!r} is not ready "
+                f"(ready models: {', '.join(loaded) or 'none'})"
+            )
+    return client
+
+
+def _ready_models(client: triton_http.InferenceServerClient) -> list[str]:
+    try:
+        return sorted(m["name"] for m in client.get_model_repository_index() if m.get("state") == "READY")
+    except Exception:
+        return []
+
+
+def fetch_card(client: triton_http.InferenceServerClient, model: str = IMAGE_MODEL) -> ModelCard:
+    """The model card that export put into the ensemble's config ``parameters``."""
+    config = client.get_model_config(model)
+    parameter = (config.get("parameters") or {}).get(CARD_PARAMETER)
+    if not parameter or not parameter.get("string_value"):
+        raise ValueError(f"Triton model {model!r} carries no {CARD_PARAMETER!r} parameter: not an xmodal model")
+    return ModelCard.from_json(parameter["string_value"])
+
+
+def max_batch_size(client: triton_http.InferenceServerClient, model: str) -> int:
+    return int(client.get_model_config(model).get("max_batch_size", 0) or 0)
+
+
+class Embedder:
+    """Embed encoded items (image bytes, UTF-8 text) with one ensemble, a batch per request.
+
+    A request fails as a whole when one item is bad (the preprocessing model rejects it);
+    the batch is then re-sent item by item so only the bad items fail, each with the
+    server's message. Transport errors (server gone) are raised, not attributed to items.
+
+    tritonclient.http runs on gevent, whose connections belong to the thread that made them
+    (Ray Data calls an actor's UDF on another thread than its constructor), so each thread
+    gets its own HTTP client.
+    """
+
+    def __init__(self, url: str, model: str, input_name: str, *, timeout: float = 10.0,
+                 batch_limit: int | None = None):
+        self.url = host_port(url)
+        self.model = model
+        self.input_name = input_name
+        self.timeout = timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._clients: list[triton_http.InferenceServerClient] = []
+        server_limit = max_batch_size(self.client, model)
+        self.batched = server_limit > 0
+        limits = [n for n in (server_limit, batch_limit) if n]
+        self.batch_limit = min(limits) if limits else 1
+
+    @property
+    def client(self) -> triton_http.InferenceServerClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = triton_http.InferenceServerClient(
+                self.url, connection_timeout=self.timeout, network_timeout=self.timeout)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - another thread's gevent hub; the process ends it
+                pass
+
+    def embed(self, items: Sequence[bytes]) -> tuple[np.ndarray, list[str | None]]:
+        """Vectors [N, D] (zero rows where an item failed) and per-item errors (None when fine)."""
+        vectors: list[np.ndarray | None] = [None] * len(items)
+        errors: list[str | None] = [None] * len(items)
+        step = self.batch_limit if self.batched else 1
+        for start in range(0, len(items), step):
+            chunk = list(items[start:start + step])
+            try:
+                out = self._infer(chunk)
+            except InferenceServerException as exc:
+                if len(chunk) == 1:
+                    errors[start] = exc.message() or str(exc)
+                    continue
+                for offset, item in enumerate(chunk):
+                    try:
+                        vectors[start + offset] = self._infer([item])[0]
+                    except InferenceServerException as item_exc:
+                        errors[start + offset] = item_exc.message() or str(item_exc)
+                continue
+            for offset in range(len(chunk)):
+                vectors[start + offset] = out[offset]
+        dim = next((v.shape[-1] for v in vectors if v is not None), 0)
+        stacked = np.zeros((len(items), dim), dtype=np.float32)
+        for i, v in enumerate(vectors):
+            if v is not None:
+                stacked[i] = v
+        return stacked, errors
+
+    def _infer(self, chunk: list[bytes]) -> np.ndarray:
+        if self.batched:
+            data = np.empty((len(chunk), 1), dtype=object)
+            data[:, 0] = chunk
+        else:
+            data = np.empty((1,), dtype=object)
+            data[0] = chunk[0]
+        request = triton_http.InferInput(self.input_name, list(data.shape), "BYTES")
+        request.set_data_from_numpy(data, binary_data=True)
+        output = triton_http.InferRequestedOutput(OUTPUT, binary_data=True)
+        result = self.client.infer(self.model, [request], outputs=[output])
+        array = result.as_numpy(OUTPUT)
+        if array is None:
+            raise InferenceServerException(f"{self.model} returned no {OUTPUT!r} output")
+        return np.asarray(array, dtype=np.float32).reshape(len(chunk), -1)

@@ -1,0 +1,128 @@
+"""Read and write the image–text manifest: one JSON object per image (see docs/architecture.md)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REQUIRED_TEXT_KEYS = ("id", "concept", "style", "split", "image")
+
+
+@dataclass
+class ManifestRow:
+    id: str
+    concept: str
+    style: str
+    split: str
+    image: Path  # absolute once read; when writing, a relative path means relative to the manifest
+    captions: list[str]
+    group: str | None = None
+    subgroup: str | None = None
+
+    def to_record(self, manifest_dir: Path) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "concept": self.concept,
+            "style": self.style,
+            "split": self.split,
+            "image": image_relative_to(self.image, manifest_dir),
+            "captions": list(self.captions),
+            "group": self.group,
+            "subgroup": self.subgroup,
+        }
+
+
+def image_relative_to(image: Path, manifest_dir: Path) -> str:
+    if not image.is_absolute():
+        return image.as_posix()
+    # resolve both sides so a symlinked data dir cannot turn the path into ../../ detours
+    return Path(os.path.relpath(image.resolve(), manifest_dir.resolve())).as_posix()
+
+
+def read_manifest(
+    path: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    styles: Collection[str] | str | None = None,
+    limit: int | None = None,
+) -> list[ManifestRow]:
+    """The rows of a JSONL manifest, in file order, filtered by split and style, at most ``limit``.
+
+    A malformed line raises ``ValueError("<file>:<line>: <what is wrong>")``.
+    """
+    path = Path(path)
+    if isinstance(styles, str):
+        styles = {styles}
+    manifest_dir = path.resolve().parent
+    rows: list[ManifestRow] = []
+    if limit is not None and limit <= 0:
+        return rows
+    with path.open(encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            row = parse_row(line, manifest_dir, where=f"{path}:{line_number}")
+            if split is not None and row.split != split:
+                continue
+            if styles is not None and row.style not in styles:
+                continue
+            rows.append(row)
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def parse_row(line: str, manifest_dir: Path, *, where: str) -> ManifestRow:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in REQUIRED_TEXT_KEYS:
+        if key not in record:
+            raise ValueError(f"{where}: missing key {key!r}")
+        if not isinstance(record[key], str) or not record[key]:
+            raise ValueError(f"{where}: {key!r} must be a non-empty string, got {record[key]!r}")
+    captions = record.get("captions")
+    if captions is None:
+        raise ValueError(f"{where}: missing key 'captions'")
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"{where}: 'captions' must be a list of strings, got {captions!r}")
+    if not captions or not captions[0].strip():
+        raise ValueError(f"{where}: 'captions' is empty")
+    for key in ("group", "subgroup"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string or null, got {record[key]!r}")
+    return ManifestRow(
+        id=record["id"],
+        concept=record["concept"],
+        style=record["style"],
+        split=record["split"],
+        # normpath, not resolve(): keep the manifest's own layout rather than following symlinks per row
+        image=Path(os.path.normpath(manifest_dir / record["image"])),
+        captions=captions,
+        group=record.get("group"),
+        subgroup=record.get("subgroup"),
+    )
+
+
+def write_manifest(path: str | os.PathLike[str], rows: Iterable[ManifestRow]) -> Path:
+    """Write ``rows`` as JSONL, image paths relative to the manifest's directory; atomic (tmp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest_dir = path.parent
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=manifest_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row.to_record(manifest_dir), ensure_ascii=False) + "\n")
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path

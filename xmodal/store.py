@@ -1,0 +1,225 @@
+"""Milvus access shared by the indexer and the client: connect, create, check the model.
+
+pymilvus only (the client imports this module; no torch, no ray). A URI is either a local
+path ending in ``.db`` (milvus-lite, which keeps the database as a directory at that path)
+or ``http(s)://host:port`` (a Milvus server, optionally with a token).
+
+The model that filled a collection travels with it as collection *properties*
+(``xmodal.model``, ``xmodal.fingerprint``, ...). milvus-lite 3.2.2 persists properties given
+to ``create_collection(properties=...)`` or ``alter_collection_properties`` and returns them
+from ``describe_collection``; it does not keep the schema's or the collection's
+``description``, so that is no fallback there.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
+
+from xmodal.card import ModelCard
+
+# Collection properties (all values are strings in Milvus).
+MODEL_KEY = "xmodal.model"
+VERSION_KEY = "xmodal.model_version"
+FINGERPRINT_KEY = "xmodal.fingerprint"
+DIM_KEY = "xmodal.dim"
+METRIC_KEY = "xmodal.metric"
+CARD_KEYS = (MODEL_KEY, VERSION_KEY, FINGERPRINT_KEY, DIM_KEY, METRIC_KEY)
+
+VECTOR_FIELD = "global"
+ID_MAX_LENGTH = 64
+PATH_MAX_LENGTH = 4096
+TEXT_MAX_LENGTH = 8192
+KEY_MAX_LENGTH = 256
+# Fields a search returns besides id and score.
+IMAGE_OUTPUT_FIELDS = ["image", "captions", "concept", "style"]
+CAPTION_OUTPUT_FIELDS = ["caption", "concept", "style", "image"]
+
+# HNSW with the parameters DESIGN.md measured. milvus-lite 3.2.2 builds it with faiss when
+# faiss-cpu is importable (else it falls back to brute force; search still works); on a
+# Milvus server it is the usual choice. `ef` at search time is max(DEFAULT_EF, k).
+DEFAULT_INDEX_TYPE = "HNSW"
+DEFAULT_INDEX_PARAMS = {"M": 16, "efConstruction": 200}
+DEFAULT_EF = 64
+
+
+def is_local_uri(uri: str | Path) -> bool:
+    return urlparse(str(uri)).scheme.lower() not in ("http", "https", "tcp", "grpc", "unix")
+
+
+def connect(uri: str | Path, *, token: str | None = None, timeout: float | None = None) -> MilvusClient:
+    """A `MilvusClient` for a milvus-lite path (parent directories are created) or a server URL.
+
+    milvus-lite 3.2.2 runs in-process and locks the database for the life of the process:
+    a second process cannot open the same path until the first exits.
+    """
+    uri = str(uri)
+    if is_local_uri(uri):
+        path = Path(uri).expanduser()
+        if path.suffix != ".db":
+            raise ValueError(f"a milvus-lite database path must end in .db, got {uri!r}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return MilvusClient(uri=str(path.resolve()), timeout=timeout)
+        except MilvusException as exc:
+            raise ConnectionError(
+                f"cannot open the milvus-lite database {path}: {exc.message}. milvus-lite allows one "
+                "process at a time: stop the other process using it (an `xmodal index` run, a web "
+                "server, a notebook) or use a Milvus server URI"
+            ) from exc
+    kwargs: dict[str, Any] = {"uri": uri, "timeout": timeout}
+    if token:
+        kwargs["token"] = token
+    try:
+        return MilvusClient(**kwargs)
+    except Exception as exc:  # pymilvus raises MilvusException subclasses for refused connections
+        raise ConnectionError(f"cannot reach Milvus at {uri}: {exc}") from exc
+
+
+def card_properties(card: ModelCard) -> dict[str, str]:
+    return {
+        MODEL_KEY: card.name,
+        VERSION_KEY: str(card.version),
+        FINGERPRINT_KEY: card.fingerprint,
+        DIM_KEY: str(card.dim),
+        METRIC_KEY: card.metric,
+    }
+
+
+def _varchar(schema, name: str, max_length: int, **kwargs) -> None:
+    schema.add_field(name, DataType.VARCHAR, max_length=max_length, **kwargs)
+
+
+def _create(client: MilvusClient, name: str, card: ModelCard, schema, description: str,
+            index_type: str, index_params: dict | None) -> None:
+    index = client.prepare_index_params()
+    params = DEFAULT_INDEX_PARAMS if index_params is None and index_type == DEFAULT_INDEX_TYPE else index_params
+    index.add_index(VECTOR_FIELD, index_type=index_type, metric_type=card.metric, params=params or {})
+    client.create_collection(
+        name, schema=schema, index_params=index, description=description,
+        properties=card_properties(card),
+    )
+
+
+def create_image_collection(client: MilvusClient, name: str, card: ModelCard, *,
+                            index_type: str = DEFAULT_INDEX_TYPE, index_params: dict | None = None) -> None:
+    """Create the image collection (schema in docs/architecture.md) with the card's model recorded."""
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    _varchar(schema, "id", ID_MAX_LENGTH, is_primary=True)  # sha256 of the image bytes, 32 hex digits
+    schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=card.dim)
+    _varchar(schema, "image", PATH_MAX_LENGTH)  # absolute path
+    schema.add_field("captions", DataType.JSON)  # a JSON list of strings
+    _varchar(schema, "concept", KEY_MAX_LENGTH)
+    _varchar(schema, "style", KEY_MAX_LENGTH)
+    _create(client, name, card, schema, "xmodal images", index_type, index_params)
+
+
+def create_caption_collection(client: MilvusClient, name: str, card: ModelCard, *,
+                              index_type: str = DEFAULT_INDEX_TYPE, index_params: dict | None = None) -> None:
+    """Create the caption collection: one row per distinct caption text of an image."""
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    _varchar(schema, "id", ID_MAX_LENGTH, is_primary=True)  # sha256 of the caption text, 32 hex digits
+    schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=card.dim)
+    _varchar(schema, "caption", TEXT_MAX_LENGTH)
+    _varchar(schema, "concept", KEY_MAX_LENGTH)
+    _varchar(schema, "style", KEY_MAX_LENGTH)
+    _varchar(schema, "image", PATH_MAX_LENGTH)
+    _create(client, name, card, schema, "xmodal captions", index_type, index_params)
+
+
+def collection_model(client: MilvusClient, name: str) -> dict[str, str]:
+    """The model recorded with a collection: {"name", "version", "fingerprint", "dim", "metric"}.
+
+    Values missing from the collection (not made by xmodal) are absent from the dict.
+    """
+    if not client.has_collection(name):
+        raise ValueError(missing_collection_message(client, name))
+    properties = client.describe_collection(name).get("properties") or {}
+    keys = {MODEL_KEY: "name", VERSION_KEY: "version", FINGERPRINT_KEY: "fingerprint",
+            DIM_KEY: "dim", METRIC_KEY: "metric"}
+    return {short: properties[key] for key, short in keys.items() if key in properties}
+
+
+def describe_model(model: dict[str, str] | ModelCard) -> str:
+    if isinstance(model, ModelCard):
+        return f"{model.name!r} (fingerprint {model.fingerprint})"
+    return f"{model.get('name', '<unknown>')!r} (fingerprint {model.get('fingerprint', '<none>')})"
+
+
+def check_collection_model(client: MilvusClient, name: str, card: ModelCard) -> dict[str, str]:
+    """Raise ValueError unless the collection was made with `card`'s model; return its record."""
+    stored = collection_model(client, name)
+    if stored.get("fingerprint") != card.fingerprint:
+        raise ValueError(
+            f"collection {name!r} holds vectors of model {describe_model(stored)}, "
+            f"but the model in use is {describe_model(card)}; "
+            f"use the matching model or another collection (or drop this one and re-index)"
+        )
+    return stored
+
+
+def ensure_collection(client: MilvusClient, name: str, card: ModelCard, *, kind: str = "image",
+                      **index_kwargs) -> bool:
+    """Create the collection for `card` if missing, else check its model. True when created."""
+    if client.has_collection(name):
+        check_collection_model(client, name, card)
+        ensure_loaded(client, name)
+        return False
+    create = {"image": create_image_collection, "caption": create_caption_collection}[kind]
+    create(client, name, card, **index_kwargs)
+    ensure_loaded(client, name)
+    return True
+
+
+def ensure_loaded(client: MilvusClient, name: str) -> None:
+    """Load the collection for search. milvus-lite 3.2.2 reopens every collection as released."""
+    state = client.get_load_state(name).get("state")
+    if getattr(state, "name", str(state)) != "Loaded":
+        client.load_collection(name)
+
+
+def missing_collection_message(client: MilvusClient, name: str) -> str:
+    existing = sorted(client.list_collections())
+    listed = ", ".join(repr(c) for c in existing) if existing else "none"
+    return f"collection {name!r} does not exist (existing collections: {listed}); index some data first"
+
+
+def search_params(client: MilvusClient, name: str, metric: str, k: int) -> dict[str, Any]:
+    """Search parameters for the collection's vector index."""
+    params: dict[str, Any] = {}
+    try:
+        index_type = client.describe_index(name, VECTOR_FIELD).get("index_type", "")
+    except Exception:  # no index described: search with defaults
+        index_type = ""
+    if index_type.upper().startswith("HNSW"):
+        params["ef"] = max(DEFAULT_EF, k)
+    return {"metric_type": metric, "params": params}
+
+
+def decode_captions(value: Any) -> list[str]:
+    """The captions field as a list, whether stored as JSON or as a JSON string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return [value]
+    return [str(c) for c in value]
+
+
+def release_local(uri: str | Path) -> None:
+    """Stop this process's milvus-lite server for `uri`, unlocking the database for others.
+
+    milvus-lite 3.2.2 keeps a database open until the process exits, even after every
+    client is closed; every client of that database in this process stops working.
+    """
+    if not is_local_uri(uri):
+        return
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(str(Path(uri).expanduser().resolve()))

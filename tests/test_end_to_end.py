@@ -36,7 +36,8 @@ def stack(tmp_path_factory, npm_cache):
     data = tmp_path_factory.mktemp("e2e")
     manifest = fetch_emoji(data, limit=CONCEPTS, progress=False)
     run = data / "run"
-    report = train(manifest, run, epochs=150, minutes=2.0, batch_size=64, progress=False)
+    # The epoch cap, not the time budget, ends this run, so a busy machine trains the same model.
+    report = train(manifest, run, recipe="infonce_small", epochs=150, minutes=60.0, batch_size=64, progress=False)
     exported = export_run(run, run / "onnx")
     repository = write_model_repository(
         data / "model_repository", exported.card, image_onnx=exported.image_onnx,
@@ -61,7 +62,7 @@ def test_training_reports_held_out_recall(stack):
     assert report["train_styles"] == ["google", "twitter"]
     assert report["test_styles"] == ["openmoji"]
     for direction in ("image_to_text", "text_to_image"):
-        assert set(report["test"][direction]) >= {"R@1", "R@5", "R@10", "medr"}
+        assert set(report["test"]["global"][direction]) >= {"R@1", "R@5", "R@10", "medr", "MAP"}
 
 
 def test_every_train_image_is_indexed_with_the_card_fingerprint(stack):

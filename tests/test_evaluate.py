@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from xmodal.training.evaluate import evaluate_retrieval, first_relevant_ranks, recall_summary
+from xmodal.training.evaluate import evaluate_report, first_relevant_ranks, mean_average_precision, recall_summary
 
 
 def test_ranks_by_hand():
@@ -43,5 +43,31 @@ def test_recall_summary_and_rsum():
     assert summary["R@5"] == pytest.approx(60.0)
     assert summary["R@10"] == pytest.approx(80.0)
     assert summary["medr"] == 5.0
-    metrics = evaluate_retrieval(np.eye(3), np.eye(3), ["a", "b", "c"], ["a", "b", "c"])
-    assert metrics["rsum"] == pytest.approx(600.0)
+    report = evaluate_report({"global": np.eye(3)}, {"global": np.eye(3)}, ["a", "b", "c"], ["a", "b", "c"])
+    assert report["global"]["rsum"] == pytest.approx(600.0)
+
+
+def test_map_at_all_by_hand():
+    gallery = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]])
+    # the query ranks g0 (A), g1 (B), g2 (A): precision 1/1 at g0 and 2/3 at g2 → AP = (1 + 2/3) / 2
+    ap = mean_average_precision(np.array([[1.0, 0.0]]), gallery, ["A"], ["A", "B", "A"])
+    assert ap == pytest.approx(100 * (1 + 2 / 3) / 2)
+    # a second query of category B: g1 is its only relevant item, at rank 2 → AP = 1/2
+    ap = mean_average_precision(np.array([[1.0, 0.0], [1.0, 0.0]]), gallery, ["A", "B"], ["A", "B", "A"], block=1)
+    assert ap == pytest.approx(100 * ((1 + 2 / 3) / 2 + 1 / 2) / 2)
+
+
+def test_map_is_none_without_categories_and_report_writes_a_plot(tmp_path):
+    assert mean_average_precision(np.eye(2), np.eye(2), [None, None], ["A", "B"]) is None
+    plot = tmp_path / "recall.png"
+    report = evaluate_report(
+        {"global": np.eye(3), "concept": np.eye(3)}, {"global": np.eye(3), "concept": np.eye(3)},
+        ["a", "b", "c"], ["a", "b", "c"], image_categories=["x", "x", "y"], text_categories=["x", "x", "y"],
+        plot_path=plot,
+    )
+    assert set(report) == {"global", "concept"}
+    # identity embeddings: each query ranks its own item first, then the tie-broken rest in
+    # index order, so both x-queries see x, x, y and the y-query sees y first: AP = 1 each.
+    assert report["concept"]["image_to_text"]["MAP"] == pytest.approx(100.0)
+    assert report["concept"]["text_to_image"]["R@1"] == pytest.approx(100.0)
+    assert plot.exists() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

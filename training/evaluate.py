@@ -5,6 +5,7 @@ matrix never has to exist at once.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -49,19 +50,6 @@ def recall_summary(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float
     return summary
 
 
-def evaluate_retrieval(
-    image_embeddings: np.ndarray,
-    text_embeddings: np.ndarray,
-    image_keys: Sequence[str],
-    text_keys: Sequence[str],
-) -> dict[str, dict[str, float] | float]:
-    """Image→text and text→image recall where items with equal keys (concepts) are matches."""
-    i2t = recall_summary(first_relevant_ranks(image_embeddings, text_embeddings, image_keys, text_keys))
-    t2i = recall_summary(first_relevant_ranks(text_embeddings, image_embeddings, text_keys, image_keys))
-    rsum = sum(i2t[f"R@{k}"] + t2i[f"R@{k}"] for k in KS)
-    return {"image_to_text": i2t, "text_to_image": t2i, "rsum": float(rsum)}
-
-
 def format_metrics(metrics: dict) -> str:
     rows = []
     for direction in ("image_to_text", "text_to_image"):
@@ -71,3 +59,90 @@ def format_metrics(metrics: dict) -> str:
         )
     rows.append(f"rsum {metrics['rsum']:.2f}")
     return "\n".join(rows)
+
+
+def mean_average_precision(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    query_categories: Sequence[str | None],
+    gallery_categories: Sequence[str | None],
+    *,
+    block: int = 256,
+) -> float | None:
+    """MAP@all: every gallery item of the query's category is relevant. None when no category exists.
+
+    Queries without a category (or whose category has no gallery item) are left out.
+    """
+    gallery_cats = np.array([c if c is not None else "\0none" for c in gallery_categories], dtype=object)
+    usable = [i for i, c in enumerate(query_categories) if c is not None and np.any(gallery_cats == c)]
+    if not usable:
+        return None
+    precisions = []
+    for start in range(0, len(usable), block):
+        index = usable[start:start + block]
+        order = np.argsort(-(queries[index] @ gallery.T), axis=1, kind="stable")
+        relevant = gallery_cats[order] == np.array([query_categories[i] for i in index], dtype=object)[:, None]
+        hits = np.cumsum(relevant, axis=1)
+        positions = np.arange(1, gallery.shape[0] + 1)
+        precisions.append((relevant * hits / positions).sum(axis=1) / relevant.sum(axis=1))
+    return float(100.0 * np.mean(np.concatenate(precisions)))
+
+
+def recall_curve(ranks: np.ndarray, max_k: int = 100) -> list[float]:
+    return [float(100.0 * np.mean(ranks < k)) for k in range(1, max_k + 1)]
+
+
+def evaluate_report(
+    image_embeddings: dict[str, np.ndarray],
+    text_embeddings: dict[str, np.ndarray],
+    image_keys: Sequence[str],
+    text_keys: Sequence[str],
+    *,
+    image_categories: Sequence[str | None] | None = None,
+    text_categories: Sequence[str | None] | None = None,
+    plot_path: Path | None = None,
+) -> dict:
+    """Metrics for every served output (`global`, and each level of a hierarchical model).
+
+    Per output: R@1/5/10 and ranks both ways, rsum, MAP@all by category where categories
+    exist, and the Recall@K curve; optionally a PNG of the curves.
+    """
+    report: dict = {}
+    for name in image_embeddings:
+        image, text = image_embeddings[name], text_embeddings[name]
+        i2t_ranks = first_relevant_ranks(image, text, image_keys, text_keys)
+        t2i_ranks = first_relevant_ranks(text, image, text_keys, image_keys)
+        i2t, t2i = recall_summary(i2t_ranks), recall_summary(t2i_ranks)
+        metrics = {"image_to_text": i2t, "text_to_image": t2i,
+                   "rsum": float(sum(i2t[f"R@{k}"] + t2i[f"R@{k}"] for k in KS)),
+                   "curve": {"image_to_text": recall_curve(i2t_ranks), "text_to_image": recall_curve(t2i_ranks)}}
+        if image_categories is not None and text_categories is not None:
+            i2t["MAP"] = mean_average_precision(image, text, image_categories, text_categories)
+            t2i["MAP"] = mean_average_precision(text, image, text_categories, image_categories)
+        report[name] = metrics
+    if plot_path is not None:
+        plot_recall_curves(report, plot_path)
+    return report
+
+
+def plot_recall_curves(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, direction in zip(axes, ("image_to_text", "text_to_image")):
+        for name, metrics in report.items():
+            curve = metrics["curve"][direction]
+            axis.plot(range(1, len(curve) + 1), curve, label=name)
+        axis.set_xscale("log")
+        axis.set_xlabel("K")
+        axis.set_title({"image_to_text": "image → text", "text_to_image": "text → image"}[direction])
+        axis.grid(True, alpha=0.3)
+    axes[0].set_ylabel("Recall@K (%)")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

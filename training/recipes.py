@@ -1,36 +1,87 @@
-"""Recipes: each a small config naming encoders, loss, preprocessing and schedule.
+"""Recipes: each a small config naming encoders, embedding levels, losses and schedule.
 
-A run's config is the recipe with any overrides applied; it is saved beside the weights
-and is all that export needs to rebuild the model.
+A run's config is a recipe with any overrides applied; it is saved beside the weights and
+is all that export needs to rebuild the model. Loss terms name the level they apply to;
+`stages` switch the set of terms part-way through a run (the dual-path method's stage I
+and II), each stage taking a fraction of the run's epochs.
 """
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-# ImageNet statistics: kept even for from-scratch towers so pretrained towers can slot in.
+# ImageNet statistics: the pretrained towers were trained with them.
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
+BASE: dict[str, Any] = {
+    "image_encoder": "efficientnet_lite0",
+    "text_encoder": "glove_cnn",
+    "levels": {"global": "pooled"},
+    "fusion": {},
+    "dim": 256,
+    "head_layers": 2,
+    "head_hidden": 1024,
+    "head_dropout": 0.1,
+    "image_size": 128,
+    "image_mean": IMAGENET_MEAN,
+    "image_std": IMAGENET_STD,
+    "image_background": [255, 255, 255],
+    "max_length": 32,
+    # A frozen image backbone's features are computed once and cached (LiT-style); its
+    # heads still train. Augmentation needs the backbone in the loop, so it is off then.
+    "freeze_image": True,
+    "augment": False,
+    "batch_size": 256,
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "epochs": 200,  # a cap: the time budget usually ends the run first
+    "minutes": 4.0,
+    "losses": [{"loss": "infonce", "level": "global", "weight": 1.0}],
+    "stages": [],
+    "seed": 0,
+}
+
 RECIPES: dict[str, dict[str, Any]] = {
-    "infonce": {
-        "recipe": "infonce",
-        "loss": "infonce",
+    "infonce": {},
+    "vsepp": {"losses": [{"loss": "vsepp", "level": "global", "weight": 1.0, "margin": 0.2}]},
+    # Zheng et al.: stage I learns with the instance loss alone (image CNN frozen);
+    # stage II adds the ranking loss.
+    "dualpath": {
+        "stages": [
+            {"name": "I", "fraction": 0.5, "losses": [{"loss": "instance", "level": "global", "weight": 1.0}]},
+            {"name": "II", "fraction": 0.5, "losses": [
+                {"loss": "instance", "level": "global", "weight": 1.0},
+                {"loss": "vsepp", "level": "global", "weight": 1.0, "margin": 0.2},
+            ]},
+        ],
+        "losses": [],
+    },
+    # MT-HCN: exterior (mid-level, fine-grained) and concept (top, abstract) levels; the
+    # pairs are clustered by their exterior embeddings each epoch and the concept level
+    # learns to classify them (SSC); HBTR ranks at both levels; the served score fuses them.
+    "mthcn": {
+        "levels": {"concept": "pooled", "exterior": "mid"},
+        "fusion": {"concept": 0.5, "exterior": 0.5},
+        "losses": [
+            {"loss": "hbtr", "level": "concept", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.1},
+            {"loss": "hbtr", "level": "exterior", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.1},
+            {"loss": "ssc", "level": "concept", "cluster_level": "exterior", "weight": 0.5, "clusters": 64},
+        ],
+    },
+    # The walking skeleton's model: small towers from scratch at 64 px, trained end to end
+    # with augmentation. Fast; the tests use it.
+    "infonce_small": {
         "image_encoder": "small_cnn",
         "text_encoder": "small_text_cnn",
-        "dim": 256,
+        "head_layers": 1,
+        "head_dropout": 0.0,
         "image_size": 64,
-        "image_mean": IMAGENET_MEAN,
-        "image_std": IMAGENET_STD,
-        "image_background": [255, 255, 255],
-        "max_length": 32,
+        "freeze_image": False,
+        "augment": True,
         "batch_size": 128,
         "lr": 2e-3,
-        "weight_decay": 1e-4,
         "epochs": 40,
-        "minutes": 4.0,
-        "augment": True,
-        "seed": 0,
     },
 }
 
@@ -38,9 +89,31 @@ RECIPES: dict[str, dict[str, Any]] = {
 def recipe_config(name: str, **overrides: Any) -> dict[str, Any]:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
-    config = copy.deepcopy(RECIPES[name])
+    config = copy.deepcopy(BASE)
+    config.update(copy.deepcopy(RECIPES[name]))
+    config["recipe"] = name
     unknown = set(overrides) - set(config)
     if unknown:
         raise ValueError(f"recipe {name!r} has no setting(s) {sorted(unknown)}")
     config.update({key: value for key, value in overrides.items() if value is not None})
     return config
+
+
+def stage_plan(config: dict[str, Any], epochs: int) -> list[tuple[int, dict[str, Any]]]:
+    """(first epoch, stage) for each stage; a recipe without stages is one stage of its losses."""
+    stages = config["stages"] or [{"name": "main", "fraction": 1.0, "losses": config["losses"]}]
+    total = sum(stage["fraction"] for stage in stages)
+    plan, start, cumulative = [], 0, 0.0
+    for stage in stages:
+        plan.append((start, stage))
+        cumulative += stage["fraction"]
+        start = round(epochs * cumulative / total)
+    return plan
+
+
+def stage_at(plan: list[tuple[int, dict[str, Any]]], epoch: int) -> dict[str, Any]:
+    current = plan[0][1]
+    for first_epoch, stage in plan:
+        if epoch >= first_epoch:
+            current = stage
+    return current

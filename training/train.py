@@ -1,66 +1,132 @@
-"""The training loop: manifest → cached image tensors → contrastive training → checkpoint + evaluation.
+"""The training loop: manifests → images (or cached frozen features) → recipe losses → checkpoint + evaluation.
 
 A run directory holds everything export needs: `model.safetensors` (weights only, a safe
-format), `config.json` (the recipe with overrides), `tokenizer.json`, `eval.json`.
+format), `config.json` (the recipe with overrides), `tokenizer.json`, `eval.json`, and
+while training `checkpoint.pt` (weights, optimiser and schedule after the last finished
+epoch; a killed run resumes from it).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
+from torch import nn
 from tqdm import tqdm
 
+from xmodal import settings
 from xmodal.preprocessing import decode_image, image_to_array
-from xmodal.training.evaluate import evaluate_retrieval, format_metrics
-from xmodal.training.losses import InfoNCELoss
+from xmodal.training.evaluate import evaluate_report, format_metrics
 from xmodal.training.manifest import ManifestRow, read_manifest
-from xmodal.training.models import DualEncoder
-from xmodal.training.recipes import recipe_config
+from xmodal.training.models import DualEncoder, served_outputs
+from xmodal.training.recipes import recipe_config, stage_at, stage_plan
 from xmodal.training.tokenizer import PAD_ID, load_tokenizer, train_wordlevel_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 EVAL_FILE = "eval.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+FEATURE_BATCH = 64
 
 
 @dataclass
 class ImageSet:
-    """Decoded, normalised images held in memory, with the rows they came from."""
+    """The rows whose images decoded, with either their pixels or their frozen-backbone features."""
 
-    pixels: torch.Tensor  # [N, 3, S, S] float32
     rows: list[ManifestRow]
-    skipped: list[tuple[str, str]]  # (image path, reason)
+    pixels: torch.Tensor | None = None  # [N, 3, S, S] when the backbone trains
+    features: dict[str, torch.Tensor] | None = None  # backbone outputs when it is frozen
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image path, reason)
 
 
-def load_images(rows: Sequence[ManifestRow], config: dict[str, Any], *, desc: str = "decode") -> ImageSet:
-    """Decode every row's image once; an unreadable image is skipped and recorded, never fatal."""
-    arrays, kept, skipped = [], [], []
-    for row in tqdm(rows, desc=desc, unit="img", leave=False):
+def decode_rows(rows: Sequence[ManifestRow], config: dict[str, Any], desc: str) -> Iterable[tuple[ManifestRow, np.ndarray | None, str]]:
+    """Each row with its preprocessed image, or None and the reason it could not be read."""
+    for row in tqdm(rows, desc=desc, unit="img", leave=False, mininterval=1.0):
         try:
             image = decode_image(Path(row.image).read_bytes())
         except (OSError, ValueError) as exc:
-            skipped.append((str(row.image), str(exc)))
+            yield row, None, str(exc)
             continue
-        arrays.append(
-            image_to_array(
-                image, config["image_size"], config["image_mean"], config["image_std"], config["image_background"]
-            )
-        )
-        kept.append(row)
+        yield row, image_to_array(image, config["image_size"], config["image_mean"], config["image_std"],
+                                  config["image_background"]), ""
+
+
+def load_pixels(rows: Sequence[ManifestRow], config: dict[str, Any], desc: str) -> ImageSet:
+    """Decode every image once; an unreadable image is skipped and recorded, never fatal."""
+    images = ImageSet(rows=[])
+    arrays = []
+    for row, array, reason in decode_rows(rows, config, desc):
+        if array is None:
+            images.skipped.append((str(row.image), reason))
+        else:
+            arrays.append(array)
+            images.rows.append(row)
     if not arrays:
         raise ValueError(f"no decodable images among {len(rows)} rows")
-    return ImageSet(torch.from_numpy(np.stack(arrays)), kept, skipped)
+    images.pixels = torch.from_numpy(np.stack(arrays))
+    return images
+
+
+def feature_cache_path(rows: Sequence[ManifestRow], config: dict[str, Any]) -> Path:
+    """Keyed by the backbone, the preprocessing and every image's path, size and mtime."""
+    digest = hashlib.sha256()
+    keys = ("image_encoder", "image_size", "image_mean", "image_std", "image_background")
+    digest.update(json.dumps({key: config[key] for key in keys}, sort_keys=True).encode())
+    for row in rows:
+        stat = Path(row.image).stat() if Path(row.image).exists() else None
+        digest.update(f"{row.image}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}\n".encode())
+    return settings.data_dir() / "cache" / "features" / f"{config['image_encoder']}-{digest.hexdigest()[:20]}.safetensors"
+
+
+@torch.no_grad()
+def load_features(rows: Sequence[ManifestRow], config: dict[str, Any], backbone: nn.Module, desc: str,
+                  device: torch.device) -> ImageSet:
+    """Frozen-backbone features for every decodable image, computed once and cached on disk."""
+    cache = feature_cache_path(rows, config)
+    if cache.exists():
+        stored = load_file(str(cache))
+        kept = set(stored.pop("_kept").tolist())
+        images = ImageSet(rows=[row for i, row in enumerate(rows) if i in kept], features=stored)
+        images.skipped = [(str(row.image), "not decodable (cached)") for i, row in enumerate(rows) if i not in kept]
+        return images
+    backbone.eval()
+    images, chunks, batch, kept = ImageSet(rows=[]), [], [], []
+
+    def flush() -> None:
+        outputs = backbone(torch.from_numpy(np.stack(batch)).to(device))
+        chunks.append({name: value.cpu() for name, value in outputs.items()})
+        batch.clear()
+
+    for index, (row, array, reason) in enumerate(decode_rows(rows, config, desc)):
+        if array is None:
+            images.skipped.append((str(row.image), reason))
+            continue
+        batch.append(array)
+        images.rows.append(row)
+        kept.append(index)
+        if len(batch) == FEATURE_BATCH:
+            flush()
+    if batch:
+        flush()
+    if not chunks:
+        raise ValueError(f"no decodable images among {len(rows)} rows")
+    images.features = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    save_file({**images.features, "_kept": torch.tensor(kept)}, str(tmp))
+    tmp.replace(cache)
+    return images
 
 
 def tokenize(tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
@@ -97,117 +163,287 @@ def concept_batches(rows: Sequence[ManifestRow], batch_size: int, rng: random.Ra
     return [picks[i : i + batch_size] for i in range(0, len(picks), batch_size) if len(picks[i : i + batch_size]) > 1]
 
 
-@torch.no_grad()
-def embed_images(model: DualEncoder, pixels: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    model.eval()
-    return torch.cat([model.image(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]).numpy()
+class Trainee:
+    """The model plus the way its image side is fed: pixels through the backbone, or cached features."""
+
+    def __init__(self, model: DualEncoder, images: ImageSet, device: torch.device):
+        self.model, self.images, self.device = model, images, device
+
+    def image_embeddings(self, indices: Sequence[int] | slice, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        if self.images.features is not None:
+            return self.model.image.project({k: v[indices].to(self.device) for k, v in self.images.features.items()})
+        pixels = self.images.pixels[indices]
+        if generator is not None:
+            pixels = random_affine(pixels, generator)
+        return self.model.image(pixels.to(self.device))
+
+
+def build_loss_modules(config: dict[str, Any], num_classes: int) -> nn.ModuleDict:
+    """One module per distinct loss term of any stage, keyed by its position in `all_terms`."""
+    from xmodal.training import losses
+
+    modules = nn.ModuleDict()
+    for key, term in all_terms(config).items():
+        kind = term["loss"]
+        if kind == "infonce":
+            modules[key] = losses.InfoNCELoss()
+        elif kind == "vsepp":
+            modules[key] = losses.VSEPPLoss(margin=term.get("margin", 0.2))
+        elif kind == "hbtr":
+            modules[key] = losses.HBTRLoss(margin=term.get("margin", 0.2), centroid_margin=term.get("centroid_margin", 0.1))
+        elif kind == "instance":
+            modules[key] = losses.InstanceLoss(config["dim"], num_classes)
+        elif kind == "ssc":
+            modules[key] = losses.SSCLoss(config["dim"], term["clusters"])
+        else:
+            raise ValueError(f"unknown loss {kind!r} in recipe {config['recipe']!r}")
+    return modules
+
+
+def term_key(term: dict[str, Any]) -> str:
+    return "_".join(str(term[k]) for k in ("loss", "level")) + "_" + hashlib.sha1(json.dumps(term, sort_keys=True).encode()).hexdigest()[:6]
+
+
+def all_terms(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    terms = list(config["losses"]) + [term for stage in config["stages"] for term in stage["losses"]]
+    return {term_key(term): term for term in terms}
 
 
 @torch.no_grad()
-def embed_texts(model: DualEncoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 512) -> np.ndarray:
+def cluster_pairs(trainee: Trainee, tokenizer: Tokenizer, level: str, clusters: int, seed: int) -> torch.Tensor:
+    """k-means over each pair's exterior embedding (image and label caption averaged): the SSC pseudo-labels."""
+    from xmodal.training.clustering import kmeans
+
+    model = trainee.model
     model.eval()
-    return torch.cat(
-        [model.text(tokenize(tokenizer, texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
-    ).numpy()
-
-
-def evaluate_model(model: DualEncoder, tokenizer: Tokenizer, images: ImageSet) -> dict:
-    """Each image against the label captions (captions[0]) of the same set; a concept's label is its match."""
-    image_emb = embed_images(model, images.pixels)
-    keys = [row.concept for row in images.rows]
-    labels = {row.concept: row.captions[0] for row in images.rows}
-    text_keys = list(labels)
-    text_emb = embed_texts(model, tokenizer, [labels[k] for k in text_keys])
-    return evaluate_retrieval(image_emb, text_emb, keys, text_keys)
+    rows = trainee.images.rows
+    image = torch.cat([trainee.image_embeddings(slice(i, i + 512))[level] for i in range(0, len(rows), 512)])
+    text = torch.cat([model.text(tokenize(tokenizer, [r.captions[0] for r in rows[i:i + 512]]).to(trainee.device))[level]
+                      for i in range(0, len(rows), 512)])
+    _, assignments = kmeans(F.normalize(image + text, dim=-1).cpu(), min(clusters, len(rows)), seed=seed)
+    model.train()
+    return assignments
 
 
 def train(
-    manifest: str | Path,
+    manifests: str | Path | Sequence[str | Path],
     run_dir: str | Path,
     *,
     recipe: str = "infonce",
+    device: str = "cpu",
     progress: bool = True,
+    resume: bool = True,
     **overrides: Any,
 ) -> dict:
-    """Train a recipe on the manifest's train split, evaluate on its test split, save the run."""
+    """Train a recipe on the manifests' train splits, evaluate on their test splits, save the run."""
     config = recipe_config(recipe, **overrides)
+    manifests = [manifests] if isinstance(manifests, (str, Path)) else list(manifests)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    device_ = torch.device(device)
+    if device_.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
     torch.manual_seed(config["seed"])
-    rng = random.Random(config["seed"])
-    generator = torch.Generator().manual_seed(config["seed"])
 
-    train_rows = read_manifest(manifest, split="train")
-    test_rows = read_manifest(manifest, split="test")
+    train_rows = [row for m in manifests for row in read_manifest(m, split="train")]
+    test_rows = [row for m in manifests for row in read_manifest(m, split="test")]
     if not train_rows:
-        raise ValueError(f"{manifest} has no rows in the train split")
-    train_set = load_images(train_rows, config, desc="decode train")
-    test_set = load_images(test_rows, config, desc="decode test") if test_rows else None
+        raise ValueError(f"{', '.join(map(str, manifests))}: no rows in the train split")
 
-    tokenizer = train_wordlevel_tokenizer(
-        (caption for row in train_set.rows for caption in row.captions), max_length=config["max_length"]
-    )
+    checkpoint = _load_checkpoint(run_dir, config) if resume else None
+    if checkpoint is not None:
+        tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+    else:
+        tokenizer = train_wordlevel_tokenizer((c for row in train_rows for c in row.captions), max_length=config["max_length"])
     config["vocab_size"] = tokenizer.get_vocab_size()
-    model = DualEncoder(config)
-    loss_fn = InfoNCELoss()
-    optimizer = torch.optim.AdamW(
-        list(model.parameters()) + list(loss_fn.parameters()), lr=config["lr"], weight_decay=config["weight_decay"]
-    )
+    build_config = dict(config)
+    if config["text_encoder"] == "glove_cnn" and checkpoint is None:
+        from xmodal.training.glove import glove_embedding_matrix
+
+        build_config["_embedding_init"], coverage = glove_embedding_matrix(tokenizer.get_vocab())
+        if progress:
+            print(f"GloVe covers {100 * coverage:.1f}% of the {config['vocab_size']} caption words")
+    model = DualEncoder(build_config).to(device_)
+
+    frozen = config["freeze_image"]
+    if frozen:
+        model.image.backbone.requires_grad_(False)
+        train_set = load_features(train_rows, config, model.image.backbone, "features train", device_)
+        test_set = load_features(test_rows, config, model.image.backbone, "features test", device_) if test_rows else None
+    else:
+        train_set = load_pixels(train_rows, config, "decode train")
+        test_set = load_pixels(test_rows, config, "decode test") if test_rows else None
+    trainee = Trainee(model, train_set, device_)
+
+    concepts = sorted({row.concept for row in train_set.rows})
+    concept_index = {concept: i for i, concept in enumerate(concepts)}
+    labels = torch.tensor([concept_index[row.concept] for row in train_set.rows])
+    loss_modules = build_loss_modules(config, len(concepts)).to(device_)
+    parameters = [p for p in list(model.parameters()) + list(loss_modules.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config["lr"], weight_decay=config["weight_decay"])
     steps_per_epoch = max(1, len(concept_batches(train_set.rows, config["batch_size"], random.Random(0))))
-    total_steps = config["epochs"] * steps_per_epoch
+    schedule = {"total_steps": config["epochs"] * steps_per_epoch}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, schedule["total_steps"]) / schedule["total_steps"]))
     )
 
-    deadline = time.monotonic() + 60.0 * config["minutes"]
-    started = time.monotonic()
-    bar = tqdm(total=total_steps, desc=f"train {recipe}", unit="step", disable=not progress)
-    step, losses = 0, []
-    for _epoch in range(config["epochs"]):
+    state = {"epoch": 0, "step": 0, "elapsed": 0.0, "planned_epochs": None, "history": []}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        loss_modules.load_state_dict(checkpoint["losses"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state.update(json.loads(checkpoint["state"]))
+        if state["planned_epochs"]:
+            schedule["total_steps"] = state["planned_epochs"] * steps_per_epoch
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if progress:
+            print(f"resuming {run_dir} after epoch {state['epoch']} ({state['elapsed']:.0f} s trained)")
+
+    budget = 60.0 * config["minutes"]
+    bar = tqdm(total=None, desc=f"train {recipe}", unit="pair", disable=not progress, mininterval=1.0)
+    clusters = None
+    while state["epoch"] < (state["planned_epochs"] or config["epochs"]):
+        epoch = state["epoch"]
+        started = time.monotonic()
+        stage = stage_at(stage_plan(config, state["planned_epochs"] or config["epochs"]), epoch)
+        terms = {term_key(t): t for t in stage["losses"]}
+        rng = random.Random(config["seed"] * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(config["seed"] * 100_003 + epoch)
+        for key, term in terms.items():
+            if term["loss"] == "ssc":
+                clusters = cluster_pairs(trainee, tokenizer, term["cluster_level"], term["clusters"], config["seed"] + epoch)
+                # Cluster ids mean nothing across re-clusterings: a fresh classifier, fresh Adam moments.
+                loss_modules[key].reset_classifier(term["clusters"])
+                for parameter in loss_modules[key].parameters():
+                    optimizer.state.pop(parameter, None)
         model.train()
+        if frozen:
+            model.image.backbone.eval()  # frozen BatchNorm statistics stay the pretrained ones
+        losses_seen = []
         for batch in concept_batches(train_set.rows, config["batch_size"], rng):
-            pixels = train_set.pixels[batch]
-            if config["augment"]:
-                pixels = random_affine(pixels, generator)
-            captions = [rng.choice(train_set.rows[i].captions) for i in batch]
-            loss = loss_fn(model.image(pixels), model.text(tokenize(tokenizer, captions)))
+            index = torch.tensor(batch)
+            image = trainee.image_embeddings(batch, generator if config["augment"] else None)
+            text = model.text(tokenize(tokenizer, [rng.choice(train_set.rows[i].captions) for i in batch]).to(device_))
+            loss = torch.zeros((), device=device_)
+            for key, term in terms.items():
+                level = term["level"]
+                if term["loss"] == "instance":
+                    value = loss_modules[key](image[level], text[level], labels[index].to(device_))
+                elif term["loss"] == "ssc":
+                    value = loss_modules[key](image[level], text[level], clusters[index].to(device_))
+                else:
+                    value = loss_modules[key](image[level], text[level])
+                loss = loss + term["weight"] * value
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", T=f"{1 / loss_fn.logit_scale.exp().item():.3f}")
-        if time.monotonic() > deadline:
-            break
+            state["step"] += 1
+            losses_seen.append(loss.item())
+            bar.update(len(batch))
+            bar.set_postfix(epoch=epoch + 1, stage=stage["name"], loss=f"{np.mean(losses_seen[-20:]):.3f}")
+        state["elapsed"] += time.monotonic() - started
+        state["epoch"] += 1
+        state["history"].append({"epoch": epoch + 1, "stage": stage["name"], "loss": float(np.mean(losses_seen))})
+        if state["planned_epochs"] is None:
+            # The budget sets the number of epochs once the first one has been timed, so
+            # the cosine schedule and the stages span the run that will actually happen.
+            state["planned_epochs"] = int(min(config["epochs"], max(1, budget // max(state["elapsed"], 1e-6))))
+            schedule["total_steps"] = state["planned_epochs"] * steps_per_epoch
+            bar.total = state["planned_epochs"] * len(concepts)  # one pair per concept per epoch
+        _save_checkpoint(run_dir, model, loss_modules, optimizer, scheduler, state, config, tokenizer)
     bar.close()
-    train_seconds = time.monotonic() - started
 
     report: dict[str, Any] = {
         "recipe": recipe,
-        "steps": step,
-        "train_seconds": round(train_seconds, 1),
-        "final_loss": float(np.mean(losses[-20:])) if losses else None,
+        "config": {k: v for k, v in config.items() if not k.startswith("_")},
+        "epochs": state["epoch"],
+        "steps": state["step"],
+        "train_seconds": round(state["elapsed"], 1),
+        "final_loss": state["history"][-1]["loss"] if state["history"] else None,
+        "history": state["history"],
         "train_images": len(train_set.rows),
+        "train_concepts": len(concepts),
         "skipped_images": train_set.skipped + (test_set.skipped if test_set else []),
         "train_styles": sorted({row.style for row in train_set.rows}),
     }
     if test_set is not None:
         report["test_styles"] = sorted({row.style for row in test_set.rows})
         report["test_images"] = len(test_set.rows)
-        report["test"] = evaluate_model(model, tokenizer, test_set)
+        report["test"] = evaluate_model(model, tokenizer, Trainee(model, test_set, device_), run_dir=run_dir)
 
-    save_file(model.state_dict(), str(run_dir / WEIGHTS_FILE))
-    (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / WEIGHTS_FILE))
+    (run_dir / CONFIG_FILE).write_text(json.dumps(model.config, indent=2) + "\n")
     tokenizer.save(str(run_dir / TOKENIZER_FILE))
     (run_dir / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     if progress:
-        print(f"trained {step} steps in {train_seconds:.0f} s; final loss {report['final_loss']:.3f}")
+        print(f"trained {state['epoch']} epochs, {state['step']} steps in {state['elapsed']:.0f} s; final loss {report['final_loss']:.3f}")
         if "test" in report:
             print(f"held-out {report['test_styles']} ({report['test_images']} images):")
-            print(format_metrics(report["test"]))
+            print(format_metrics(report["test"]["global"]))
     return report
+
+
+def _save_checkpoint(run_dir: Path, model, loss_modules, optimizer, scheduler, state, config, tokenizer) -> None:
+    tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
+    torch.save({
+        "model": model.state_dict(), "losses": loss_modules.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "state": json.dumps(state), "config": _config_fingerprint(config),
+    }, tmp)
+    tokenizer.save(str(run_dir / TOKENIZER_FILE))
+    tmp.replace(run_dir / CHECKPOINT_FILE)
+
+
+def _config_fingerprint(config: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in config.items() if not k.startswith("_") and k != "vocab_size"}, sort_keys=True)
+
+
+def _load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict | None:
+    path = run_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("config") != _config_fingerprint(config):
+        raise ValueError(f"{path} was written by a run with another configuration; delete it or use another --run")
+    return checkpoint
+
+
+@torch.no_grad()
+def embed_texts(model: DualEncoder, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 512,
+                device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+    """The served outputs (`global`, and each level of a hierarchical model) for texts."""
+    model.eval()
+    chunks = [served_outputs(model.text(tokenize(tokenizer, texts[i:i + batch_size]).to(device)), model.fusion)
+              for i in range(0, len(texts), batch_size)]
+    return {name: torch.cat([c[name] for c in chunks]).cpu().numpy() for name in chunks[0]}
+
+
+@torch.no_grad()
+def embed_image_set(trainee: Trainee, batch_size: int = 256) -> dict[str, np.ndarray]:
+    trainee.model.eval()
+    n = len(trainee.images.rows)
+    chunks = [served_outputs(trainee.image_embeddings(slice(i, i + batch_size)), trainee.model.fusion)
+              for i in range(0, n, batch_size)]
+    return {name: torch.cat([c[name] for c in chunks]).cpu().numpy() for name in chunks[0]}
+
+
+def evaluate_model(model: DualEncoder, tokenizer: Tokenizer, trainee: Trainee, run_dir: Path | None = None) -> dict:
+    """Each image against the label captions (captions[0]) of the same set; a concept's label is its match.
+
+    Every served output is evaluated (the fused `global` and, for hierarchical models, each level).
+    """
+    rows = trainee.images.rows
+    labels = {row.concept: row.captions[0] for row in rows}
+    categories = {row.concept: row.subgroup or row.group for row in rows}
+    text_keys = list(labels)
+    image_emb = embed_image_set(trainee)
+    text_emb = embed_texts(model, tokenizer, [labels[k] for k in text_keys], device=trainee.device)
+    return evaluate_report(
+        image_emb, text_emb, [row.concept for row in rows], text_keys,
+        image_categories=[categories[row.concept] for row in rows], text_categories=[categories[k] for k in text_keys],
+        plot_path=run_dir / "recall.png" if run_dir else None,
+    )
 
 
 def load_run(run_dir: str | Path) -> tuple[DualEncoder, Tokenizer, dict[str, Any]]:
@@ -215,7 +451,7 @@ def load_run(run_dir: str | Path) -> tuple[DualEncoder, Tokenizer, dict[str, Any
     if not (run_dir / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{run_dir} is not a training run: no {WEIGHTS_FILE}")
     config = json.loads((run_dir / CONFIG_FILE).read_text())
-    model = DualEncoder(config)
+    model = DualEncoder({**config, "pretrained": False})
     model.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
     model.eval()
     return model, load_tokenizer(run_dir / TOKENIZER_FILE), config

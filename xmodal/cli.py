@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from xmodal import settings
+from xmodal.training.recipes import RECIPES
 
 
 def default_manifest() -> Path:
@@ -26,12 +27,27 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_data(names: list[str] | None) -> list[Path]:
+    """`--data` takes manifest paths or corpus names fetched into the data directory (emoji, iconify)."""
+    manifests = []
+    for name in names or ["emoji"]:
+        path = Path(name)
+        if not path.suffix:
+            path = settings.data_dir() / name / "manifest.jsonl"
+            if not path.exists():
+                raise FileNotFoundError(f"no {name} corpus at {path}: run `xmodal data fetch {name}` first")
+        elif not path.exists():
+            raise FileNotFoundError(f"no manifest at {path}")
+        manifests.append(path)
+    return manifests
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from xmodal.training.train import train
 
-    run = args.run or default_run(args.recipe)
+    run = args.out or default_run(args.recipe)
     train(
-        args.manifest or default_manifest(), run, recipe=args.recipe,
+        resolve_data(args.data), run, recipe=args.recipe, device=args.device, resume=not args.restart,
         minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size,
     )
     print(f"run: {run}")
@@ -108,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_data_fetch)
 
     train = commands.add_parser("train", help="train a recipe and print held-out Recall@K")
-    train.add_argument("--recipe", default="infonce")
-    train.add_argument("--manifest", type=Path)
-    train.add_argument("--run", type=Path, help="run directory (default <data>/runs/<recipe>)")
+    train.add_argument("--recipe", default="infonce", choices=sorted(RECIPES))
+    train.add_argument("--data", action="append", help="a corpus name (emoji, iconify) or a manifest path; repeatable (default emoji)")
+    train.add_argument("--out", type=Path, help="run directory (default <data>/runs/<recipe>)")
+    train.add_argument("--device", default="cpu", help="cpu, or cuda where torch sees a GPU")
+    train.add_argument("--restart", action="store_true", help="ignore a checkpoint left by a killed run")
     train.add_argument("--minutes", type=float, help="time budget")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int)

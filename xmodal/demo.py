@@ -15,6 +15,7 @@ import numpy as np
 
 from xmodal import settings
 
+DEMO_RECIPE = "infonce_small"
 DEMO_QUERIES = ["red apple", "smiling face with sunglasses", "rocket", "cat", "rainbow flag"]
 K = 10
 
@@ -50,7 +51,7 @@ def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
     from xmodal.training.train import train
 
     data = settings.data_dir()
-    run_dir = data / "runs" / "infonce"
+    run_dir = data / "runs" / DEMO_RECIPE
     repository = settings.default_model_repository()
     milvus_uri = settings.default_milvus_uri()
     timings: dict[str, float] = {}
@@ -58,7 +59,7 @@ def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
     with stage("fetch", timings):
         manifest = fetch_emoji(data, limit=limit)
     with stage("train", timings):
-        report = train(manifest, run_dir, minutes=minutes)
+        report = train(manifest, run_dir, recipe=DEMO_RECIPE, minutes=minutes, resume=False)
     with stage("export", timings):
         exported = export_run(run_dir, run_dir / "onnx")
         write_model_repository(
@@ -85,7 +86,7 @@ def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
                 labels = {row.concept: row.captions[0] for row in rows}
                 hit_lists = client.search_text(list(labels.values()), k=K)
                 served = recall_summary(ranks_from_hits(hit_lists, list(labels), K))
-                pytorch = report["test"]["text_to_image"]
+                pytorch = report["test"]["global"]["text_to_image"]
                 print(f"text -> image on {len(labels)} held-out concepts ({', '.join(report['test_styles'])}):")
                 print(f"{'':<16}{'R@1':>8}{'R@5':>8}{'R@10':>8}")
                 for source, figures in (("PyTorch", pytorch), ("Triton + Milvus", served)):

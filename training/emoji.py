@@ -176,13 +176,18 @@ def read_tar_files(tarball: Path, names: Sequence[str]) -> dict[str, bytes]:
 def load_concepts(emojibase_tarball: Path) -> list[Concept]:
     """The base concepts (top-level entries, not skin-tone variants) that have a label, in emojibase order."""
     files = read_tar_files(emojibase_tarball, [EMOJIBASE_DATA, EMOJIBASE_GROUPS])
+    return parse_concepts(files, emojibase_tarball.name)
+
+
+def parse_concepts(files: dict[str, bytes], source: str) -> list[Concept]:
+    """The concepts from emojibase's data and groups files (``files`` as ``read_tar_files`` returns them)."""
     try:
         entries = json.loads(files[EMOJIBASE_DATA])
         groups = json.loads(files[EMOJIBASE_GROUPS])
         group_keys: dict[str, str] = groups["groups"]
         subgroup_keys: dict[str, str] = groups["subgroups"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DataFetchError(f"{emojibase_tarball.name}: unexpected emojibase layout ({exc!r})") from None
+        raise DataFetchError(f"{source}: unexpected emojibase layout ({exc!r})") from None
     return concepts_from_emojibase(entries, group_keys, subgroup_keys)
 
 

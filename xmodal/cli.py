@@ -20,9 +20,27 @@ def default_run(recipe: str = "infonce") -> Path:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
-    from xmodal.training.emoji import fetch_emoji
+    if args.corpus == "emoji":
+        from xmodal.training.emoji import fetch_emoji
 
-    manifest = fetch_emoji(settings.data_dir(), limit=args.limit, force=args.force)
+        manifest = fetch_emoji(settings.data_dir(), limit=args.limit, force=args.force)
+    else:
+        from xmodal.training.iconify import fetch_iconify
+
+        manifest = fetch_iconify(settings.data_dir(), sets=args.sets, max_icons_per_set=args.limit, force=args.force)
+    print(f"manifest: {manifest}")
+    return 0
+
+
+def cmd_data_import(args: argparse.Namespace) -> int:
+    from xmodal.training.readers import import_corpus
+
+    out = args.out or settings.data_dir() / (args.name or Path(args.source).stem)
+    manifest = import_corpus(
+        Path(args.source), out, format=args.format, split=args.split, image_root=args.image_root,
+        style=args.name, test_fraction=args.test_fraction, image_column=args.image_column,
+        caption_column=args.caption_column,
+    )
     print(f"manifest: {manifest}")
     return 0
 
@@ -117,11 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="fetch corpora").add_subparsers(dest="data_command", required=True)
-    fetch = data.add_parser("fetch", help="fetch a corpus into the data directory")
-    fetch.add_argument("corpus", choices=["emoji"])
-    fetch.add_argument("--limit", type=int, help="only the first N concepts present in every style (a tiny slice)")
+    fetch = data.add_parser("fetch", help="fetch a corpus that ships in npm packages into the data directory")
+    fetch.add_argument("corpus", choices=["emoji", "iconify"])
+    fetch.add_argument("--limit", type=int, help="emoji: only the first N concepts present in every style; iconify: at most N icons per set")
+    fetch.add_argument("--sets", nargs="+", help="iconify: extra icon sets by prefix, or 'all' (default: the five emoji sets only)")
     fetch.add_argument("--force", action="store_true", help="render again even where images exist")
     fetch.set_defaults(func=cmd_data_fetch)
+
+    corpus = data.add_parser("import", help="convert a corpus you bring (CSV/JSONL + images, Karpathy JSON, Parquet, WebDataset) into a manifest")
+    corpus.add_argument("source", help="the file, directory or glob")
+    corpus.add_argument("--format", default="auto", choices=["auto", "csv", "jsonl", "karpathy", "parquet", "webdataset"])
+    corpus.add_argument("--name", help="the corpus name: its directory under the data dir and its style (default: the source's name)")
+    corpus.add_argument("--out", type=Path, help="output directory (default <data>/<name>)")
+    corpus.add_argument("--image-root", type=Path, help="where relative image paths start (default: beside the source)")
+    corpus.add_argument("--split", help="put every row in this split instead of the source's own or a hashed one")
+    corpus.add_argument("--test-fraction", type=float, default=0.1)
+    corpus.add_argument("--image-column")
+    corpus.add_argument("--caption-column")
+    corpus.set_defaults(func=cmd_data_import)
 
     train = commands.add_parser("train", help="train a recipe and print held-out Recall@K")
     train.add_argument("--recipe", default="infonce", choices=sorted(RECIPES))

@@ -1,0 +1,104 @@
+"""Tiny end-to-end trainings of every recipe, export of their towers, and resume after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from xmodal.export.onnx import export_run
+from xmodal.training.train import CHECKPOINT_FILE, WEIGHTS_FILE, train
+
+# Small random towers keep this fast; the frozen image side exercises the feature cache.
+SMALL = dict(image_encoder="small_cnn", text_encoder="small_text_cnn", image_size=32, dim=32,
+             head_hidden=64, batch_size=8, minutes=60.0)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory, npm_cache):
+    from xmodal.training.emoji import fetch_emoji
+
+    return fetch_emoji(tmp_path_factory.mktemp("emoji"), limit=12, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XMODAL_DATA", str(tmp_path / "data"))  # the feature cache goes here
+
+
+@pytest.mark.parametrize("recipe", ["infonce", "vsepp", "dualpath", "mthcn"])
+def test_each_recipe_trains_evaluates_and_exports(recipe, manifest, tmp_path):
+    overrides = dict(SMALL, epochs=4)
+    if recipe == "mthcn":
+        overrides["losses"] = [
+            {"loss": "hbtr", "level": "concept", "weight": 1.0},
+            {"loss": "hbtr", "level": "exterior", "weight": 1.0},
+            {"loss": "ssc", "level": "concept", "cluster_level": "exterior", "weight": 0.5, "clusters": 4},
+        ]
+    report = train(manifest, tmp_path / "run", recipe=recipe, progress=False, **overrides)
+
+    assert report["epochs"] == 4
+    assert all(np.isfinite(h["loss"]) for h in report["history"])
+    assert report["train_styles"] == ["google", "twitter"] and report["test_styles"] == ["openmoji"]
+    outputs = {"global", "concept", "exterior"} if recipe == "mthcn" else {"global"}
+    assert set(report["test"]) == outputs
+    for metrics in report["test"].values():
+        assert metrics["image_to_text"]["MAP"] is not None
+    if recipe == "dualpath":
+        assert [h["stage"] for h in report["history"]] == ["I", "I", "II", "II"]
+    assert (tmp_path / "run" / "recall.png").exists()
+    assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()  # a finished run leaves only its results
+
+    exported = export_run(tmp_path / "run", tmp_path / "onnx")
+    assert set(exported.card.embeddings) == outputs
+    assert max(exported.parity.values()) <= 1e-4
+
+
+def test_mthcn_global_is_the_weighted_fusion_of_its_levels(manifest, tmp_path):
+    import onnxruntime as ort
+
+    train(manifest, tmp_path / "run", recipe="mthcn", progress=False, epochs=1, **{k: v for k, v in SMALL.items()},
+          fusion={"concept": 0.7, "exterior": 0.3})
+    exported = export_run(tmp_path / "run", tmp_path / "onnx")
+    session = ort.InferenceSession(str(exported.text_onnx), providers=["CPUExecutionProvider"])
+    a, b = (np.array([[2, 3, 4]]), np.array([[5, 6, 0]]))
+    (ga, ca, ea), (gb, cb, eb) = (session.run(["global", "concept", "exterior"], {"input_ids": x}) for x in (a, b))
+    assert float(ga @ gb.T) == pytest.approx(0.7 * float(ca @ cb.T) + 0.3 * float(ea @ eb.T), abs=1e-5)
+    assert np.linalg.norm(ga) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(manifest, tmp_path):
+    """kill -9 after a checkpoint, run the same command again: the result equals an uninterrupted run."""
+    command = [sys.executable, "-m", "xmodal.cli", "train", "--recipe", "infonce_small", "--data", str(manifest),
+               "--epochs", "40", "--minutes", "60", "--batch-size", "8"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (killed / CHECKPOINT_FILE).exists():
+        assert process.poll() is None, "training ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / WEIGHTS_FILE).exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run(command + ["--out", str(killed)], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout
+
+    whole = tmp_path / "whole"
+    subprocess.run(command + ["--out", str(whole)], env=env, capture_output=True, check=True, timeout=300)
+    assert json.loads((killed / "eval.json").read_text())["epochs"] == 40
+    resumed_weights, whole_weights = load_file(str(killed / WEIGHTS_FILE)), load_file(str(whole / WEIGHTS_FILE))
+    assert resumed_weights.keys() == whole_weights.keys()
+    for name in whole_weights:
+        np.testing.assert_allclose(resumed_weights[name], whole_weights[name], atol=1e-5, err_msg=name)

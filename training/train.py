@@ -37,7 +37,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 EVAL_FILE = "eval.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-FEATURE_BATCH = 64
+FEATURE_BATCH = 16  # measured: EfficientNet-Lite0 at 128 px runs 2–2.5× faster per image at 16 than at 64 on 2 cores
 
 
 @dataclass

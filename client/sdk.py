@@ -15,20 +15,40 @@ from xmodal import settings, store
 from xmodal.card import ModelCard
 from xmodal.client import triton
 from xmodal.client.hits import Hit
+from xmodal.client.retry import DEFAULT_RETRY, Retry
+from xmodal.client.searcher import Searcher, check_k
 
 # One image: a path, encoded bytes, or a PIL image.
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Any]
 
-# How many query vectors go into one Milvus search call.
-SEARCH_CHUNK = 256
+CAPTION_HINT = "index captions first (xmodal.indexer.index_captions)"
 
 
 class Client:
-    """Embed queries with the served model and search the collection it filled.
+    """Embed queries with the served model and search the collections it filled.
+
+    Two collections: ``collection`` (images, searched by ``search_text``, ``search_image``
+    and ``search_vector``) and ``caption_collection`` (captions, searched by
+    ``search_captions``: image -> captions). The first is opened and checked when the client
+    connects; the caption collection only on the first ``search_captions`` call, so a client
+    works where only images were indexed. Pass ``caption_collection=None`` to have none.
 
     Connecting checks, in order: Triton is reachable and ``embed_image``/``embed_text`` are
     ready (``ConnectionError``); the collection exists (``ValueError`` listing the ones that
     do); it was filled by the served model, same fingerprint (``ValueError`` naming both).
+
+    Every search takes ``filter``, a Milvus boolean expression on the scalar fields
+    (``style == "openmoji"``, ``concept in ["1f600", "1f601"]``, ``style != "google" and
+    concept like "1f6%"``); one the server refuses raises ``ValueError`` naming the
+    expression and the server's reason. ``xmodal.store.equals_filter(field, value)`` quotes a
+    value for you.
+
+    ``timeout`` (seconds) bounds each Triton request and each Milvus call. Triton calls that
+    fail transiently (connection refused or reset, HTTP 503) are retried with exponential
+    backoff as ``retry`` says (``xmodal.client.Retry``; ``Retry(attempts=1)`` turns retries
+    off); when they keep failing the call raises ``ConnectionError``. Bad input (HTTP 4xx) is
+    never retried: it raises ``ValueError`` at once. Each thread gets its own HTTP connection
+    to Triton, reused for its calls, so one client may serve many threads.
 
     ``consistency_level``: "Bounded" by default, chosen deliberately. milvus-lite 3.2.2
     ignores the level (a write is visible to the next search, and every level costs the
@@ -44,56 +64,44 @@ class Client:
         milvus_uri: str | os.PathLike | None = None,
         collection: str = settings.IMAGE_COLLECTION,
         *,
+        caption_collection: str | None = settings.CAPTION_COLLECTION,
         timeout: float = 10.0,
         token: str | None = None,
         consistency_level: str = "Bounded",
+        retry: Retry = DEFAULT_RETRY,
     ) -> None:
         self.triton_url = triton.host_port(triton_url or settings.default_triton_url())
         self.milvus_uri = str(milvus_uri or settings.default_milvus_uri())
         self.collection = collection
+        self.caption_collection = caption_collection
         self.timeout = timeout
         self.consistency_level = consistency_level
-        self._milvus = self._image = self._text = None
-        server = triton.connect(self.triton_url, timeout=timeout)
+        self.retry = retry
+        self._searcher = self._image = self._text = None
+        server = triton.connect(self.triton_url, timeout=timeout, retry=retry)
         try:
             self.card: ModelCard = triton.fetch_card(server, triton.IMAGE_MODEL)
             text_card = triton.fetch_card(server, triton.TEXT_MODEL)
         finally:
             server.close()
-        if text_card.fingerprint != self.card.fingerprint:
-            raise ValueError(
-                f"Triton at {self.triton_url} serves different models for images "
-                f"({store.describe_model(self.card)}) and text ({store.describe_model(text_card)})")
+        check_cards(self.triton_url, self.card, text_card)
         try:
             # Embedders keep one HTTP client per thread (see triton.Embedder).
-            self._image = triton.Embedder(self.triton_url, triton.IMAGE_MODEL, triton.IMAGE_INPUT, timeout=timeout)
-            self._text = triton.Embedder(self.triton_url, triton.TEXT_MODEL, triton.TEXT_INPUT, timeout=timeout)
-            self._milvus = self._open_collection(token)
+            self._image = triton.Embedder(self.triton_url, triton.IMAGE_MODEL, triton.IMAGE_INPUT,
+                                          timeout=timeout, retry=retry)
+            self._text = triton.Embedder(self.triton_url, triton.TEXT_MODEL, triton.TEXT_INPUT,
+                                         timeout=timeout, retry=retry)
+            self._searcher = Searcher(self.milvus_uri, self.card, token=token, timeout=timeout,
+                                      consistency_level=consistency_level)
+            self._searcher.open(self.collection)
         except BaseException:
             self.close()
             raise
 
-    def _open_collection(self, token: str | None):
-        if store.is_local_uri(self.milvus_uri) and not Path(self.milvus_uri).expanduser().exists():
-            raise ValueError(f"no milvus-lite database at {self.milvus_uri}; index some data first")
-        milvus = store.connect(self.milvus_uri, token=token, timeout=self.timeout)
-        try:
-            if not milvus.has_collection(self.collection):
-                raise ValueError(store.missing_collection_message(milvus, self.collection))
-            store.check_collection_model(milvus, self.collection, self.card)
-            store.ensure_loaded(milvus, self.collection)
-            fields = {f["name"] for f in milvus.describe_collection(self.collection)["fields"]}
-            wanted = store.CAPTION_OUTPUT_FIELDS if "caption" in fields else store.IMAGE_OUTPUT_FIELDS
-            self._output_fields = [f for f in wanted if f in fields]
-        except BaseException:
-            milvus.close()
-            raise
-        return milvus
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        for attribute in ("_milvus", "_image", "_text"):
+        for attribute in ("_searcher", "_image", "_text"):
             resource = getattr(self, attribute, None)
             setattr(self, attribute, None)
             if resource is not None:
@@ -112,81 +120,133 @@ class Client:
     def dim(self) -> int:
         return self.card.dim
 
+    @property
+    def searcher(self) -> Searcher:
+        """The Milvus side (row look-ups and distinct values for the web page)."""
+        if self._searcher is None:
+            raise RuntimeError("the client is closed")
+        return self._searcher
+
     # -- embedding ---------------------------------------------------------------------------
 
     def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
         """Unit vectors [N, D] for one text or a list of texts."""
-        items = [texts] if isinstance(texts, str) else list(texts)
-        encoded = []
-        for text in items:
-            if not isinstance(text, str):
-                raise TypeError(f"query text must be a str, got {type(text).__name__}")
-            if not text.strip():
-                raise ValueError("query text is empty")
-            encoded.append(text.encode("utf-8"))
-        return self._embed(self._text, encoded, "text")
+        return self._embed(self._text, encode_texts(texts), "text")
 
     def embed_image(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Unit vectors [N, D] for one image or a list (paths, encoded bytes, PIL images)."""
-        items = list(images) if _is_image_list(images) else [images]
-        return self._embed(self._image, [_image_bytes(image) for image in items], "image")
+        return self._embed(self._image, encode_images(images), "image")
 
     def _embed(self, embedder: triton.Embedder, items: list[bytes], what: str) -> np.ndarray:
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if embedder is None:
+            raise RuntimeError("the client is closed")
         vectors, errors = embedder.embed(items)
-        for index, error in enumerate(errors):
-            if error:
-                where = f" {index}" if len(items) > 1 else ""
-                raise ValueError(f"Triton rejected {what}{where}: {error}")
+        raise_item_errors(errors, what)
         return vectors
 
     # -- search ------------------------------------------------------------------------------
 
-    def search_text(self, query: str | Sequence[str], k: int = 5) -> list[Hit] | list[list[Hit]]:
-        """Hits for one query, or a list of hit lists for a list of queries."""
-        _check_k(k)
+    def search_text(self, query: str | Sequence[str], k: int = 5, *,
+                    filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+        """Images for a text: hits for one query, or a list of hit lists for a list of queries."""
+        check_k(k)
+        store.normalize_filter(filter)
         vectors = self.embed_text(query)
-        return self._search(vectors, k, single=isinstance(query, str))
+        return self._search(self.collection, vectors, k, filter, single=isinstance(query, str))
 
-    def search_image(self, image: ImageLike | Sequence[ImageLike], k: int = 5) -> list[Hit] | list[list[Hit]]:
-        _check_k(k)
+    def search_image(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *,
+                     filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+        """Images like an image (or a list of hit lists for a list of images)."""
+        check_k(k)
+        store.normalize_filter(filter)
         vectors = self.embed_image(image)
-        return self._search(vectors, k, single=not _is_image_list(image))
+        return self._search(self.collection, vectors, k, filter, single=not is_image_list(image))
 
-    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 5) -> list[Hit] | list[list[Hit]]:
-        """Hits for a vector [D], or a list of hit lists for vectors [N, D]."""
-        _check_k(k)
-        array = np.asarray(vector, dtype=np.float32)
-        if array.ndim not in (1, 2) or array.shape[-1] != self.dim:
-            raise ValueError(f"expected a vector of {self.dim} values or an array [N, {self.dim}], "
-                             f"got shape {array.shape}")
-        return self._search(array.reshape(-1, self.dim), k, single=array.ndim == 1)
+    def search_captions(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *,
+                        filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+        """Captions for an image, from the caption collection.
 
-    def _search(self, vectors: np.ndarray, k: int, *, single: bool) -> list[Hit] | list[list[Hit]]:
-        params = store.search_params(self._milvus, self.collection, self.card.metric, k)
-        results: list[list[Hit]] = []
-        for start in range(0, len(vectors), SEARCH_CHUNK):
-            chunk = vectors[start:start + SEARCH_CHUNK]
-            found = self._milvus.search(
-                self.collection, data=chunk.tolist(), limit=k, anns_field=store.VECTOR_FIELD,
-                output_fields=self._output_fields, search_params=params,
-                consistency_level=self.consistency_level, timeout=self.timeout,
-            )
-            results.extend([Hit.from_milvus(hit) for hit in hits] for hits in found)
+        Each hit is one caption row: ``hit.captions == [the caption]``, ``hit.id`` the
+        caption's hash, and ``hit.image``, ``hit.concept``, ``hit.style`` those of the first
+        indexed image the caption belongs to.
+        """
+        check_k(k)
+        store.normalize_filter(filter)
+        name = self._caption_collection()
+        vectors = self.embed_image(image)
+        return self._search(name, vectors, k, filter, single=not is_image_list(image))
+
+    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 5, *,
+                      filter: str | None = None, collection: str | None = None) -> list[Hit] | list[list[Hit]]:
+        """Hits for a vector [D], or a list of hit lists for vectors [N, D].
+
+        Searches the image collection unless `collection` names another (the caption one).
+        """
+        check_k(k)
+        store.normalize_filter(filter)
+        array = check_vectors(vector, self.dim)
+        return self._search(collection or self.collection, array.reshape(-1, self.dim), k, filter,
+                            single=array.ndim == 1)
+
+    def _caption_collection(self) -> str:
+        if not self.caption_collection:
+            raise ValueError("this client has no caption collection (caption_collection=None)")
+        self.searcher.open(self.caption_collection, hint=CAPTION_HINT)
+        return self.caption_collection
+
+    def _search(self, name: str, vectors: np.ndarray, k: int, filter: str | None, *,
+                single: bool) -> list[Hit] | list[list[Hit]]:
+        results = self.searcher.search(name, vectors, k, filter)
         return results[0] if single else results
 
 
-def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+# -- shared with AsyncClient -----------------------------------------------------------------
+
+def check_cards(url: str, image_card: ModelCard, text_card: ModelCard) -> None:
+    if text_card.fingerprint != image_card.fingerprint:
+        raise ValueError(
+            f"Triton at {url} serves different models for images "
+            f"({store.describe_model(image_card)}) and text ({store.describe_model(text_card)})")
 
 
-def _is_image_list(images: Any) -> bool:
+def encode_texts(texts: str | Sequence[str]) -> list[bytes]:
+    items = [texts] if isinstance(texts, str) else list(texts)
+    encoded = []
+    for text in items:
+        if not isinstance(text, str):
+            raise TypeError(f"query text must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("query text is empty")
+        encoded.append(text.encode("utf-8"))
+    return encoded
+
+
+def encode_images(images: ImageLike | Sequence[ImageLike]) -> list[bytes]:
+    items = list(images) if is_image_list(images) else [images]
+    return [image_bytes(image) for image in items]
+
+
+def raise_item_errors(errors: Sequence[str | None], what: str) -> None:
+    for index, error in enumerate(errors):
+        if error:
+            where = f" {index}" if len(errors) > 1 else ""
+            raise ValueError(f"Triton rejected {what}{where}: {error}")
+
+
+def check_vectors(vector: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
+    array = np.asarray(vector, dtype=np.float32)
+    if array.ndim not in (1, 2) or array.shape[-1] != dim:
+        raise ValueError(f"expected a vector of {dim} values or an array [N, {dim}], got shape {array.shape}")
+    return array
+
+
+def is_image_list(images: Any) -> bool:
     return isinstance(images, (list, tuple))
 
 
-def _image_bytes(image: ImageLike) -> bytes:
+def image_bytes(image: ImageLike) -> bytes:
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
     elif isinstance(image, (str, os.PathLike)):

@@ -12,6 +12,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from xmodal.card import CARD_PARAMETER, ModelCard
+from xmodal.client.retry import DEFAULT_RETRY, Retry, is_transient, unavailable
 
 IMAGE_MODEL, IMAGE_INPUT = "embed_image", "IMAGE"
 TEXT_MODEL, TEXT_INPUT = "embed_text", "TEXT"
@@ -26,17 +27,22 @@ def host_port(url: str) -> str:
     return url.rstrip("/")
 
 
-def connect(url: str, *, timeout: float = 10.0,
-            models: Sequence[str] = (IMAGE_MODEL, TEXT_MODEL)) -> triton_http.InferenceServerClient:
-    """A client for a live server whose `models` are ready; ConnectionError naming the URL if not."""
+def connect(url: str, *, timeout: float = 10.0, models: Sequence[str] = (IMAGE_MODEL, TEXT_MODEL),
+            retry: Retry = DEFAULT_RETRY) -> triton_http.InferenceServerClient:
+    """A client for a live server whose `models` are ready; ConnectionError naming the URL if not.
+
+    A refused connection is retried with backoff (`retry`): a server that is starting gets a moment.
+    """
     address = host_port(url)
     client = triton_http.InferenceServerClient(address, connection_timeout=timeout, network_timeout=timeout)
     try:
-        live = client.is_server_live()
+        live = retry.call(client.is_server_live)
     except InferenceServerException as exc:
         live, reason = False, exc.message()
     except Exception as exc:  # refused, unreachable, timed out (socket and gevent errors)
         live, reason = False, f"{type(exc).__name__}: {exc}"
+        if is_transient(exc) and retry.attempts > 1:
+            reason += f" ({retry.attempts} attempts)"
     else:
         reason = "the server is not live"
     if not live:
@@ -66,7 +72,11 @@ def _ready_models(client: triton_http.InferenceServerClient) -> list[str]:
 
 def fetch_card(client: triton_http.InferenceServerClient, model: str = IMAGE_MODEL) -> ModelCard:
     """The model card that export put into the ensemble's config ``parameters``."""
-    config = client.get_model_config(model)
+    return card_from_config(client.get_model_config(model), model)
+
+
+def card_from_config(config: dict, model: str) -> ModelCard:
+    """The card in a model config (as the HTTP API returns it, sync or asyncio)."""
     parameter = (config.get("parameters") or {}).get(CARD_PARAMETER)
     if not parameter or not parameter.get("string_value"):
         raise ValueError(f"Triton model {model!r} carries no {CARD_PARAMETER!r} parameter: not an xmodal model")
@@ -90,15 +100,16 @@ class Embedder:
     """
 
     def __init__(self, url: str, model: str, input_name: str, *, timeout: float = 10.0,
-                 batch_limit: int | None = None):
+                 batch_limit: int | None = None, retry: Retry = DEFAULT_RETRY):
         self.url = host_port(url)
         self.model = model
         self.input_name = input_name
         self.timeout = timeout
+        self.retry = retry
         self._local = threading.local()
         self._lock = threading.Lock()
         self._clients: list[triton_http.InferenceServerClient] = []
-        server_limit = max_batch_size(self.client, model)
+        server_limit = self._call(max_batch_size, model, what=f"the config of {model}")
         self.batched = server_limit > 0
         limits = [n for n in (server_limit, batch_limit) if n]
         self.batch_limit = min(limits) if limits else 1
@@ -123,8 +134,22 @@ class Embedder:
             except Exception:  # noqa: BLE001 - another thread's gevent hub; the process ends it
                 pass
 
+    def _call(self, fn, *args, what: str):
+        """`fn(self.client, *args)` with retries; a transient failure that outlasts them is a ConnectionError."""
+        try:
+            return self.retry.call(lambda: fn(self.client, *args))
+        except Exception as exc:
+            if is_transient(exc):
+                raise unavailable(self.url, what, exc, self.retry) from exc
+            raise
+
     def embed(self, items: Sequence[bytes]) -> tuple[np.ndarray, list[str | None]]:
-        """Vectors [N, D] (zero rows where an item failed) and per-item errors (None when fine)."""
+        """Vectors [N, D] (zero rows where an item failed) and per-item errors (None when fine).
+
+        Transient failures (refused or reset connections, 503) are retried with backoff
+        (``self.retry``) and raise ConnectionError when they outlast it; they are never
+        blamed on an item.
+        """
         vectors: list[np.ndarray | None] = [None] * len(items)
         errors: list[str | None] = [None] * len(items)
         step = self.batch_limit if self.batched else 1
@@ -144,25 +169,42 @@ class Embedder:
                 continue
             for offset in range(len(chunk)):
                 vectors[start + offset] = out[offset]
-        dim = next((v.shape[-1] for v in vectors if v is not None), 0)
-        stacked = np.zeros((len(items), dim), dtype=np.float32)
-        for i, v in enumerate(vectors):
-            if v is not None:
-                stacked[i] = v
-        return stacked, errors
+        return stack_vectors(vectors), errors
 
     def _infer(self, chunk: list[bytes]) -> np.ndarray:
-        if self.batched:
-            data = np.empty((len(chunk), 1), dtype=object)
-            data[:, 0] = chunk
-        else:
-            data = np.empty((1,), dtype=object)
-            data[0] = chunk[0]
-        request = triton_http.InferInput(self.input_name, list(data.shape), "BYTES")
-        request.set_data_from_numpy(data, binary_data=True)
-        output = triton_http.InferRequestedOutput(OUTPUT, binary_data=True)
-        result = self.client.infer(self.model, [request], outputs=[output])
-        array = result.as_numpy(OUTPUT)
-        if array is None:
-            raise InferenceServerException(f"{self.model} returned no {OUTPUT!r} output")
-        return np.asarray(array, dtype=np.float32).reshape(len(chunk), -1)
+        inputs, outputs = infer_request(self.input_name, chunk, batched=self.batched)
+        result = self._call(lambda client: client.infer(self.model, inputs, outputs=outputs), what=self.model)
+        return infer_output(result, self.model, len(chunk))
+
+
+def infer_request(input_name: str, chunk: Sequence[bytes], *, batched: bool):
+    """The inputs and requested outputs of one request for `chunk` (one item when not batched).
+
+    tritonclient.http.aio uses the same InferInput classes, so the asyncio client shares this.
+    """
+    if batched:
+        data = np.empty((len(chunk), 1), dtype=object)
+        data[:, 0] = list(chunk)
+    else:
+        data = np.empty((1,), dtype=object)
+        data[0] = chunk[0]
+    request = triton_http.InferInput(input_name, list(data.shape), "BYTES")
+    request.set_data_from_numpy(data, binary_data=True)
+    return [request], [triton_http.InferRequestedOutput(OUTPUT, binary_data=True)]
+
+
+def infer_output(result, model: str, count: int) -> np.ndarray:
+    array = result.as_numpy(OUTPUT)
+    if array is None:
+        raise InferenceServerException(f"{model} returned no {OUTPUT!r} output")
+    return np.asarray(array, dtype=np.float32).reshape(count, -1)
+
+
+def stack_vectors(vectors: Sequence[np.ndarray | None]) -> np.ndarray:
+    """[N, D] with zero rows where an item has no vector."""
+    dim = next((v.shape[-1] for v in vectors if v is not None), 0)
+    stacked = np.zeros((len(vectors), dim), dtype=np.float32)
+    for i, v in enumerate(vectors):
+        if v is not None:
+            stacked[i] = v
+    return stacked

@@ -1,16 +1,34 @@
-"""Encoders to ONNX with dynamic axes, checked against PyTorch, and the model card that describes them."""
+"""Encoders to ONNX with dynamic axes, checked against PyTorch, and the model card that describes them.
+
+What ``export_run`` leaves in ``out_dir`` (``<tower>`` is ``image_encoder`` / ``text_encoder``)::
+
+    <tower>.raw.onnx    torch's export as is: portable FP32, the input of every variant below,
+                        and the file for TensorRT (which wants plain ONNX operators)
+    <tower>.onnx        FP32 after ONNX Runtime's ORT_ENABLE_EXTENDED graph optimisations,
+                        applied offline (see ``xmodal.export.variants``): the served model
+    <tower>.int8.onnx   with ``quantize="int8"``: dynamic quantisation (QInt8 weights), kept
+                        only when held-out R@10 drops by at most 1 point each way
+    <tower>.fp16.onnx   FP16 for GPUs, FP32 inputs and outputs
+    tokenizer.json, card.json
+
+Every file passes ``onnx.checker``. Parity with PyTorch (1e-4) is asserted on the raw and the
+optimised FP32 files; the FP16 file is compared loosely where the CPU provider can run it.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
+from xmodal.export import variants
+from xmodal.export.variants import QuantizationRejected  # noqa: F401 - re-exported for callers
 from xmodal.card import ImagePreprocessing, ModelCard, TokenizerSpec, fingerprint_files
 from xmodal.training.models import ServedTower, embedding_dims
 from xmodal.training.tokenizer import PAD_ID, max_length, vocab_hash
@@ -18,8 +36,15 @@ from xmodal.training.train import EVAL_FILE, TOKENIZER_FILE, load_run
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
+FP16_TOLERANCE = 2e-2  # L2-normalised outputs; FP16 keeps about 3 significant digits
 IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
+IMAGE_RAW_ONNX = "image_encoder.raw.onnx"
+TEXT_RAW_ONNX = "text_encoder.raw.onnx"
+IMAGE_INT8_ONNX = "image_encoder.int8.onnx"
+TEXT_INT8_ONNX = "text_encoder.int8.onnx"
+IMAGE_FP16_ONNX = "image_encoder.fp16.onnx"
+TEXT_FP16_ONNX = "text_encoder.fp16.onnx"
 
 
 class ParityError(AssertionError):
@@ -27,13 +52,51 @@ class ParityError(AssertionError):
 
 
 @dataclass
+class Variant:
+    """One precision of the exported pair: ``fp32`` (optimised, served by default),
+    ``fp32-portable`` (as exported), ``int8``, ``fp16``."""
+
+    precision: str
+    image_onnx: Path
+    text_onnx: Path
+    fingerprint: str
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ExportedModel:
     directory: Path
     card: ModelCard
-    image_onnx: Path
+    image_onnx: Path  # the FP32 optimised files the card's fingerprint names
     text_onnx: Path
     tokenizer_json: Path
     parity: dict[str, float]
+    variants: dict[str, Variant] = field(default_factory=dict)
+    int8_gate: dict[str, Any] | None = None
+
+    def choose(self, target: str = "cpu", *, tensorrt: bool = False, precision: str | None = None) -> Variant:
+        """The variant a repository for ``target`` serves, unless ``precision`` names one.
+
+        cpu: INT8 when it passed its gate, else the optimised FP32. gpu: the plain FP32
+        export with TensorRT (TensorRT builds its own FP16 engine and takes only standard
+        operators), else FP16 (FP32 portable when FP16 was not made).
+        """
+        if precision is None:
+            if target == "cpu":
+                precision = "int8" if "int8" in self.variants else "fp32"
+            elif target == "gpu":
+                precision = "fp32-portable" if tensorrt or "fp16" not in self.variants else "fp16"
+            else:
+                raise ValueError(f"target must be 'cpu' or 'gpu', not {target!r}")
+        if precision not in self.variants:
+            raise ValueError(f"no {precision} variant was exported (have {sorted(self.variants)})")
+        return self.variants[precision]
+
+    def card_for(self, variant: Variant) -> ModelCard:
+        """The card with the variant's fingerprint and precision: what a repository serving it carries."""
+        evaluation = json.loads(json.dumps(self.card.evaluation))
+        evaluation.setdefault("onnx", {})["precision"] = variant.precision
+        return dataclasses.replace(self.card, fingerprint=variant.fingerprint, evaluation=evaluation)
 
 
 def export_encoder(module: ServedTower, example: torch.Tensor, path: Path, input_name: str, dynamic: dict[int, str]) -> None:
@@ -48,7 +111,12 @@ def export_encoder(module: ServedTower, example: torch.Tensor, path: Path, input
         opset_version=OPSET,
         dynamo=False,
     )
-    onnx.checker.check_model(onnx.load(str(path)))
+    variants.check(path)
+
+
+def tokenizer_kind(tokenizer) -> str:
+    """The card's `tokenizer.kind`: the tokenizers model type, "wordlevel" or "wordpiece" (MiniLM's)."""
+    return str(json.loads(tokenizer.to_str())["model"]["type"]).lower()
 
 
 def max_abs_diff(module: ServedTower, path: Path, input_name: str, inputs: torch.Tensor) -> float:
@@ -60,40 +128,106 @@ def max_abs_diff(module: ServedTower, path: Path, input_name: str, inputs: torch
     return max(float(np.max(np.abs(a - e))) for a, e in zip(actual, expected))
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, *, name: str | None = None, version: int = 1) -> ExportedModel:
-    """Export a training run's encoders, assert parity with PyTorch, write the card beside them."""
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str | None = None,
+    version: int = 1,
+    manifests: Sequence[str | Path] | str | Path | None = None,
+    quantize: str | None = None,
+    fp16: bool = True,
+    max_int8_recall_drop: float = variants.MAX_INT8_RECALL_DROP,
+) -> ExportedModel:
+    """Export a training run's encoders, assert parity with PyTorch, write the card beside them.
+
+    ``quantize="int8"`` also writes the INT8 variant, accepted only when its held-out R@10
+    (both directions, the test split of ``manifests`` restricted to the run's test styles)
+    is at most ``max_int8_recall_drop`` points below the FP32 model's; the numbers go into
+    the card as ``evaluation.int8_gate`` either way. A refused INT8 model raises
+    :class:`QuantizationRejected` after the FP32 export and its card are complete.
+    """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if quantize and manifests is None:
+        raise ValueError("--quantize int8 needs the manifests the run was trained on (their test split "
+                         "is the held-out set of the INT8 recall gate): pass manifests / --data")
     model, tokenizer, config = load_run(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = config["image_size"]
     length = max_length(tokenizer)
     generator = torch.Generator().manual_seed(0)
+    evaluation = json.loads((run_dir / EVAL_FILE).read_text()) if (run_dir / EVAL_FILE).exists() else {}
 
     image_tower, text_tower = ServedTower(model.image, config), ServedTower(model.text, config)
-    image_path, text_path = out_dir / IMAGE_ONNX, out_dir / TEXT_ONNX
-    export_encoder(image_tower, torch.randn(2, 3, size, size), image_path, "pixel_values", {0: "batch"})
-    export_encoder(
-        text_tower, torch.ones(2, 5, dtype=torch.long), text_path, "input_ids", {0: "batch", 1: "sequence"}
-    )
-
-    # Parity on batch sizes and lengths other than the traced ones, with padding present.
-    text_ids = torch.randint(1, config["vocab_size"], (7, length), generator=generator)
-    text_ids[3:, length // 2 :] = PAD_ID
-    parity = {
-        "image_encoder": max_abs_diff(image_tower, image_path, "pixel_values", torch.randn(5, 3, size, size, generator=generator)),
-        "text_encoder": max_abs_diff(text_tower, text_path, "input_ids", text_ids),
+    towers = {
+        "image_encoder": (image_tower, "pixel_values", torch.randn(5, 3, size, size, generator=generator)),
+        "text_encoder": (text_tower, "input_ids", _parity_ids(config, length, generator)),
     }
-    for encoder, diff in parity.items():
-        if not diff <= PARITY_TOLERANCE:
-            raise ParityError(f"{encoder}: ONNX Runtime differs from PyTorch by {diff:.2e} > {PARITY_TOLERANCE:.0e}")
+    raw = {"image_encoder": out_dir / IMAGE_RAW_ONNX, "text_encoder": out_dir / TEXT_RAW_ONNX}
+    served = {"image_encoder": out_dir / IMAGE_ONNX, "text_encoder": out_dir / TEXT_ONNX}
+    export_encoder(image_tower, torch.randn(2, 3, size, size), raw["image_encoder"], "pixel_values", {0: "batch"})
+    export_encoder(
+        text_tower, torch.ones(2, 5, dtype=torch.long), raw["text_encoder"], "input_ids", {0: "batch", 1: "sequence"}
+    )
+    for encoder in towers:
+        variants.optimize_onnx(raw[encoder], served[encoder], level="extended")
+
+    # Parity on batch sizes and lengths other than the traced ones, with padding present,
+    # on both the raw and the optimised files.
+    parity, raw_parity = {}, {}
+    for encoder, (tower, input_name, inputs) in towers.items():
+        raw_parity[encoder] = max_abs_diff(tower, raw[encoder], input_name, inputs)
+        parity[encoder] = max_abs_diff(tower, served[encoder], input_name, inputs)
+    for label, diffs in (("optimised", parity), ("raw", raw_parity)):
+        for encoder, diff in diffs.items():
+            if not diff <= PARITY_TOLERANCE:
+                raise ParityError(
+                    f"{encoder} ({label} ONNX): ONNX Runtime differs from PyTorch by {diff:.2e} > {PARITY_TOLERANCE:.0e}")
+
+    found: dict[str, Variant] = {
+        "fp32": Variant("fp32", served["image_encoder"], served["text_encoder"],
+                        fingerprint_files([served["image_encoder"], served["text_encoder"]]),
+                        {"graph_optimization": "ORT_ENABLE_EXTENDED (offline, CPU provider)"}),
+        "fp32-portable": Variant("fp32-portable", raw["image_encoder"], raw["text_encoder"],
+                                 fingerprint_files([raw["image_encoder"], raw["text_encoder"]]),
+                                 {"graph_optimization": "none (as exported)"}),
+    }
+    onnx_info: dict[str, Any] = {
+        "opset": OPSET,
+        "graph_optimization": "ORT_ENABLE_EXTENDED, offline, CPU execution provider",
+        "parity_max_abs_diff_raw": raw_parity,
+    }
+
+    if fp16:
+        found_fp16, onnx_info["fp16"] = _fp16_variant(towers, raw, out_dir)
+        if found_fp16 is not None:
+            found["fp16"] = found_fp16
+
+    gate = None
+    if quantize == "int8":
+        gate, int8_variant = _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer,
+                                           config, max_int8_recall_drop)
+        if int8_variant is not None:
+            found["int8"] = int8_variant
+            onnx_info["int8"] = int8_variant.notes
+    onnx_info["variants"] = {key: {"fingerprint": v.fingerprint,
+                                   "files": [v.image_onnx.name, v.text_onnx.name]} for key, v in found.items()}
 
     tokenizer_path = out_dir / TOKENIZER_FILE
     shutil.copyfile(run_dir / TOKENIZER_FILE, tokenizer_path)
-    evaluation = json.loads((run_dir / EVAL_FILE).read_text()) if (run_dir / EVAL_FILE).exists() else {}
+    card_evaluation: dict[str, Any] = {
+        "held_out": _without_curves(evaluation.get("test", {})),
+        "onnx_parity_max_abs_diff": parity,
+        "onnx": {**onnx_info, "precision": "fp32"},
+    }
+    if gate is not None:
+        card_evaluation["int8_gate"] = gate
     card = ModelCard(
         name=name or f"xmodal-{config['recipe']}",
         version=version,
-        fingerprint=fingerprint_files([image_path, text_path]),
+        fingerprint=found["fp32"].fingerprint,
         embeddings={name: {"dim": dim} for name, dim in embedding_dims(config).items()},
         metric="IP",
         image=ImagePreprocessing(
@@ -101,16 +235,99 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, name: str | None = N
             background=list(config["image_background"]),
         ),
         tokenizer=TokenizerSpec(
-            kind="wordlevel", file=TOKENIZER_FILE, vocab_hash=vocab_hash(tokenizer), max_length=length, pad_id=PAD_ID
+            kind=tokenizer_kind(tokenizer), file=TOKENIZER_FILE, vocab_hash=vocab_hash(tokenizer), max_length=length, pad_id=PAD_ID
         ),
         recipe=config["recipe"],
         training_data={
             key: evaluation[key] for key in ("train_styles", "train_images", "test_styles", "test_images") if key in evaluation
         },
-        evaluation={"held_out": _without_curves(evaluation.get("test", {})), "onnx_parity_max_abs_diff": parity},
+        evaluation=card_evaluation,
     )
     card.save(out_dir)
-    return ExportedModel(out_dir, card, image_path, text_path, tokenizer_path, parity)
+    exported = ExportedModel(out_dir, card, served["image_encoder"], served["text_encoder"], tokenizer_path, parity,
+                             variants=found, int8_gate=gate)
+    if gate is not None:
+        variants.require_int8_gate(gate)
+    return exported
+
+
+def _parity_ids(config: dict[str, Any], length: int, generator: torch.Generator) -> torch.Tensor:
+    text_ids = torch.randint(1, config["vocab_size"], (7, length), generator=generator)
+    text_ids[3:, length // 2 :] = PAD_ID
+    return text_ids
+
+
+def _fp16_variant(towers, raw: dict[str, Path], out_dir: Path) -> tuple[Variant | None, dict[str, Any]]:
+    """FP16 files from the raw export; compared with PyTorch loosely where the CPU provider runs them."""
+    paths = {"image_encoder": out_dir / IMAGE_FP16_ONNX, "text_encoder": out_dir / TEXT_FP16_ONNX}
+    info: dict[str, Any] = {"tolerance": FP16_TOLERANCE, "parity_max_abs_diff": {}, "not_run_on_cpu": {}}
+    for encoder, (tower, input_name, inputs) in towers.items():
+        info.update(variants.convert_fp16(raw[encoder], paths[encoder]))
+        session, reason = variants.try_session(paths[encoder])
+        if session is None:
+            info["not_run_on_cpu"][encoder] = reason
+            continue
+        with torch.no_grad():
+            expected = [output.numpy() for output in tower(inputs)]
+        actual = session.run(tower.output_names, {input_name: inputs.numpy()})
+        diff = max(float(np.max(np.abs(a.astype(np.float32) - e))) for a, e in zip(actual, expected))
+        info["parity_max_abs_diff"][encoder] = diff
+        if not diff <= FP16_TOLERANCE:
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+            info["dropped"] = f"{encoder}: FP16 differs from PyTorch FP32 by {diff:.2e} > {FP16_TOLERANCE:.0e}"
+            return None, info
+    info["verified"] = ("on the CPU provider: " + ", ".join(sorted(info["parity_max_abs_diff"]))
+                        if info["parity_max_abs_diff"] else "not run here (no CPU kernels); check on a GPU")
+    if not info["not_run_on_cpu"]:
+        del info["not_run_on_cpu"]
+    variant = Variant("fp16", paths["image_encoder"], paths["text_encoder"],
+                      fingerprint_files(list(paths.values())), info)
+    return variant, info
+
+
+def _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer, config, max_drop):
+    """Quantise, optimise, run the held-out set through FP32 and INT8: (gate record, variant or None)."""
+    from xmodal.training.manifest import read_manifest
+
+    manifests = [manifests] if isinstance(manifests, (str, Path)) else list(manifests)
+    styles = evaluation.get("test_styles") or None
+    rows = [row for m in manifests for row in read_manifest(m, split="test", styles=styles)]
+    if not rows:
+        raise ValueError(f"no held-out rows (split 'test'{f', styles {styles}' if styles else ''}) in "
+                         f"{', '.join(map(str, manifests))}: the INT8 gate has nothing to measure on")
+    paths = {"image_encoder": out_dir / IMAGE_INT8_ONNX, "text_encoder": out_dir / TEXT_INT8_ONNX}
+    notes: dict[str, Any] = {}
+    for encoder in towers:
+        unoptimised = out_dir / f".{encoder}.int8.unoptimised.onnx"
+        try:
+            notes[encoder] = variants.quantize_int8(raw[encoder], unoptimised)
+            variants.optimize_onnx(unoptimised, paths[encoder], level="extended")
+        finally:
+            unoptimised.unlink(missing_ok=True)
+    recall, images = variants.heldout_recall(
+        {"fp32": (served["image_encoder"], served["text_encoder"]),
+         "int8": (paths["image_encoder"], paths["text_encoder"])},
+        rows, tokenizer, config)
+    gate = variants.int8_gate(recall["fp32"], recall["int8"], max_drop=max_drop)
+    gate["images"] = images
+    gate["styles"] = sorted({row.style for row in rows})
+    if not gate["accepted"]:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        return gate, None
+    notes["graph_optimization"] = "ORT_ENABLE_EXTENDED after quantisation"
+    # For the record, not the gate: dynamic INT8 is not always faster on a CPU.
+    notes["latency_ms"] = {}
+    for encoder, (_, input_name, inputs) in towers.items():
+        feeds = {input_name: inputs.numpy()}
+        notes["latency_ms"][encoder] = {
+            "batch": int(inputs.shape[0]),
+            "fp32": round(variants.latency_ms(served[encoder], feeds, repeats=5)["median_ms"], 3),
+            "int8": round(variants.latency_ms(paths[encoder], feeds, repeats=5)["median_ms"], 3),
+        }
+    return gate, Variant("int8", paths["image_encoder"], paths["text_encoder"],
+                         fingerprint_files(list(paths.values())), notes)
 
 
 def _without_curves(report: dict) -> dict:

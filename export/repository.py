@@ -1,28 +1,51 @@
 """Write a Triton model repository from exported ONNX encoders and their model card.
 
-Layout (``<v>`` is ``version``)::
+Layout (``<v>`` is ``version``, ``<p>`` the version kept from before, if any)::
 
-    card.json                                  the card (Triton ignores plain files at the root)
-    image_encoder/config.pbtxt, <v>/model.onnx  backend "onnxruntime", dynamic batching
-    text_encoder/config.pbtxt,  <v>/model.onnx  backend "onnxruntime", dynamic batching
-    preprocess_image/config.pbtxt, <v>/model.py, <v>/preprocessing.py   backend "python"
-    preprocess_text/config.pbtxt,  <v>/model.py, <v>/tokenizer.json     backend "python"
-    embed_image/config.pbtxt, <v>/              ensemble IMAGE -> every embedding in the card
-    embed_text/config.pbtxt,  <v>/              ensemble TEXT  -> every embedding in the card
+    card.json                                   the served card (Triton ignores plain files at the root)
+    image_encoder/config.pbtxt, <p>/ <v>/model.onnx, warmup/   backend "onnxruntime", dynamic batching
+    text_encoder/config.pbtxt,  <p>/ <v>/model.onnx, warmup/   backend "onnxruntime", dynamic batching
+    preprocess_image/config.pbtxt, <p>/ <v>/{model.py, preprocessing.py, params.json}, warmup/   python
+    preprocess_text/config.pbtxt,  <p>/ <v>/{model.py, tokenizer.json, params.json}, warmup/     python
+    embed_image/config.pbtxt, <p>/ <v>/card.json   ensemble IMAGE -> every embedding in the card
+    embed_text/config.pbtxt,  <p>/ <v>/card.json   ensemble TEXT  -> every embedding in the card
+
+Versions and roll-out. Writing version ``v`` into an existing repository keeps the version
+its ensembles pinned until now (``p``) beside it and drops older ones. The encoders and
+preprocessing models load both (``version_policy { specific { versions: [p, v] } }``), so a
+client can still ask for ``p`` explicitly, e.g. to query a collection indexed with it while
+the new one is indexed. The ensembles load only ``v`` and pin every step to ``v``: the
+card they carry (dimensions, fingerprint) is always the one of the steps they run, and a
+collection indexed with ``p`` is refused by the fingerprint check rather than searched with
+the wrong model. Rolling back is writing the old export again (the version number you
+write is the one pinned). Both versions share one config.pbtxt, so they must share the
+input/output signature (image size, embedding names and widths); a model with another
+signature goes into a new repository (or ``keep_previous=False``). What differs per version
+(normalisation, tokenizer, pad id) lives in the version directory (``params.json``).
+
+Warm-up. Every non-ensemble model warms up before it is ready: the image encoder on a zero
+image batch, the text encoder on one short sequence of ``[UNK]`` ids, the preprocessing
+models on a small PNG and a short text (files under ``<model>/warmup/``).
+
+Targets. ``cpu`` writes no ``instance_group`` unless counts are given (Triton picks the
+kind; an explicit KIND_GPU fails on a CPU-only machine). ``gpu`` gives the encoders
+``instance_group [{ kind: KIND_GPU count: N }]`` and, with ``tensorrt=True``, the TensorRT
+execution accelerator at FP16; the preprocessing models run on CPU instances there.
 
 The ensembles carry the card JSON as the config parameter ``xmodal_card``; that is how a
-client learns the dimensions and the fingerprint. No ``instance_group`` is written: Triton
-picks KIND_GPU on a GPU machine and KIND_CPU elsewhere (an explicit KIND_GPU fails on CPU).
-The Python models are copied from the top-level ``model_repository/`` folder of this source
-tree, and ``xmodal/preprocessing.py`` goes next to ``preprocess_image``'s model so the
-server runs the trainer's own preprocessing.
+client learns the dimensions and the fingerprint. The Python models are copied from the
+top-level ``model_repository/`` folder of this source tree, and ``xmodal/preprocessing.py``
+goes next to ``preprocess_image``'s model so the server runs the trainer's own preprocessing.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import re
 import shutil
+import struct
 import tempfile
 import uuid
 from pathlib import Path
@@ -41,6 +64,12 @@ EMBED_IMAGE = "embed_image"
 EMBED_TEXT = "embed_text"
 IMAGE_PARAMETER = "xmodal_image"
 TEXT_PARAMETER = "xmodal_text"
+PARAMS_FILE = "params.json"  # per-version preprocessing parameters (read before the config's)
+WARMUP_DIR = "warmup"
+MODELS = (IMAGE_ENCODER, TEXT_ENCODER, PREPROCESS_IMAGE, PREPROCESS_TEXT, EMBED_IMAGE, EMBED_TEXT)
+ENSEMBLES = (EMBED_IMAGE, EMBED_TEXT)
+TARGETS = ("cpu", "gpu")
+WARMUP_TEXT = "warm up"
 
 
 def pbtxt_string(value: str) -> str:
@@ -92,19 +121,30 @@ def model_config(
     inputs: list[tuple[str, str, list[int]]],
     outputs: list[tuple[str, str, list[int]]],
     dynamic_batching: bool = False,
+    max_queue_delay_microseconds: int | None = None,
+    versions: list[int] | None = None,
     parameters: dict[str, str] | None = None,
     extra: str = "",
 ) -> str:
-    """The text of one ``config.pbtxt``."""
+    """The text of one ``config.pbtxt``.
+
+    ``versions`` writes ``version_policy { specific { versions: [...] } }``;
+    ``max_queue_delay_microseconds`` goes into ``dynamic_batching``.
+    """
     text = f"name: {pbtxt_string(name)}\n"
     if backend:
         text += f"backend: {pbtxt_string(backend)}\n"
     if platform:
         text += f"platform: {pbtxt_string(platform)}\n"
     text += f"max_batch_size: {int(max_batch_size)}\n"
+    if versions:
+        text += ("version_policy { specific { versions: [ "
+                 + ", ".join(str(int(v)) for v in versions) + " ] } }\n")
     text += _tensors("input", inputs) + _tensors("output", outputs)
     if dynamic_batching:
-        text += "dynamic_batching { }\n"
+        delay = ("" if max_queue_delay_microseconds is None
+                 else f"max_queue_delay_microseconds: {int(max_queue_delay_microseconds)} ")
+        text += f"dynamic_batching {{ {delay}}}\n"
     text += extra
     text += _parameters(parameters or {})
     return text
@@ -142,6 +182,58 @@ def _check_encoder(path: Path, role: str, input_name: str, embeddings: list[str]
             f"{role} {path} lacks the card's embedding outputs {missing} (it has {sorted(outputs)})")
 
 
+
+
+def instance_group(kind: str, count: int) -> str:
+    return f"instance_group [ {{ kind: {kind} count: {int(count)} }} ]\n"
+
+
+def tensorrt_fp16() -> str:
+    """ONNX Runtime's TensorRT execution provider at FP16 (NVIDIA's onnxruntime backend only)."""
+    return ("optimization { execution_accelerators { gpu_execution_accelerator: [ {\n"
+            '  name: "tensorrt"\n'
+            '  parameters { key: "precision_mode" value: "FP16" }\n'
+            '  parameters { key: "max_workspace_size_bytes" value: "1073741824" }\n'
+            "} ] } }\n")
+
+
+def model_warmup(name: str, inputs: dict[str, tuple[str, list[int], str | None]]) -> str:
+    """``model_warmup`` with one sample (batch 1). inputs: name -> (data type, dims, data file or None for zeros)."""
+    items = []
+    for tensor, (dtype, dims, data_file) in inputs.items():
+        source = f"input_data_file: {pbtxt_string(data_file)}" if data_file else "zero_data: true"
+        items.append(f"  inputs {{\n    key: {pbtxt_string(tensor)}\n    value: {{ data_type: {dtype} "
+                     f"dims: {_dims(dims)} {source} }}\n  }}")
+    return (f"model_warmup [ {{\n  name: {pbtxt_string(name)}\n  batch_size: 1\n"
+            + "\n".join(items) + "\n} ]\n")
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    """Triton's raw BYTES layout (warm-up files): each element a 4-byte little-endian length, then the bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def _warmup_png(size: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGBA", (max(8, size), max(8, size)), (0, 0, 0, 0))
+    ImageDraw.Draw(image).ellipse((1, 1, image.width - 2, image.height - 2), fill=(200, 60, 40, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _warmup_ids(tokenizer_json: Path, length: int = 4) -> list[int]:
+    """Ids every WordLevel vocabulary of ours has: [UNK] (else the first non-pad id)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    unk = tokenizer.token_to_id("[UNK]")
+    if unk is None:
+        unk = 1 if tokenizer.get_vocab_size() > 1 else 0
+    return [int(unk)] * length
+
+
 def _looks_like_repository(path: Path) -> bool:
     """Empty, or only ``card.json``, hidden files and ``<model>/config.pbtxt`` folders."""
     for child in path.iterdir():
@@ -150,6 +242,53 @@ def _looks_like_repository(path: Path) -> bool:
         if not (child.is_dir() and (child / "config.pbtxt").is_file()):
             return False
     return True
+
+
+def pinned_version(repository: Path) -> int | None:
+    """The version the ensembles of an existing repository run (their first step's ``model_version``)."""
+    config = Path(repository) / EMBED_TEXT / "config.pbtxt"
+    if not config.is_file():
+        return None
+    match = re.search(r"model_version:\s*(-?\d+)", config.read_text())
+    return int(match.group(1)) if match and int(match.group(1)) > 0 else None
+
+
+def repository_versions(repository: Path) -> dict[str, list[int]]:
+    """Every xmodal model's version directories on disk."""
+    found = {}
+    for model in MODELS:
+        directory = Path(repository) / model
+        found[model] = sorted(int(p.name) for p in directory.iterdir()
+                              if p.is_dir() and p.name.isdigit()) if directory.is_dir() else []
+    return found
+
+
+def _signature(card: ModelCard) -> dict:
+    return {"image_size": int(card.image.size),
+            "embeddings": {name: int(spec["dim"]) for name, spec in card.embeddings.items()}}
+
+
+def _previous_to_keep(out_dir: Path, card: ModelCard, version: int) -> tuple[int | None, ModelCard | None]:
+    """(version, its card) to carry over from the existing repository, or (None, None)."""
+    previous = pinned_version(out_dir)
+    if previous is None or previous == version:
+        return None, None
+    if not all(previous in versions for versions in repository_versions(out_dir).values()):
+        return None, None  # not a complete xmodal version: nothing to keep
+    try:
+        old_card = ModelCard.load(out_dir / EMBED_TEXT / str(previous) / CARD_FILENAME)
+    except (FileNotFoundError, ValueError):
+        try:
+            old_card = ModelCard.load(out_dir)
+        except (FileNotFoundError, ValueError):
+            return None, None
+    if _signature(old_card) != _signature(card):
+        raise ValueError(
+            f"{out_dir} serves version {previous} with {_signature(old_card)}; version {version} has "
+            f"{_signature(card)}. Versions of one repository share a config.pbtxt and so their inputs "
+            f"and outputs: write this model into a new repository, or pass keep_previous=False "
+            f"(xmodal export --replace) to drop version {previous}")
+    return previous, old_card
 
 
 def write_model_repository(
@@ -162,15 +301,28 @@ def write_model_repository(
     version: int = 1,
     max_batch_size: int = 64,
     verify_fingerprint: bool = True,
+    target: str = "cpu",
+    instance_count: int | None = None,
+    preprocess_instance_count: int | None = None,
+    max_queue_delay_microseconds: int | None = None,
+    tensorrt: bool = False,
+    warmup: bool = True,
+    keep_previous: bool = True,
 ) -> Path:
-    """(Re)create the Triton model repository in ``out_dir`` and return its path.
+    """Write version ``version`` of the Triton model repository in ``out_dir``; return its path.
 
     The repository is written into a temporary sibling directory and swapped in at the end,
     so a failure never leaves a half-written repository. An existing ``out_dir`` is
-    replaced only if it looks like a model repository (or is empty).
+    replaced only if it looks like a model repository (or is empty). With ``keep_previous``
+    the version the existing ensembles pin is carried over beside the new one (see the
+    module docstring for how versions roll out).
 
     ``verify_fingerprint`` checks that ``card.fingerprint`` is the fingerprint of the two
-    ONNX files, the guarantee the indexer and client rely on.
+    ONNX files, the guarantee the indexer and client rely on. ``target`` is ``"cpu"`` or
+    ``"gpu"``; ``instance_count`` sets the encoders' instances (KIND_CPU on cpu, KIND_GPU on
+    gpu, default one per GPU there), ``preprocess_instance_count`` the Python models' (always
+    KIND_CPU); ``tensorrt`` (gpu only) adds the TensorRT accelerator at FP16;
+    ``max_queue_delay_microseconds`` is the encoders' dynamic-batching delay.
     """
     out_dir = Path(out_dir).expanduser().resolve()
     image_onnx, text_onnx, tokenizer_json = Path(image_onnx), Path(text_onnx), Path(tokenizer_json)
@@ -181,6 +333,15 @@ def write_model_repository(
         raise ValueError(f"version must be >= 1, got {version}")
     if int(max_batch_size) < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if tensorrt and target != "gpu":
+        raise ValueError("the TensorRT accelerator needs target='gpu'")
+    for label, count in (("instance_count", instance_count), ("preprocess_instance_count", preprocess_instance_count)):
+        if count is not None and int(count) < 1:
+            raise ValueError(f"{label} must be >= 1, got {count}")
+    if max_queue_delay_microseconds is not None and int(max_queue_delay_microseconds) < 0:
+        raise ValueError(f"max_queue_delay_microseconds must be >= 0, got {max_queue_delay_microseconds}")
     if "global" not in card.embeddings:
         raise ValueError("the card's embeddings must include 'global'")
     if verify_fingerprint:
@@ -198,12 +359,15 @@ def write_model_repository(
             raise FileNotFoundError(
                 f"{path} is missing: the repository writer needs the xmodal source tree "
                 f"(an editable install)")
+    previous, previous_card = None, None
     if out_dir.exists():
         if not out_dir.is_dir():
             raise ValueError(f"{out_dir} exists and is not a directory")
         if not _looks_like_repository(out_dir):
             raise ValueError(
                 f"refusing to replace {out_dir}: it is not empty and not a model repository")
+        if keep_previous:
+            previous, previous_card = _previous_to_keep(out_dir, card, int(version))
 
     embeddings = list(card.embeddings)
     _check_encoder(image_onnx, "image encoder", "pixel_values", embeddings)
@@ -215,11 +379,17 @@ def write_model_repository(
     except Exception as exc:  # tokenizers raises its own Exception type
         raise ValueError(f"{tokenizer_json} is not a tokenizers file: {exc}") from exc
 
+    options = _Options(version=int(version), previous=previous, max_batch_size=int(max_batch_size), target=target,
+                       instance_count=instance_count, preprocess_instance_count=preprocess_instance_count,
+                       max_queue_delay_microseconds=max_queue_delay_microseconds, tensorrt=tensorrt,
+                       warmup=warmup)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        if previous is not None:
+            _carry_version(out_dir, tmp, previous, previous_card)
         _write(tmp, card, image_onnx=image_onnx, text_onnx=text_onnx, tokenizer_json=tokenizer_json,
-               templates=templates, version=int(version), max_batch_size=int(max_batch_size))
+               templates=templates, options=options)
         os.chmod(tmp, 0o755)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
@@ -234,10 +404,63 @@ def write_model_repository(
     return out_dir
 
 
-def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, tokenizer_json: Path,
-           templates: dict[str, Path], version: int, max_batch_size: int) -> None:
+@dataclasses.dataclass
+class _Options:
+    version: int
+    previous: int | None
+    max_batch_size: int
+    target: str
+    instance_count: int | None
+    preprocess_instance_count: int | None
+    max_queue_delay_microseconds: int | None
+    tensorrt: bool
+    warmup: bool
+
+    @property
+    def versions(self) -> list[int]:
+        return sorted({self.version} | ({self.previous} if self.previous is not None else set()))
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _carry_version(source_repo: Path, target_repo: Path, version: int, card: ModelCard) -> None:
+    """Copy (hard-link where possible) every model's ``<version>/`` directory; fill in what older writers left out."""
     v = str(version)
+    for model in MODELS:
+        shutil.copytree(source_repo / model / v, target_repo / model / v, copy_function=_link_or_copy)
+    # Written before per-version parameters existed: they came from the (shared) config.
+    params = target_repo / PREPROCESS_IMAGE / v / PARAMS_FILE
+    if not params.exists():
+        params.write_text(_image_params(card) + "\n")
+    params = target_repo / PREPROCESS_TEXT / v / PARAMS_FILE
+    if not params.exists():
+        params.write_text(_text_params(card) + "\n")
+    for ensemble in ENSEMBLES:
+        served = target_repo / ensemble / v / CARD_FILENAME
+        if not served.exists():
+            served.write_text(card.to_json() + "\n")
+
+
+def _image_params(card: ModelCard) -> str:
+    return json.dumps({"size": int(card.image.size), "mean": list(card.image.mean), "std": list(card.image.std),
+                       "background": list(card.image.background)}, separators=(",", ":"))
+
+
+def _text_params(card: ModelCard) -> str:
+    return json.dumps({"pad_id": int(card.tokenizer.pad_id), "max_length": int(card.tokenizer.max_length)},
+                      separators=(",", ":"))
+
+
+def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, tokenizer_json: Path,
+           templates: dict[str, Path], options: _Options) -> None:
+    v = str(options.version)
     size = int(card.image.size)
+    max_batch_size = options.max_batch_size
     embedding_outputs = [(name, "TYPE_FP32", [int(spec["dim"])]) for name, spec in card.embeddings.items()]
     passthrough = {name: name for name in card.embeddings}
 
@@ -246,59 +469,91 @@ def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, to
         card, tokenizer=dataclasses.replace(card.tokenizer, file=f"{PREPROCESS_TEXT}/{v}/tokenizer.json"))
     card_json = json.dumps(served.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
+    encoder_extra = ""
+    if options.target == "gpu":
+        encoder_extra += instance_group("KIND_GPU", options.instance_count or 1)
+        if options.tensorrt:
+            encoder_extra += tensorrt_fp16()
+    elif options.instance_count:
+        encoder_extra += instance_group("KIND_CPU", options.instance_count)
+    preprocess_extra = (instance_group("KIND_CPU", options.preprocess_instance_count)
+                        if options.preprocess_instance_count else "")
+
     def model_dir(name: str, config: str) -> Path:
         (root / name / v).mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(config)
         return root / name / v
 
+    def warmup_file(model: str, tensor: str, data: bytes) -> str:
+        (root / model / WARMUP_DIR).mkdir(parents=True, exist_ok=True)
+        (root / model / WARMUP_DIR / tensor).write_bytes(data)
+        return tensor
+
+    def warmup(model: str, inputs: dict[str, tuple[str, list[int], str | None]]) -> str:
+        return model_warmup("xmodal_warmup", inputs) if options.warmup else ""
+
+    encoder = dict(backend="onnxruntime", max_batch_size=max_batch_size, outputs=embedding_outputs,
+                   dynamic_batching=True, max_queue_delay_microseconds=options.max_queue_delay_microseconds,
+                   versions=options.versions)
+
     target = model_dir(IMAGE_ENCODER, model_config(
-        IMAGE_ENCODER, backend="onnxruntime", max_batch_size=max_batch_size,
-        inputs=[("pixel_values", "TYPE_FP32", [3, size, size])],
-        outputs=embedding_outputs, dynamic_batching=True))
+        IMAGE_ENCODER, inputs=[("pixel_values", "TYPE_FP32", [3, size, size])],
+        extra=encoder_extra + warmup(IMAGE_ENCODER, {"pixel_values": ("TYPE_FP32", [3, size, size], None)}),
+        **encoder))
     shutil.copyfile(image_onnx, target / "model.onnx")
 
+    ids = _warmup_ids(tokenizer_json)
+    ids_file = warmup_file(TEXT_ENCODER, "input_ids", struct.pack(f"<{len(ids)}q", *ids)) if options.warmup else None
     target = model_dir(TEXT_ENCODER, model_config(
-        TEXT_ENCODER, backend="onnxruntime", max_batch_size=max_batch_size,
-        inputs=[("input_ids", "TYPE_INT64", [-1])],
-        outputs=embedding_outputs, dynamic_batching=True))
+        TEXT_ENCODER, inputs=[("input_ids", "TYPE_INT64", [-1])],
+        extra=encoder_extra + warmup(TEXT_ENCODER, {"input_ids": ("TYPE_INT64", [len(ids)], ids_file)}),
+        **encoder))
     shutil.copyfile(text_onnx, target / "model.onnx")
 
-    image_params = json.dumps({"size": size, "mean": list(card.image.mean), "std": list(card.image.std),
-                               "background": list(card.image.background)}, separators=(",", ":"))
+    image_params = _image_params(card)
+    image_file = (warmup_file(PREPROCESS_IMAGE, "IMAGE", serialize_bytes([_warmup_png(size)]))
+                  if options.warmup else None)
     target = model_dir(PREPROCESS_IMAGE, model_config(
-        PREPROCESS_IMAGE, backend="python", max_batch_size=max_batch_size,
+        PREPROCESS_IMAGE, backend="python", max_batch_size=max_batch_size, versions=options.versions,
         inputs=[("IMAGE", "TYPE_STRING", [1])],
         outputs=[("pixel_values", "TYPE_FP32", [3, size, size])],
+        extra=preprocess_extra + warmup(PREPROCESS_IMAGE, {"IMAGE": ("TYPE_STRING", [1], image_file)}),
         parameters={IMAGE_PARAMETER: image_params}))
     shutil.copyfile(templates[PREPROCESS_IMAGE], target / "model.py")
     shutil.copyfile(PREPROCESSING_PY, target / "preprocessing.py")
+    (target / PARAMS_FILE).write_text(image_params + "\n")
 
-    text_params = json.dumps({"pad_id": int(card.tokenizer.pad_id),
-                              "max_length": int(card.tokenizer.max_length)}, separators=(",", ":"))
+    text_params = _text_params(card)
+    text_file = (warmup_file(PREPROCESS_TEXT, "TEXT", serialize_bytes([WARMUP_TEXT.encode()]))
+                 if options.warmup else None)
     target = model_dir(PREPROCESS_TEXT, model_config(
-        PREPROCESS_TEXT, backend="python", max_batch_size=max_batch_size,
+        PREPROCESS_TEXT, backend="python", max_batch_size=max_batch_size, versions=options.versions,
         inputs=[("TEXT", "TYPE_STRING", [1])],
         outputs=[("input_ids", "TYPE_INT64", [-1])],
+        extra=preprocess_extra + warmup(PREPROCESS_TEXT, {"TEXT": ("TYPE_STRING", [1], text_file)}),
         parameters={TEXT_PARAMETER: text_params}))
     shutil.copyfile(templates[PREPROCESS_TEXT], target / "model.py")
     shutil.copyfile(tokenizer_json, target / "tokenizer.json")
+    (target / PARAMS_FILE).write_text(text_params + "\n")
 
-    model_dir(EMBED_IMAGE, model_config(
-        EMBED_IMAGE, platform="ensemble", max_batch_size=max_batch_size,
+    target = model_dir(EMBED_IMAGE, model_config(
+        EMBED_IMAGE, platform="ensemble", max_batch_size=max_batch_size, versions=[options.version],
         inputs=[("IMAGE", "TYPE_STRING", [1])], outputs=embedding_outputs,
         extra=_ensemble_steps([
-            (PREPROCESS_IMAGE, version, {"IMAGE": "IMAGE"}, {"pixel_values": "pixel_values"}),
-            (IMAGE_ENCODER, version, {"pixel_values": "pixel_values"}, passthrough),
+            (PREPROCESS_IMAGE, options.version, {"IMAGE": "IMAGE"}, {"pixel_values": "pixel_values"}),
+            (IMAGE_ENCODER, options.version, {"pixel_values": "pixel_values"}, passthrough),
         ]),
         parameters={CARD_PARAMETER: card_json}))
+    (target / CARD_FILENAME).write_text(served.to_json() + "\n")
 
-    model_dir(EMBED_TEXT, model_config(
-        EMBED_TEXT, platform="ensemble", max_batch_size=max_batch_size,
+    target = model_dir(EMBED_TEXT, model_config(
+        EMBED_TEXT, platform="ensemble", max_batch_size=max_batch_size, versions=[options.version],
         inputs=[("TEXT", "TYPE_STRING", [1])], outputs=embedding_outputs,
         extra=_ensemble_steps([
-            (PREPROCESS_TEXT, version, {"TEXT": "TEXT"}, {"input_ids": "input_ids"}),
-            (TEXT_ENCODER, version, {"input_ids": "input_ids"}, passthrough),
+            (PREPROCESS_TEXT, options.version, {"TEXT": "TEXT"}, {"input_ids": "input_ids"}),
+            (TEXT_ENCODER, options.version, {"input_ids": "input_ids"}, passthrough),
         ]),
         parameters={CARD_PARAMETER: card_json}))
+    (target / CARD_FILENAME).write_text(served.to_json() + "\n")
 
     (root / CARD_FILENAME).write_text(served.to_json() + "\n")

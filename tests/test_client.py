@@ -7,11 +7,13 @@ import sys
 
 import numpy as np
 import pytest
+from tritonclient.utils import InferenceServerException
 
 import tinymodel
 from xmodal import store
-from xmodal.client import Client, Hit, format_hits
-from xmodal.indexer import index_images
+from xmodal.client import AsyncClient, Client, Hit, Retry, format_hits
+from xmodal.client.retry import is_transient
+from xmodal.indexer import index_captions, index_images
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -25,6 +27,8 @@ def stack(tmp_path_factory):
     with tinymodel.serving(repository) as server:
         report = index_images(manifest, triton_url=server.url, milvus_uri=str(db), batch_size=4, progress=False)
         assert report.rows_written == len(images)
+        captions = index_captions(manifest, triton_url=server.url, milvus_uri=str(db), batch_size=8, progress=False)
+        assert captions.rows_written == 2 * len(images)
         milvus = store.connect(db)  # a collection of another model, for the mismatch test
         store.ensure_collection(milvus, "older_model", tinymodel.make_card("0123456789abcdef", "older"))
         milvus.close()
@@ -143,3 +147,295 @@ def test_import_loads_neither_torch_nor_ray():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- image -> captions, filters, k -----------------------------------------------------------
+
+def test_search_captions_returns_caption_rows(client, stack):
+    hits = client.search_captions(stack["images"][3], k=4)
+    assert len(hits) == 4 and len({hit.id for hit in hits}) == 4
+    indexed = {f"{name} {shape}" for name, shape in zip(tinymodel.COLOURS, ["ellipse", "rectangle"] * 3)}
+    indexed |= {f"a {name} {'face' if i % 2 == 0 else 'star'}" for i, name in enumerate(tinymodel.COLOURS)}
+    for hit in hits:
+        assert len(hit.captions) == 1 and hit.captions[0] in indexed
+        assert hit.image in {str(p) for p in stack["images"]} and hit.style == "tiny"
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # The same as searching the caption collection with the image's vector.
+    vector = client.embed_image(stack["images"][3])[0]
+    assert hits == client.search_vector(vector, k=4, collection=client.caption_collection)
+    many = client.search_captions(stack["images"][:2], k=2)
+    assert len(many) == 2 and all(len(h) == 2 for h in many)
+
+
+def test_search_captions_with_a_filter(client, stack):
+    hits = client.search_captions(stack["images"][0], k=5, filter='concept == "red"')
+    assert sorted(hit.captions[0] for hit in hits) == ["a red face", "red ellipse"]
+
+
+def test_missing_caption_collection_says_how_to_fill_it(stack):
+    with Client(stack["url"], stack["db"], caption_collection="no_captions_here") as client:
+        assert client.search_text("red", k=1)  # the image side works without it
+        with pytest.raises(ValueError, match="'no_captions_here' does not exist.*index_captions"):
+            client.search_captions(stack["images"][0])
+    with Client(stack["url"], stack["db"], caption_collection=None) as client:
+        with pytest.raises(ValueError, match="no caption collection"):
+            client.search_captions(stack["images"][0])
+
+
+def test_filters_on_every_search(client, stack):
+    hits = client.search_text("red", k=6, filter='concept in ["red", "blue"]')
+    assert sorted(hit.concept for hit in hits) == ["blue", "red"]
+    hits = client.search_image(stack["images"][0], k=3, filter='concept != "red"')
+    assert len(hits) == 3 and "red" not in {hit.concept for hit in hits}
+    vector = client.embed_image(stack["images"][0])[0]
+    assert client.search_vector(vector, k=3, filter='concept != "red"') == hits
+    assert client.search_text("red", k=3, filter='style == "nothing like this"') == []
+    assert client.search_text("red", k=2, filter="  ") == client.search_text("red", k=2)
+
+
+@pytest.mark.parametrize("expression", ['style = = "tiny"', 'colour == "red"', "concept in [", "42"])
+def test_a_bad_filter_is_a_value_error_naming_it(client, expression):
+    with pytest.raises(ValueError) as raised:
+        client.search_text("red", k=2, filter=expression)
+    message = str(raised.value)
+    assert message.startswith(f"invalid filter {expression!r}: ") and len(message) > len(expression) + 20
+    assert raised.value.__suppress_context__  # no pymilvus traceback chained to it
+
+
+def test_filter_must_be_a_string(client):
+    with pytest.raises(ValueError, match="filter must be a string"):
+        client.search_text("red", filter=["style"])
+
+
+def test_k_has_an_upper_bound(client):
+    with pytest.raises(ValueError, match="k must be at most 16384"):
+        client.search_text("red", k=16385)
+
+
+def test_filter_helpers():
+    assert store.equals_filter("style", 'say "hi" \\ bye') == 'style == "say \\"hi\\" \\\\ bye"'
+    assert store.combine_filters("", None, 'style == "a"') == 'style == "a"'
+    assert store.combine_filters('style == "a"', 'concept in ["x"]') == '(style == "a") and (concept in ["x"])'
+    with pytest.raises(ValueError, match="invalid field name"):
+        store.equals_filter("style or 1", "x")
+    with pytest.raises(ValueError, match="control characters"):
+        store.equals_filter("style", "a\x00b")
+
+
+# -- retries -----------------------------------------------------------------------------------
+
+class Flaky:
+    """A function that fails with `error` `times` times, then returns "ok"."""
+
+    def __init__(self, error: BaseException, times: int):
+        self.error, self.times, self.calls = error, times, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls <= self.times:
+            raise self.error
+        return "ok"
+
+
+def test_retry_backs_off_exponentially_on_transient_errors():
+    slept = []
+    policy = Retry(attempts=5, backoff=0.1, multiplier=2, max_delay=0.3, jitter=0)
+    flaky = Flaky(InferenceServerException("model not ready", status="503"), times=4)
+    assert policy.call(flaky, sleep=slept.append) == "ok"
+    assert flaky.calls == 5 and slept == pytest.approx([0.1, 0.2, 0.3, 0.3])
+    refused = Flaky(ConnectionRefusedError(111, "Connection refused"), times=10)
+    with pytest.raises(ConnectionRefusedError):
+        policy.call(refused, sleep=slept.append)
+    assert refused.calls == 5
+    jittered = Retry(backoff=1.0, jitter=0.5)
+    assert all(0.5 <= jittered.delay(1) <= 1.5 for _ in range(50))
+
+
+@pytest.mark.parametrize("error", [InferenceServerException("bad input", status="400"),
+                                   InferenceServerException("no such model", status="404"),
+                                   ValueError("k"), TimeoutError("timed out")])
+def test_retry_never_repeats_permanent_errors(error):
+    flaky = Flaky(error, times=1)
+    with pytest.raises(type(error)):
+        Retry(attempts=4).call(flaky, sleep=lambda _: None)
+    assert flaky.calls == 1 and not is_transient(error)
+
+
+def test_async_retry():
+    import asyncio
+
+    slept = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+
+    calls = []
+
+    async def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return "ok"
+
+    assert asyncio.run(Retry(jitter=0).acall(flaky, sleep=sleep)) == "ok"
+    assert len(calls) == 3 and slept == pytest.approx([0.1, 0.2])
+
+
+class FlakyProxy:
+    """An HTTP proxy in front of Triton whose first `failures` inference requests get 503."""
+
+    def __init__(self, target: str, failures: int = 0):
+        import http.client
+        import http.server
+        import threading
+
+        proxy = self
+        self.failures, self.infers, self.target = failures, 0, target
+        self.lock = threading.Lock()
+        self.connections = set()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                with proxy.lock:
+                    proxy.connections.add(self.connection)
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.endswith("/infer"):
+                    with proxy.lock:
+                        proxy.infers += 1
+                        fail = proxy.infers <= proxy.failures
+                    if fail:
+                        payload = b'{"error":"Server unavailable"}'
+                        self.send_response(503)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(payload)))
+                        self.end_headers()
+                        self.wfile.write(payload)
+                        return
+                upstream = http.client.HTTPConnection(proxy.target, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                upstream.request(self.command, self.path, body=body or None, headers=headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("content-length", "connection", "transfer-encoding"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_POST = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        """Stop listening and drop the open keep-alive connections too: the server is gone."""
+        import socket
+
+        self.server.shutdown()
+        self.server.server_close()
+        with self.lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_client_retries_503_then_answers(stack, client):
+    proxy = FlakyProxy(stack["url"])
+    try:
+        with Client(proxy.url, stack["db"], retry=Retry(attempts=4, backoff=0.01)) as flaky:
+            proxy.failures = proxy.infers + 2
+            assert flaky.search_text("red face", k=3) == client.search_text("red face", k=3)
+            assert proxy.infers == proxy.failures + 1
+            proxy.failures = proxy.infers + 10
+            with pytest.raises(ConnectionError, match=r"did not answer embed_text \(4 attempts\).*503"):
+                flaky.search_text("red face", k=3)
+            proxy.failures = 0
+            before = proxy.infers
+            with pytest.raises(ValueError, match="Triton rejected image"):  # a 400: sent once
+                flaky.search_image(b"not an image at all")
+            assert proxy.infers == before + 1
+    finally:
+        proxy.close()
+
+
+def test_client_gives_up_on_a_server_that_went_away(stack):
+    proxy = FlakyProxy(stack["url"])
+    flaky = Client(proxy.url, stack["db"], retry=Retry(attempts=3, backoff=0.01))
+    try:
+        proxy.close()
+        with pytest.raises(ConnectionError, match=r"did not answer embed_text \(3 attempts\).*(Refused|refused)"):
+            flaky.search_text("red", k=1)
+    finally:
+        flaky.close()
+
+
+# -- AsyncClient -------------------------------------------------------------------------------
+
+def test_async_client_gives_the_same_hits(client, stack):
+    import asyncio
+
+    async def main():
+        async with AsyncClient(stack["url"], stack["db"]) as aclient:
+            assert aclient.card.fingerprint == client.card.fingerprint
+            texts = await asyncio.gather(*(aclient.search_text(q, k=4) for q in ["red", "a green star", "dog"]))
+            images = await aclient.search_image(stack["images"][:3], k=2)
+            captions = await aclient.search_captions(stack["images"][3], k=3)
+            filtered = await aclient.search_text("red", k=6, filter='concept in ["red", "blue"]')
+            vector = await aclient.search_vector(client.embed_image(stack["images"][1])[0], k=1)
+            with pytest.raises(ValueError, match="invalid filter"):
+                await aclient.search_text("red", filter="style = = 1")
+            with pytest.raises(ValueError, match="Triton rejected image"):
+                await aclient.search_image(b"nope")
+            with pytest.raises(ValueError, match="query text is empty"):
+                await aclient.search_text(" ")
+            return texts, images, captions, filtered, vector
+
+    texts, images, captions, filtered, vector = asyncio.run(main())
+    assert texts == [client.search_text(q, k=4) for q in ["red", "a green star", "dog"]]
+    assert images == client.search_image(stack["images"][:3], k=2)
+    assert captions == client.search_captions(stack["images"][3], k=3)
+    assert filtered == client.search_text("red", k=6, filter='concept in ["red", "blue"]')
+    assert vector[0].image == str(stack["images"][1])
+
+
+def test_async_client_retries_and_reports_a_missing_server(stack, client):
+    import asyncio
+
+    proxy = FlakyProxy(stack["url"])
+
+    async def main():
+        async with AsyncClient(proxy.url, stack["db"], retry=Retry(attempts=4, backoff=0.01)) as aclient:
+            proxy.failures = proxy.infers + 2
+            hits = await aclient.search_text("red face", k=3)
+            proxy.failures = proxy.infers + 10
+            with pytest.raises(ConnectionError, match=r"did not answer embed_text \(4 attempts\)"):
+                await aclient.search_text("red face", k=3)
+            return hits
+
+    try:
+        assert asyncio.run(main()) == client.search_text("red face", k=3)
+    finally:
+        proxy.close()
+    (port,) = tinymodel.free_ports(1)
+
+    async def down():
+        async with AsyncClient(f"127.0.0.1:{port}", stack["db"], retry=Retry(attempts=2, backoff=0.01)):
+            pass
+
+    with pytest.raises(ConnectionError, match=f"cannot reach Triton at 127.0.0.1:{port}.*2 attempts"):
+        asyncio.run(down())

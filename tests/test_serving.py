@@ -10,6 +10,8 @@ import io
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,11 +42,11 @@ SHM = Path("/dev/shm")
 # -- artefacts --------------------------------------------------------------------------
 
 
-def _export_encoders(directory: Path) -> tuple[Path, Path]:
+def _export_encoders(directory: Path, seed: int = 0, prefix: str = "") -> tuple[Path, Path]:
     import torch
     from torch import nn
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
 
     class ImageEncoder(nn.Module):
         def __init__(self):
@@ -72,7 +74,7 @@ def _export_encoders(directory: Path) -> tuple[Path, Path]:
             return (nn.functional.normalize(self.head(pooled), dim=-1),
                     nn.functional.normalize(self.concept(pooled), dim=-1))
 
-    image_path, text_path = directory / "image.onnx", directory / "text.onnx"
+    image_path, text_path = directory / f"{prefix}image.onnx", directory / f"{prefix}text.onnx"
     batch = {0: "batch"}
     torch.onnx.export(
         ImageEncoder().eval(), (torch.randn(2, 3, SIZE, SIZE),), str(image_path), dynamo=False,
@@ -124,8 +126,13 @@ def artefacts(tmp_path_factory):
     repository = write_model_repository(
         directory / "model_repository", card, image_onnx=image_onnx, text_onnx=text_onnx,
         tokenizer_json=tokenizer_json, max_batch_size=8)
+    # Another model with the same signature: version 1 of the served repository (main is 2).
+    other_image, other_text = _export_encoders(directory, seed=1, prefix="other_")
+    other_card = ModelCard.from_dict({**card.to_dict(), "name": "tiny-older",
+                                      "fingerprint": fingerprint_files([other_image, other_text])})
     return {"dir": directory, "card": card, "repository": repository, "image_onnx": image_onnx,
-            "text_onnx": text_onnx, "tokenizer_json": tokenizer_json}
+            "text_onnx": text_onnx, "tokenizer_json": tokenizer_json, "other_card": other_card,
+            "other_image_onnx": other_image, "other_text_onnx": other_text}
 
 
 def _add_batched_text_encoder(repository: Path) -> None:
@@ -142,10 +149,21 @@ def _add_batched_text_encoder(repository: Path) -> None:
         parameters={"intra_op_thread_count": "1"}))
 
 
+def _write_two_versions(artefacts, repository: Path, **options) -> Path:
+    """Version 1 = the other model, version 2 = the main one (what the ensembles then run)."""
+    write_model_repository(
+        repository, artefacts["other_card"], image_onnx=artefacts["other_image_onnx"],
+        text_onnx=artefacts["other_text_onnx"], tokenizer_json=artefacts["tokenizer_json"], version=1,
+        max_batch_size=8, **options)
+    return write_model_repository(
+        repository, artefacts["card"], image_onnx=artefacts["image_onnx"], text_onnx=artefacts["text_onnx"],
+        tokenizer_json=artefacts["tokenizer_json"], version=2, max_batch_size=8, **options)
+
+
 @pytest.fixture(scope="module")
 def server(artefacts):
-    repository = artefacts["dir"] / "served_repository"
-    shutil.copytree(artefacts["repository"], repository)
+    repository = _write_two_versions(artefacts, artefacts["dir"] / "served_repository",
+                                     max_queue_delay_microseconds=500)
     _add_batched_text_encoder(repository)
     shm_before = set(os.listdir(SHM))
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
@@ -226,6 +244,143 @@ def test_rewrite_replaces_and_refuses_foreign_dirs(artefacts, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+# -- versions, warm-up, instance groups, targets ------------------------------------------
+
+
+def _parse(path: Path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_versions_warmup_batching_and_instances(artefacts, tmp_path):
+    import struct
+
+    repository = _write_two_versions(artefacts, tmp_path / "repo", max_queue_delay_microseconds=250,
+                                     instance_count=2, preprocess_instance_count=3)
+    for model in ("image_encoder", "text_encoder", "preprocess_image", "preprocess_text"):
+        config = _parse(repository / model / "config.pbtxt")
+        assert list(config.version_policy.specific.versions) == [1, 2], model
+        assert (repository / model / "1").is_dir() and (repository / model / "2").is_dir()
+        assert len(config.model_warmup) == 1 and config.model_warmup[0].batch_size == 1
+        group = config.instance_group[0]
+        assert group.kind == group.KIND_CPU and group.count == (2 if model.endswith("encoder") else 3)
+    for model in ("image_encoder", "text_encoder"):
+        assert _parse(repository / model / "config.pbtxt").dynamic_batching.max_queue_delay_microseconds == 250
+    warm = _parse(repository / "image_encoder" / "config.pbtxt").model_warmup[0].inputs["pixel_values"]
+    assert warm.zero_data and list(warm.dims) == [3, SIZE, SIZE]
+    ids = (repository / "text_encoder" / "warmup" / "input_ids").read_bytes()
+    assert struct.unpack(f"<{len(ids) // 8}q", ids) == (1, 1, 1, 1)  # [UNK]
+    image = (repository / "preprocess_image" / "warmup" / "IMAGE").read_bytes()
+    assert struct.unpack("<I", image[:4])[0] == len(image) - 4 and image[4:12] == b"\x89PNG\r\n\x1a\n"
+    for ensemble in ("embed_image", "embed_text"):
+        config = _parse(repository / ensemble / "config.pbtxt")
+        assert list(config.version_policy.specific.versions) == [2]
+        assert {step.model_version for step in config.ensemble_scheduling.step} == {2}
+        assert ModelCard.load(repository / ensemble / "1").fingerprint == artefacts["other_card"].fingerprint
+        assert ModelCard.load(repository / ensemble / "2").fingerprint == artefacts["card"].fingerprint
+    assert ModelCard.load(repository).fingerprint == artefacts["card"].fingerprint
+    assert ModelCard.load(repository).tokenizer.file == "preprocess_text/2/tokenizer.json"
+    for version in ("1", "2"):
+        assert (repository / "preprocess_image" / version / "params.json").is_file()
+        assert (repository / "preprocess_text" / version / "params.json").is_file()
+
+    # Version 3: the pinned version (2) stays beside it, version 1 goes.
+    write_model_repository(repository, artefacts["other_card"], image_onnx=artefacts["other_image_onnx"],
+                           text_onnx=artefacts["other_text_onnx"], tokenizer_json=artefacts["tokenizer_json"],
+                           version=3, max_batch_size=8)
+    config = _parse(repository / "text_encoder" / "config.pbtxt")
+    assert list(config.version_policy.specific.versions) == [2, 3]
+    assert sorted(p.name for p in (repository / "text_encoder").iterdir()) == ["2", "3", "config.pbtxt", "warmup"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no temp dirs left
+
+    # Another signature cannot share the configs; keep_previous=False starts over.
+    wider = ModelCard.from_dict({**artefacts["card"].to_dict(),
+                                 "embeddings": {"global": {"dim": DIM}, "concept": {"dim": CONCEPT_DIM + 1}}})
+    kwargs = dict(image_onnx=artefacts["image_onnx"], text_onnx=artefacts["text_onnx"],
+                  tokenizer_json=artefacts["tokenizer_json"], version=4, verify_fingerprint=False)
+    with pytest.raises(ValueError, match="share a config.pbtxt"):
+        write_model_repository(repository, wider, **kwargs)
+    write_model_repository(repository, wider, keep_previous=False, warmup=False, **kwargs)
+    assert sorted(p.name for p in (repository / "text_encoder").iterdir()) == ["4", "config.pbtxt"]
+    assert not _parse(repository / "text_encoder" / "config.pbtxt").model_warmup
+
+
+def test_gpu_target_writes_kind_gpu_and_tensorrt(artefacts, tmp_path):
+    kwargs = {k: artefacts[k] for k in ("image_onnx", "text_onnx", "tokenizer_json")}
+    repository = write_model_repository(tmp_path / "gpu", artefacts["card"], target="gpu", instance_count=2,
+                                        tensorrt=True, **kwargs)
+    for model in ("image_encoder", "text_encoder"):
+        config = _parse(repository / model / "config.pbtxt")
+        assert [(g.kind, g.count) for g in config.instance_group] == [(config.instance_group[0].KIND_GPU, 2)]
+        (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+        assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    assert not _parse(repository / "preprocess_image" / "config.pbtxt").instance_group
+    plain = write_model_repository(tmp_path / "gpu-plain", artefacts["card"], target="gpu", **kwargs)
+    config = _parse(plain / "image_encoder" / "config.pbtxt")
+    assert config.instance_group[0].count == 1 and not config.optimization.execution_accelerators.gpu_execution_accelerator
+    with pytest.raises(ValueError, match="target='gpu'"):
+        write_model_repository(tmp_path / "x", artefacts["card"], tensorrt=True, **kwargs)
+    with pytest.raises(ValueError, match="target"):
+        write_model_repository(tmp_path / "x", artefacts["card"], target="tpu", **kwargs)
+
+
+# -- image formats ------------------------------------------------------------------------
+
+
+def _formats() -> dict[str, bytes]:
+    """One picture (24x12, four colour blocks) in every common format, and as a JPEG that is
+    stored rotated with an EXIF orientation tag saying how to turn it upright."""
+    from PIL import Image
+
+    picture = _picture()
+    encoded = {}
+    for name, options in (("PNG", {}), ("WEBP", {"lossless": True}), ("GIF", {}), ("BMP", {}),
+                          ("JPEG", {"quality": 95, "subsampling": 0})):
+        buffer = io.BytesIO()
+        picture.save(buffer, format=name, **options)
+        encoded[name] = buffer.getvalue()
+    # Orientation 6 means "rotate 90 degrees clockwise to display": store it turned the other way.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    picture.transpose(Image.Transpose.ROTATE_90).save(buffer, format="JPEG", quality=95, subsampling=0,
+                                                        exif=exif.tobytes())
+    encoded["JPEG+EXIF"] = buffer.getvalue()
+    return encoded
+
+
+def _picture():
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("RGB", (24, 12), (250, 250, 250))
+    draw = ImageDraw.Draw(picture)
+    for index, colour in enumerate([(220, 20, 20), (20, 180, 40), (30, 40, 220), (240, 200, 0)]):
+        draw.rectangle((index * 6, 0, index * 6 + 5, 11), fill=colour)
+    return picture
+
+
+def test_every_common_format_decodes_upright():
+    from PIL import Image
+
+    from xmodal.preprocessing import decode_image, image_to_array
+
+    reference = image_to_array(_picture(), SIZE, MEAN, STD)
+    tolerance = {"PNG": 1e-6, "WEBP": 1e-6, "BMP": 1e-6, "GIF": 0.1, "JPEG": 0.35, "JPEG+EXIF": 0.35}
+    for name, data in _formats().items():
+        image = decode_image(data)
+        assert image.size == (24, 12), name
+        pixels = preprocess_image_bytes(data, SIZE, MEAN, STD)
+        assert pixels.shape == (3, SIZE, SIZE) and pixels.dtype == np.float32
+        assert np.abs(pixels - reference).mean() <= tolerance[name] / 4, name
+        assert np.abs(pixels - reference).max() <= max(tolerance[name] * 4, 1e-6), name
+    # Without the EXIF turn the same JPEG would be another picture altogether.
+    sideways = Image.open(io.BytesIO(_formats()["JPEG+EXIF"]))
+    sideways.load()
+    assert np.abs(image_to_array(sideways, SIZE, MEAN, STD) - reference).mean() > 0.5
+
+
 # -- server lifecycle errors (no launch) -------------------------------------------------
 
 
@@ -245,6 +400,25 @@ def test_port_in_use_is_named(artefacts):
         with pytest.raises(ServerError, match=rf"port {port} \(gRPC\).*in use"):
             TritonServer(artefacts["repository"], http_port=http_port, grpc_port=port,
                          metrics_port=metrics_port).start()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xmodal.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_serve_command_exits_non_zero_with_a_clear_message(artefacts, tmp_path):
+    result = _cli("serve", "--model-repository", str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = _cli("serve", "--model-repository", str(tmp_path / "empty"))
+    assert result.returncode == 1 and "not a Triton model repository" in result.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _cli("serve", "--model-repository", str(artefacts["repository"]), "--http-port", str(port),
+                      "--grpc-port", str(free_port()), "--metrics-port", str(free_port()))
+    assert result.returncode == 1 and f"port {port} (HTTP)" in result.stderr and "in use" in result.stderr
 
 
 # -- the running server ------------------------------------------------------------------
@@ -348,6 +522,70 @@ def test_onnxruntime_backend_rejects_out_of_range_ids(client):
     with pytest.raises(InferenceServerException, match="ONNX Runtime rejected"):
         client.infer("text_encoder", [tensor])
     assert client.is_server_ready()
+
+
+def _pixels_input(array: np.ndarray, datatype: str = "FP32"):
+    tensor = httpclient.InferInput("pixel_values", list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("wrong shape", r"shape"),
+        ("wrong dtype", r"(?i)FP64|data.?type"),
+        ("oversize batch", r"(?i)batch.?size"),
+        ("corrupt image", r"not an image"),
+        ("empty string", r"empty"),
+    ],
+)
+def test_bad_requests_fail_alone_and_the_server_stays_ready(client, case, reason):
+    if case == "wrong shape":
+        call = lambda: client.infer("image_encoder", [_pixels_input(np.zeros((1, 3, SIZE + 1, SIZE), np.float32))])
+    elif case == "wrong dtype":
+        call = lambda: client.infer("image_encoder", [_pixels_input(np.zeros((1, 3, SIZE, SIZE)), "FP64")])
+    elif case == "oversize batch":  # max_batch_size is 8
+        call = lambda: _infer_bytes(client, "embed_text", "TEXT", [b"a cat"] * 9)
+    elif case == "corrupt image":
+        call = lambda: _infer_bytes(client, "embed_image", "IMAGE", [_png((8, 8), (1, 2, 3, 255))[:40]])
+    else:
+        call = lambda: _infer_bytes(client, "embed_text", "TEXT", [b""])
+    with pytest.raises(InferenceServerException, match=reason):
+        call()
+    assert client.is_server_ready()
+    assert client.infer("image_encoder", [_pixels_input(np.zeros((2, 3, SIZE, SIZE), np.float32))]
+                        ).as_numpy("global").shape == (2, DIM)
+    assert _infer_bytes(client, "embed_text", "TEXT", [b"a cat"] * 8).as_numpy("global").shape == (8, DIM)
+
+
+def test_both_versions_answer_by_explicit_version(artefacts, client):
+    ids = np.array([[2, 3, 4, 0], [5, 6, 0, 0]], dtype=np.int64)
+    pixels = np.random.default_rng(1).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
+    answers = {}
+    for version, prefix in (("1", "other_"), ("2", "")):
+        for model in ("image_encoder", "text_encoder", "preprocess_image", "preprocess_text"):
+            assert client.is_model_ready(model, version), (model, version)
+        text = client.infer("text_encoder", [_ids_input(ids)], model_version=version).as_numpy("global")
+        image = client.infer("image_encoder", [_pixels_input(pixels)], model_version=version).as_numpy("global")
+        want_text = _session(artefacts[f"{prefix}text_onnx"]).run(["global"], {"input_ids": ids})[0]
+        want_image = _session(artefacts[f"{prefix}image_onnx"]).run(["global"], {"pixel_values": pixels})[0]
+        assert np.abs(text - want_text).max() <= 1e-5 and np.abs(image - want_image).max() <= 1e-5
+        answers[version] = text
+    assert np.abs(answers["1"] - answers["2"]).max() > 1e-2  # two different models really answered
+    assert not client.is_model_ready("embed_text", "1")  # the ensembles run the version written last
+    card = ModelCard.from_json(client.get_model_config("embed_text")["parameters"][CARD_PARAMETER]["string_value"])
+    assert card.fingerprint == artefacts["card"].fingerprint
+    with pytest.raises(InferenceServerException):
+        client.infer("text_encoder", [_ids_input(ids)], model_version="3")
+
+
+def test_every_image_format_through_the_server(artefacts, client):
+    encoded = _formats()
+    result = _infer_bytes(client, "embed_image", "IMAGE", list(encoded.values()))
+    pixels = np.stack([preprocess_image_bytes(data, SIZE, MEAN, STD) for data in encoded.values()])
+    expected = _session(artefacts["image_onnx"]).run(["global"], {"pixel_values": pixels})[0]
+    assert np.abs(result.as_numpy("global") - expected).max() <= 1e-5
 
 
 def _own_shm(server) -> list[str]:

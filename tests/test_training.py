@@ -36,10 +36,14 @@ def data_dir(tmp_path, monkeypatch):
 def test_each_recipe_trains_evaluates_and_exports(recipe, manifest, tmp_path):
     overrides = dict(SMALL, epochs=4)
     if recipe == "mthcn":
-        overrides["losses"] = [
-            {"loss": "hbtr", "level": "concept", "weight": 1.0},
-            {"loss": "hbtr", "level": "exterior", "weight": 1.0},
-            {"loss": "ssc", "level": "concept", "cluster_level": "exterior", "weight": 0.5, "clusters": 4},
+        overrides["stages"] = [
+            {"name": "warmup", "fraction": 0.5, "losses": [
+                {"loss": "vsepp", "level": "concept", "weight": 1.0, "hardest": False},
+                {"loss": "vsepp", "level": "exterior", "weight": 1.0, "hardest": False}]},
+            {"name": "main", "fraction": 0.5, "losses": [
+                {"loss": "hbtr", "level": "concept", "weight": 1.0},
+                {"loss": "hbtr", "level": "exterior", "weight": 1.0},
+                {"loss": "ssc", "level": "concept", "cluster_level": "exterior", "weight": 0.5, "clusters": 4}]},
         ]
     report = train(manifest, tmp_path / "run", recipe=recipe, progress=False, **overrides)
 
@@ -50,8 +54,9 @@ def test_each_recipe_trains_evaluates_and_exports(recipe, manifest, tmp_path):
     assert set(report["test"]) == outputs
     for metrics in report["test"].values():
         assert metrics["image_to_text"]["MAP"] is not None
-    if recipe == "dualpath":
-        assert [h["stage"] for h in report["history"]] == ["I", "I", "II", "II"]
+    stages = {"dualpath": ["I", "I", "II", "II"], "mthcn": ["warmup", "warmup", "main", "main"]}
+    if recipe in stages:
+        assert [h["stage"] for h in report["history"]] == stages[recipe]
     assert (tmp_path / "run" / "recall.png").exists()
     assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()  # a finished run leaves only its results
 

@@ -76,13 +76,19 @@ def read_manifest(
     return rows
 
 
-def parse_row(line: str, manifest_dir: Path, *, where: str) -> ManifestRow:
+def json_object(line: str, *, where: str) -> dict[str, Any]:
+    """One JSONL line as a dict, or a ValueError that names where it came from."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def parse_row(line: str, manifest_dir: Path, *, where: str) -> ManifestRow:
+    record = json_object(line, where=where)
     for key in REQUIRED_TEXT_KEYS:
         if key not in record:
             raise ValueError(f"{where}: missing key {key!r}")

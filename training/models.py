@@ -139,6 +139,13 @@ def _small_transformer(config: dict[str, Any]) -> nn.Module:
     return SmallTransformerText(config["vocab_size"], max_length=config["max_length"])
 
 
+def _minilm(config: dict[str, Any]) -> nn.Module:
+    from xmodal.training.bert import MiniLMBackbone
+
+    # Freezing (the recipe's text_freeze) is applied by the trainer; a loaded run needs no weights from the package.
+    return MiniLMBackbone(pretrained=config.get("pretrained", True))
+
+
 IMAGE_BACKBONES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "small_cnn": lambda config: SmallImageCNN(),
     "efficientnet_lite0": _efficientnet,
@@ -147,6 +154,7 @@ TEXT_BACKBONES: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "small_text_cnn": lambda config: SmallTextCNN(config["vocab_size"]),
     "glove_cnn": _glove_cnn,
     "small_transformer": _small_transformer,
+    "minilm": _minilm,
 }
 
 

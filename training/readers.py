@@ -35,7 +35,7 @@ from typing import Any
 from tqdm import tqdm
 
 from xmodal.training.emoji import SkipLog, write_atomic
-from xmodal.training.manifest import ManifestRow, write_manifest
+from xmodal.training.manifest import ManifestRow, json_object, write_manifest
 
 FORMATS = ("csv", "jsonl", "karpathy", "parquet", "webdataset")
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
@@ -255,12 +255,7 @@ def read_jsonl(path: Path, root: Path, ctx: Context) -> None:
             if not line.strip():
                 continue
             where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            record = json_object(line, where=where)
             if "image" not in record:
                 raise ValueError(f"{where}: missing key 'image'")
             add_table_record(record, root, ctx, where, json_list_text=False)

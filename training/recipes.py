@@ -32,6 +32,15 @@ BASE: dict[str, Any] = {
     # heads still train. Augmentation needs the backbone in the loop, so it is off then.
     "freeze_image": True,
     "augment": False,
+    # The text backbone: "all" freezes it (only the heads train, LiT-style), "topK" trains its
+    # top K layers (MiniLM), "none" trains all of it; "auto" is "all" for a pretrained backbone
+    # (minilm) and "none" for one trained from scratch. A frozen one's features are computed
+    # once per distinct caption (in memory) when `text_cache` is on, so a step runs only the heads.
+    "text_freeze": "auto",
+    "text_cache": True,
+    # Multiplies the learning rate of the text backbone's trainable parameters (its own
+    # optimiser group), e.g. 0.1 when fine-tuning pretrained layers; the heads keep `lr`.
+    "text_lr_scale": 1.0,
     "batch_size": 256,
     "lr": 1e-3,
     "weight_decay": 1e-4,
@@ -44,7 +53,18 @@ BASE: dict[str, Any] = {
 
 RECIPES: dict[str, dict[str, Any]] = {
     "infonce": {},
-    "vsepp": {"losses": [{"loss": "vsepp", "level": "global", "weight": 1.0, "margin": 0.2}]},
+    # Hardest negatives from freshly initialised heads collapse every pair to one point (the
+    # loss sticks at 2 × margin; measured here at rsum 18.6): warm up on the sum over all
+    # negatives (VSE0) for the first tenth, then switch to the hardest, as VSE++ intends.
+    "vsepp": {
+        "stages": [
+            {"name": "warmup", "fraction": 0.1, "losses": [
+                {"loss": "vsepp", "level": "global", "weight": 1.0, "margin": 0.2, "hardest": False}]},
+            {"name": "hardest", "fraction": 0.9, "losses": [
+                {"loss": "vsepp", "level": "global", "weight": 1.0, "margin": 0.2}]},
+        ],
+        "losses": [],
+    },
     # Zheng et al.: stage I learns with the instance loss alone (image CNN frozen);
     # stage II adds the ranking loss.
     "dualpath": {
@@ -60,14 +80,22 @@ RECIPES: dict[str, dict[str, Any]] = {
     # MT-HCN: exterior (mid-level, fine-grained) and concept (top, abstract) levels; the
     # pairs are clustered by their exterior embeddings each epoch and the concept level
     # learns to classify them (SSC); HBTR ranks at both levels; the served score fuses them.
+    # Its ranking terms use the hardest negative too, so it warms up like vsepp.
     "mthcn": {
         "levels": {"concept": "pooled", "exterior": "mid"},
         "fusion": {"concept": 0.5, "exterior": 0.5},
-        "losses": [
-            {"loss": "hbtr", "level": "concept", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.1},
-            {"loss": "hbtr", "level": "exterior", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.1},
-            {"loss": "ssc", "level": "concept", "cluster_level": "exterior", "weight": 0.5, "clusters": 64},
+        "stages": [
+            {"name": "warmup", "fraction": 0.1, "losses": [
+                {"loss": "vsepp", "level": "concept", "weight": 1.0, "margin": 0.2, "hardest": False},
+                {"loss": "vsepp", "level": "exterior", "weight": 1.0, "margin": 0.2, "hardest": False},
+            ]},
+            {"name": "main", "fraction": 0.9, "losses": [
+                {"loss": "hbtr", "level": "concept", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.1},
+                {"loss": "hbtr", "level": "exterior", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.1},
+                {"loss": "ssc", "level": "concept", "cluster_level": "exterior", "weight": 0.5, "clusters": 64},
+            ]},
         ],
+        "losses": [],
     },
     # The walking skeleton's model: small towers from scratch at 64 px, trained end to end
     # with augmentation. Fast; the tests use it.

@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = args.out or default_run(args.recipe)
     train(
         resolve_data(args.data), run, recipe=args.recipe, device=args.device, resume=not args.restart,
-        minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size,
+        minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size, text_encoder=args.text_encoder,
     )
     print(f"run: {run}")
     return 0
@@ -77,13 +77,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from xmodal.export.repository import write_model_repository
 
     run = args.run or default_run()
-    exported = export_run(run, args.out or run / "onnx")
-    print(f"ONNX parity (max abs diff): " + ", ".join(f"{k} {v:.1e}" for k, v in exported.parity.items()))
+    exported = export_run(run, args.out or run / "onnx", version=args.version, quantize=args.quantize,
+                          manifests=resolve_data(args.data) if args.quantize else None)
+    print("ONNX parity (max abs diff): " + ", ".join(f"{k} {v:.1e}" for k, v in exported.parity.items()))
+    if exported.int8_gate is not None:
+        from xmodal.export.variants import describe_gate
+
+        print(describe_gate(exported.int8_gate))
+    variant = exported.choose(args.target, tensorrt=args.tensorrt, precision=args.precision)
+    card = exported.card_for(variant)
     repository = write_model_repository(
-        args.model_repository or settings.default_model_repository(), exported.card,
-        image_onnx=exported.image_onnx, text_onnx=exported.text_onnx, tokenizer_json=exported.tokenizer_json,
+        args.model_repository or settings.default_model_repository(), card,
+        image_onnx=variant.image_onnx, text_onnx=variant.text_onnx, tokenizer_json=exported.tokenizer_json,
+        version=args.version, target=args.target, tensorrt=args.tensorrt, instance_count=args.instances,
+        max_queue_delay_microseconds=args.max_queue_delay_us, keep_previous=not args.replace,
     )
-    print(f"model {exported.card.name} fingerprint {exported.card.fingerprint}")
+    print(f"model {card.name} version {args.version} ({variant.precision}, {args.target}) fingerprint {card.fingerprint}")
     print(f"model repository: {repository}")
     return 0
 
@@ -114,13 +123,26 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if (args.text is None) == (args.image is None):
         raise ValueError("give either a text query or --image PATH, not both or neither")
+    if args.captions and args.image is None:
+        raise ValueError("--captions searches captions for an image: give --image PATH")
     with Client(args.triton_url, args.milvus_uri, args.collection) as client:
-        hits = client.search_text(args.text, k=args.k) if args.text is not None else client.search_image(args.image, k=args.k)
+        if args.text is not None:
+            hits = client.search_text(args.text, k=args.k, filter=args.filter)
+        elif args.captions:
+            hits = client.search_captions(args.image, k=args.k, filter=args.filter)
+        else:
+            hits = client.search_image(args.image, k=args.k, filter=args.filter)
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))
     else:
         print(format_hits(hits))
     return 0
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from xmodal.client.web import serve
+
+    return serve(args.triton_url, args.milvus_uri, args.collection, host=args.host, port=args.port)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -163,12 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--minutes", type=float, help="time budget")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int)
+    train.add_argument("--text-encoder", help="text backbone instead of the recipe's own: minilm (pretrained all-MiniLM-L6-v2), glove_cnn, small_transformer, small_text_cnn")
     train.set_defaults(func=cmd_train)
 
     export = commands.add_parser("export", help="export a run to ONNX, write the card and the Triton model repository")
     export.add_argument("--run", type=Path)
     export.add_argument("--out", type=Path, help="where the ONNX files and card go (default <run>/onnx)")
     export.add_argument("--model-repository", type=Path)
+    export.add_argument("--version", type=int, default=1, help="the repository version to write; the version served until now stays beside it (default 1)")
+    export.add_argument("--replace", action="store_true", help="drop the versions already in the repository")
+    export.add_argument("--quantize", choices=["int8"], help="also make the INT8 model; kept only if held-out R@10 drops <= 1 point each way")
+    export.add_argument("--data", action="append", help="with --quantize: the run's corpora or manifests, whose test split the INT8 gate uses (default emoji)")
+    export.add_argument("--target", choices=["cpu", "gpu"], default="cpu", help="gpu: KIND_GPU instances and the FP16 model")
+    export.add_argument("--tensorrt", action="store_true", help="with --target gpu: the TensorRT accelerator at FP16 on the plain FP32 model")
+    export.add_argument("--precision", choices=["fp32", "fp32-portable", "int8", "fp16"], help="serve this variant instead of the target's default")
+    export.add_argument("--instances", type=int, help="encoder instances per device (default: Triton's choice)")
+    export.add_argument("--max-queue-delay-us", type=int, help="the encoders' dynamic-batching queue delay in microseconds")
     export.set_defaults(func=cmd_export)
 
     serve = commands.add_parser("serve", help="run the local Triton server until Ctrl-C")
@@ -198,7 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--triton-url", default=settings.default_triton_url())
     search.add_argument("--milvus-uri", default=None)
     search.add_argument("--collection", default=settings.IMAGE_COLLECTION)
+    search.add_argument("--filter", help='a Milvus boolean expression on the scalar fields, e.g. \'style == "openmoji"\'')
+    search.add_argument("--captions", action="store_true", help="with --image: captions for the image (the caption collection)")
     search.set_defaults(func=cmd_search)
+
+    web = commands.add_parser("web", help="serve the search page (text or image -> images) until Ctrl-C")
+    web.add_argument("--host", default=settings.HOST, help="address to bind (default 127.0.0.1: this machine only)")
+    web.add_argument("--port", type=int, default=8080)
+    web.add_argument("--triton-url", default=settings.default_triton_url())
+    web.add_argument("--milvus-uri", default=None)
+    web.add_argument("--collection", default=settings.IMAGE_COLLECTION)
+    web.set_defaults(func=cmd_web)
 
     demo = commands.add_parser("demo", help="fetch, train, export, serve, index, query: the whole pipeline")
     demo.add_argument("--minutes", type=float, help="training budget")

@@ -447,7 +447,9 @@ def serve(
             return 0
         ready = True
         print(f"Triton is ready:\n  HTTP     http://{server.url}\n  gRPC     {server.grpc_url}\n"
-              f"  metrics  {server.metrics_url}\nPress Ctrl-C to stop.", flush=True)
+              f"  metrics  {server.metrics_url}\n"
+              f"  health   http://{server.url}/v2/health/live, http://{server.url}/v2/health/ready\n"
+              f"Press Ctrl-C to stop.", flush=True)
         while not stop_requested.wait(0.5):
             if not server.is_running():
                 print(f"xmodal serve: tritonserver exited on its own; the end of its log:\n"

@@ -200,6 +200,59 @@ def search_params(client: MilvusClient, name: str, metric: str, k: int) -> dict[
     return {"metric_type": metric, "params": params}
 
 
+# -- filters ----------------------------------------------------------------------------------
+# A filter is a Milvus boolean expression on the scalar fields (``style == "openmoji"``,
+# ``concept in ["1f600", "1f601"]``). The server parses it; these helpers normalise it, build
+# safe ones from values, and turn the server's refusal into a ValueError naming both.
+
+FILTER_MAX_LENGTH = 4096
+
+
+def normalize_filter(expression: str | None) -> str:
+    """The expression to send: "" for none; ValueError for what is not an expression at all."""
+    if expression is None:
+        return ""
+    if not isinstance(expression, str):
+        raise ValueError(f"filter must be a string (a Milvus boolean expression), got {type(expression).__name__}")
+    expression = expression.strip()
+    if len(expression) > FILTER_MAX_LENGTH:
+        raise ValueError(f"filter is {len(expression)} characters long; at most {FILTER_MAX_LENGTH} are allowed")
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in expression):
+        raise ValueError(f"invalid filter {expression!r}: control characters are not allowed")
+    return expression
+
+
+def quote_string(value: str) -> str:
+    """A Milvus string literal for `value` (double quotes, backslash escapes)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string value, got {type(value).__name__}")
+    if any(ord(c) < 32 for c in value):
+        raise ValueError(f"invalid value {value!r}: control characters are not allowed")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def equals_filter(field: str, value: str) -> str:
+    """``field == "value"`` with the value quoted, for filters built from user input."""
+    if not field.isidentifier():
+        raise ValueError(f"invalid field name {field!r}")
+    return f"{field} == {quote_string(value)}"
+
+
+def combine_filters(*expressions: str | None) -> str:
+    """The conjunction of the non-empty expressions, each parenthesised."""
+    parts = [normalize_filter(e) for e in expressions]
+    parts = [p for p in parts if p]
+    if len(parts) <= 1:
+        return parts[0] if parts else ""
+    return " and ".join(f"({p})" for p in parts)
+
+
+def filter_error(expression: str, exc: BaseException) -> ValueError:
+    """The ValueError for a filter the server refused: the expression and the server's reason."""
+    reason = getattr(exc, "message", None) or str(exc)
+    return ValueError(f"invalid filter {expression!r}: {reason}")
+
+
 def decode_captions(value: Any) -> list[str]:
     """The captions field as a list, whether stored as JSON or as a JSON string."""
     if value is None:

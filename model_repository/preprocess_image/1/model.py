@@ -1,8 +1,10 @@
 """Triton Python model ``preprocess_image``: encoded image bytes -> normalised pixels.
 
 Input ``IMAGE`` (TYPE_STRING, dims [1]: one encoded image per row) -> output
-``pixel_values`` (TYPE_FP32, dims [3, S, S]). Size, mean, std and background come from the
-config parameter ``xmodal_image`` (a JSON string written from the model card). The pixels
+``pixel_values`` (TYPE_FP32, dims [3, S, S]). Size, mean, std and background come from
+``params.json`` in the version directory (so two versions served side by side each keep
+their own), else from the config parameter ``xmodal_image`` (a JSON string written from
+the model card). The pixels
 are computed by ``preprocessing.py`` next to this file: a copy of ``xmodal/preprocessing.py``
 that the repository writer puts there, so the server runs exactly the trainer's code.
 
@@ -18,6 +20,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 PARAMETER = "xmodal_image"
+PARAMS_FILE = "params.json"
 
 
 def _load_sibling(directory, name):
@@ -42,10 +45,16 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         self.preprocessing = _load_sibling(version_dir, "preprocessing")
-        raw = config.get("parameters", {}).get(PARAMETER, {}).get("string_value")
-        if not raw:
-            raise ValueError(f"preprocess_image: config parameter '{PARAMETER}' is missing")
-        params = json.loads(raw)
+        params_path = os.path.join(version_dir, PARAMS_FILE)
+        if os.path.isfile(params_path):
+            with open(params_path, encoding="utf-8") as handle:
+                params = json.load(handle)
+        else:
+            raw = config.get("parameters", {}).get(PARAMETER, {}).get("string_value")
+            if not raw:
+                raise ValueError(f"preprocess_image: neither {params_path} nor the config parameter "
+                                 f"'{PARAMETER}' is there")
+            params = json.loads(raw)
         self.size = int(params["size"])
         self.mean = [float(v) for v in params["mean"]]
         self.std = [float(v) for v in params["std"]]

@@ -4,8 +4,9 @@ Input ``TEXT`` (TYPE_STRING, dims [1]: one UTF-8 string per row) -> output ``inp
 (TYPE_INT64, dims [-1]). The tokenizer is ``tokenizer.json`` next to this file (the
 training run's own file, loaded with HF ``tokenizers``); it carries truncation to the card's
 max length. Nothing is padded to a fixed length: a request of several texts is padded to
-its longest text with the pad id (config parameter ``xmodal_text``, JSON ``{"pad_id": 0}``;
-default 0), which is what the text encoder masks.
+its longest text with the pad id (``params.json`` in the version directory, else the config
+parameter ``xmodal_text``, JSON ``{"pad_id": 0}``; default 0), which is what the text
+encoder masks.
 
 Empty or whitespace-only text and bytes that are not UTF-8 are that request's error; the
 other requests in the same call are answered normally. Imports only numpy, tokenizers and
@@ -19,6 +20,7 @@ import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 PARAMETER = "xmodal_text"
+PARAMS_FILE = "params.json"
 
 
 def _invalid(message):
@@ -35,8 +37,13 @@ class TritonPythonModel:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"preprocess_text: {path} is missing")
         self.tokenizer = Tokenizer.from_file(path)
-        raw = config.get("parameters", {}).get(PARAMETER, {}).get("string_value")
-        params = json.loads(raw) if raw else {}
+        params_path = os.path.join(version_dir, PARAMS_FILE)
+        if os.path.isfile(params_path):
+            with open(params_path, encoding="utf-8") as handle:
+                params = json.load(handle)
+        else:
+            raw = config.get("parameters", {}).get(PARAMETER, {}).get("string_value")
+            params = json.loads(raw) if raw else {}
         self.pad_id = int(params.get("pad_id", 0))
 
     def _texts(self, column):

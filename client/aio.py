@@ -1,0 +1,253 @@
+"""``AsyncClient``: the asyncio twin of ``Client``, same arguments, same checks, same hits.
+
+Triton is called with ``tritonclient.http.aio`` (aiohttp, one connection pool per client,
+reused by every call); Milvus through pymilvus, which is synchronous, in a thread executor
+so the event loop never blocks on it.
+
+    async with AsyncClient("127.0.0.1:8000", "xmodal-data/xmodal.db") as client:
+        hits = await client.search_text("red apple", k=5, filter='style == "openmoji"')
+
+A client belongs to the event loop that opened it (aiohttp sessions do).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import tritonclient.http.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from xmodal import settings, store
+from xmodal.card import ModelCard
+from xmodal.client import triton
+from xmodal.client.hits import Hit
+from xmodal.client.retry import DEFAULT_RETRY, Retry, describe, is_transient, unavailable
+from xmodal.client.sdk import (CAPTION_HINT, ImageLike, check_cards, check_vectors, encode_images, encode_texts,
+                               is_image_list, raise_item_errors)
+from xmodal.client.searcher import Searcher, check_k
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """Embed queries with the served model and search the collections it filled, with asyncio.
+
+    Arguments as for :class:`xmodal.client.Client`, plus `executor` (where the pymilvus
+    calls run; by default a private pool of `max_workers` threads, shut down on close).
+    Nothing connects until ``await client.open()`` or ``async with``; the checks (Triton
+    ready, collection present, same model) are Client's, with the same errors.
+    """
+
+    def __init__(
+        self,
+        triton_url: str | None = None,
+        milvus_uri: str | os.PathLike | None = None,
+        collection: str = settings.IMAGE_COLLECTION,
+        *,
+        caption_collection: str | None = settings.CAPTION_COLLECTION,
+        timeout: float = 10.0,
+        token: str | None = None,
+        consistency_level: str = "Bounded",
+        retry: Retry = DEFAULT_RETRY,
+        executor: Executor | None = None,
+        max_workers: int = 4,
+    ) -> None:
+        self.triton_url = triton.host_port(triton_url or settings.default_triton_url())
+        self.milvus_uri = str(milvus_uri or settings.default_milvus_uri())
+        self.collection = collection
+        self.caption_collection = caption_collection
+        self.timeout = timeout
+        self.token = token
+        self.consistency_level = consistency_level
+        self.retry = retry
+        self._own_executor = executor is None
+        self._executor = executor
+        self._max_workers = max_workers
+        self._triton: triton_aio.InferenceServerClient | None = None
+        self._searcher: Searcher | None = None
+        self._batch: dict[str, int] = {}  # model -> max_batch_size (0: not batched)
+        self.card: ModelCard | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> "AsyncClient":
+        if self._triton is not None:
+            return self
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="xmodal-milvus")
+        self._triton = triton_aio.InferenceServerClient(self.triton_url, conn_timeout=self.timeout)
+        try:
+            await self._check_server()
+            configs = {}
+            for model in (triton.IMAGE_MODEL, triton.TEXT_MODEL):
+                configs[model] = await self._call(self._triton.get_model_config, model,
+                                                  what=f"the config of {model}")
+                self._batch[model] = int(configs[model].get("max_batch_size", 0) or 0)
+            self.card = triton.card_from_config(configs[triton.IMAGE_MODEL], triton.IMAGE_MODEL)
+            text_card = triton.card_from_config(configs[triton.TEXT_MODEL], triton.TEXT_MODEL)
+            check_cards(self.triton_url, self.card, text_card)
+            self._searcher = await self._run(
+                Searcher, self.milvus_uri, self.card, token=self.token, timeout=self.timeout,
+                consistency_level=self.consistency_level)
+            await self._run(self._searcher.open, self.collection)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _check_server(self) -> None:
+        assert self._triton is not None
+        try:
+            live = await self.retry.acall(self._triton.is_server_live)
+        except Exception as exc:  # refused, unreachable, timed out
+            reason = describe(exc)
+            if is_transient(exc) and self.retry.attempts > 1:
+                reason += f" ({self.retry.attempts} attempts)"
+            raise ConnectionError(f"cannot reach Triton at {self.triton_url}: {reason}") from None
+        if not live:
+            raise ConnectionError(f"cannot reach Triton at {self.triton_url}: the server is not live")
+        for model in (triton.IMAGE_MODEL, triton.TEXT_MODEL):
+            if not await self._triton.is_model_ready(model):
+                raise ConnectionError(f"Triton at {self.triton_url} is up but model {model!r} is not ready")
+
+    async def close(self) -> None:
+        client, self._triton = self._triton, None
+        searcher, self._searcher = self._searcher, None
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        if searcher is not None:
+            try:
+                await self._run(searcher.close)
+            except Exception:  # noqa: BLE001
+                pass
+        if self._own_executor and self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        return await self.open()
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    @property
+    def dim(self) -> int:
+        return self._opened().card.dim
+
+    def _opened(self) -> "AsyncClient":
+        if self._triton is None or self._searcher is None or self.card is None:
+            raise RuntimeError("the client is not open: use `async with AsyncClient(...)` or `await client.open()`")
+        return self
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn` in the executor (pymilvus is synchronous)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def _call(self, fn, *args: Any, what: str, **kwargs: Any):
+        """An async Triton call with retries; a transient failure that outlasts them is a ConnectionError."""
+        try:
+            return await self.retry.acall(fn, *args, **kwargs)
+        except Exception as exc:
+            if is_transient(exc):
+                raise unavailable(self.triton_url, what, exc, self.retry) from exc
+            raise
+
+    # -- embedding ---------------------------------------------------------------------------
+
+    async def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Unit vectors [N, D] for one text or a list of texts."""
+        return await self._embed(triton.TEXT_MODEL, triton.TEXT_INPUT, encode_texts(texts), "text")
+
+    async def embed_image(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        """Unit vectors [N, D] for one image or a list (paths, encoded bytes, PIL images)."""
+        return await self._embed(triton.IMAGE_MODEL, triton.IMAGE_INPUT, encode_images(images), "image")
+
+    async def _embed(self, model: str, input_name: str, items: list[bytes], what: str) -> np.ndarray:
+        self._opened()
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batched = self._batch[model] > 0
+        step = self._batch[model] if batched else 1
+        vectors: list[np.ndarray | None] = [None] * len(items)
+        errors: list[str | None] = [None] * len(items)
+        # As triton.Embedder.embed: a batch the server refuses is re-sent item by item, so the
+        # error names the bad item; transient failures are retried, never blamed on an item.
+        for start in range(0, len(items), step):
+            chunk = items[start:start + step]
+            try:
+                out = await self._infer(model, input_name, chunk, batched)
+            except InferenceServerException as exc:
+                if len(chunk) == 1:
+                    errors[start] = exc.message() or str(exc)
+                    continue
+                for offset, item in enumerate(chunk):
+                    try:
+                        vectors[start + offset] = (await self._infer(model, input_name, [item], batched))[0]
+                    except InferenceServerException as item_exc:
+                        errors[start + offset] = item_exc.message() or str(item_exc)
+                continue
+            for offset in range(len(chunk)):
+                vectors[start + offset] = out[offset]
+        raise_item_errors(errors, what)
+        return triton.stack_vectors(vectors)
+
+    async def _infer(self, model: str, input_name: str, chunk: list[bytes], batched: bool) -> np.ndarray:
+        inputs, outputs = triton.infer_request(input_name, chunk, batched=batched)
+        client = self._triton
+        assert client is not None
+        result = await self._call(client.infer, model, inputs, outputs=outputs, what=model)
+        return triton.infer_output(result, model, len(chunk))
+
+    # -- search ------------------------------------------------------------------------------
+
+    async def search_text(self, query: str | Sequence[str], k: int = 5, *,
+                          filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+        """Images for a text: hits for one query, or a list of hit lists for a list of queries."""
+        check_k(k)
+        store.normalize_filter(filter)
+        vectors = await self.embed_text(query)
+        return await self._search(self.collection, vectors, k, filter, single=isinstance(query, str))
+
+    async def search_image(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *,
+                           filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+        """Images like an image (or a list of hit lists for a list of images)."""
+        check_k(k)
+        store.normalize_filter(filter)
+        vectors = await self.embed_image(image)
+        return await self._search(self.collection, vectors, k, filter, single=not is_image_list(image))
+
+    async def search_captions(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *,
+                              filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+        """Captions for an image, from the caption collection (see Client.search_captions)."""
+        check_k(k)
+        store.normalize_filter(filter)
+        if not self.caption_collection:
+            raise ValueError("this client has no caption collection (caption_collection=None)")
+        await self._run(self._opened()._searcher.open, self.caption_collection, hint=CAPTION_HINT)
+        vectors = await self.embed_image(image)
+        return await self._search(self.caption_collection, vectors, k, filter, single=not is_image_list(image))
+
+    async def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 5, *,
+                            filter: str | None = None, collection: str | None = None) -> list[Hit] | list[list[Hit]]:
+        """Hits for a vector [D], or a list of hit lists for vectors [N, D]."""
+        check_k(k)
+        store.normalize_filter(filter)
+        array = check_vectors(vector, self.dim)
+        return await self._search(collection or self.collection, array.reshape(-1, self.dim), k, filter,
+                                  single=array.ndim == 1)
+
+    async def _search(self, name: str, vectors: np.ndarray, k: int, filter: str | None, *,
+                      single: bool) -> list[Hit] | list[list[Hit]]:
+        searcher = self._opened()._searcher
+        assert searcher is not None
+        results = await self._run(searcher.search, name, vectors, k, filter)
+        return results[0] if single else results
+

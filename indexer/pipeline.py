@@ -97,6 +97,8 @@ def _start_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Ray waits 30 s for its GCS server by default; a busy 2-core machine can take longer.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         ray.init(num_cpus=2, include_dashboard=False, **kwargs)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours is the tqdm bar over the written rows

@@ -17,6 +17,9 @@ from xmodal import settings
 # Chosen from docs/results.md: frozen EfficientNet-Lite0 features + the GloVe-initialised
 # dual-path text CNN, trained on the emoji train styles and Iconify's emoji sets.
 DEMO_RECIPE = "infonce"
+# A fixed amount of work (≈3.5 min here when the machine is quiet), so a busy machine takes
+# longer rather than training a worse model; `xmodal demo --minutes M` sets a time budget instead.
+DEMO_EPOCHS = 60
 DEMO_QUERIES = ["red apple", "smiling face with sunglasses", "rocket", "cat", "rainbow flag"]
 K = 10
 
@@ -37,6 +40,20 @@ def ranks_from_hits(hit_lists: list[list], wanted: list[str], k: int) -> np.ndar
         found = [i for i, hit in enumerate(hits) if hit.concept == concept]
         ranks.append(found[0] if found else k)
     return np.array(ranks)
+
+
+def drop_demo_collection(milvus_uri: str) -> None:
+    """The demo owns its collection: a model trained anew has a new fingerprint, which the
+    collection of the last run would (rightly) refuse, so each run starts it afresh."""
+    from xmodal import store
+
+    milvus = store.connect(milvus_uri)
+    try:
+        if milvus.has_collection(settings.IMAGE_COLLECTION):
+            print(f"dropping the last demo's collection {settings.IMAGE_COLLECTION!r}")
+            milvus.drop_collection(settings.IMAGE_COLLECTION)
+    finally:
+        milvus.close()
 
 
 def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
@@ -63,7 +80,8 @@ def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
         # Iconify's emoji sets in five more styles, joined to the same concepts (held-out style left out).
         extra = [fetch_iconify(data, max_icons_per_set=limit)]
     with stage("train", timings):
-        report = train([manifest, *extra], run_dir, recipe=DEMO_RECIPE, minutes=minutes, resume=False)
+        budget = {"minutes": minutes} if minutes else {"epochs": DEMO_EPOCHS, "minutes": 600.0}
+        report = train([manifest, *extra], run_dir, recipe=DEMO_RECIPE, resume=False, **budget)
     with stage("export", timings):
         exported = export_run(run_dir, run_dir / "onnx")
         write_model_repository(
@@ -79,6 +97,7 @@ def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
         print(f"tritonserver ready at http://{server.url}")
     try:
         with stage("index", timings):
+            drop_demo_collection(milvus_uri)
             index_images(manifest, triton_url=server.url, milvus_uri=milvus_uri, split="test")
         with Client(server.url, milvus_uri) as client:
             with stage("query", timings):

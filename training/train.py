@@ -87,8 +87,12 @@ def feature_cache_path(rows: Sequence[ManifestRow], config: dict[str, Any]) -> P
     keys = ("image_encoder", "image_size", "image_mean", "image_std", "image_background")
     digest.update(json.dumps({key: config[key] for key in keys}, sort_keys=True).encode())
     for row in rows:
-        stat = Path(row.image).stat() if Path(row.image).exists() else None
-        digest.update(f"{row.image}|{stat.st_size if stat else -1}|{stat.st_mtime_ns if stat else -1}\n".encode())
+        try:
+            stat = Path(row.image).stat()
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:  # a missing image is skipped later; it still shapes the key
+            size = mtime = -1
+        digest.update(f"{row.image}|{size}|{mtime}\n".encode())
     return settings.data_dir() / "cache" / "features" / f"{config['image_encoder']}-{digest.hexdigest()[:20]}.safetensors"
 
 

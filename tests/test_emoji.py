@@ -60,6 +60,16 @@ def test_captions_are_label_then_label_with_tags() -> None:
     assert build_captions(" nerd face ", ["", "geek", " "]) == ["nerd face", "nerd face: geek"]
 
 
+def test_a_sentence_caption_from_the_group_and_subgroup() -> None:
+    assert build_captions("grinning face", ["grin"], "smileys-emotion", "face-smiling") == [
+        "grinning face",
+        "grinning face: grin",
+        "a grinning face emoji, from the face smiling subgroup of smileys and emotion",
+    ]
+    assert build_captions("orange", [], "food-drink", None) == ["orange", "an orange emoji, from food and drink"]
+    assert build_captions("flags", [], None, "flag") == ["flags"]
+
+
 def test_concepts_keep_labelled_top_level_entries_and_map_group_ids() -> None:
     entries = [
         {"label": "regional indicator A", "hexcode": "1F1E6"},  # no group, no tags: kept for its label
@@ -74,7 +84,8 @@ def test_concepts_keep_labelled_top_level_entries_and_map_group_ids() -> None:
         ("1f370", "food-drink", "food-sweet"),
         ("2764", "symbols", "heart"),
     ]
-    assert concepts[1].captions == ["shortcake", "shortcake: cake"]
+    assert concepts[1].captions == [
+        "shortcake", "shortcake: cake", "a shortcake emoji, from the food sweet subgroup of food and drink"]
 
 
 def test_style_files_normalise_names_and_ignore_everything_else() -> None:

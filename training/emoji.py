@@ -84,7 +84,7 @@ class Concept:
 
     @property
     def captions(self) -> list[str]:
-        return build_captions(self.label, self.tags)
+        return build_captions(self.label, self.tags, self.group, self.subgroup)
 
 
 def concept_key(hexcode: str) -> str:
@@ -92,11 +92,31 @@ def concept_key(hexcode: str) -> str:
     return "-".join(part for part in hexcode.strip().lower().split("-") if part and part != "fe0f")
 
 
-def build_captions(label: str, tags: Sequence[str]) -> list[str]:
-    """``[label, "label: tag1, tag2, ..."]``; the second only when there are tags."""
+def build_captions(label: str, tags: Sequence[str], group: str | None = None, subgroup: str | None = None) -> list[str]:
+    """``[label, "label: tag1, tag2, ...", "a label emoji, from the subgroup subgroup of group"]``.
+
+    The second only when there are tags, the third only with a group. The third is there for
+    sentence encoders (MiniLM): users type sentences, so one caption reads like one, built
+    from nothing but the label and emojibase's own group and subgroup keys.
+    """
     label = label.strip()
     tags = [tag.strip() for tag in tags if tag and tag.strip()]
-    return [label, f"{label}: {', '.join(tags)}"] if tags else [label]
+    captions = [label, f"{label}: {', '.join(tags)}"] if tags else [label]
+    if group:
+        sentence = f"{indefinite_article(label)} {label} emoji, from "
+        if subgroup:
+            sentence += f"the {subgroup.replace('-', ' ')} subgroup of "
+        captions.append(sentence + group_words(group))
+    return captions
+
+
+def group_words(key: str) -> str:
+    """An emojibase group key as its title reads: ``smileys-emotion`` → "smileys and emotion"."""
+    return " and ".join(key.split("-"))
+
+
+def indefinite_article(phrase: str) -> str:
+    return "an" if phrase[:1].lower() in "aeiou" else "a"
 
 
 # --- npm -------------------------------------------------------------------------------

@@ -8,9 +8,11 @@ its longest text with the pad id (``params.json`` in the version directory, else
 parameter ``xmodal_text``, JSON ``{"pad_id": 0}``; default 0), which is what the text
 encoder masks.
 
-Empty or whitespace-only text and bytes that are not UTF-8 are that request's error; the
-other requests in the same call are answered normally. Imports only numpy, tokenizers and
-the Triton utilities: it runs in NVIDIA's container without xmodal.
+Empty or whitespace-only text, text with no tokens but the tokenizer's special ones
+(e.g. only zero-width characters, which BERT's normaliser removes), and bytes that are not
+UTF-8 are that request's error; the other requests in the same call are answered
+normally. Imports only numpy, tokenizers and the Triton utilities: it runs in NVIDIA's
+container without xmodal.
 """
 import json
 import os
@@ -62,8 +64,11 @@ class TritonPythonModel:
     def _ids(self, texts):
         encodings = self.tokenizer.encode_batch(texts)
         for index, encoding in enumerate(encodings):
-            if not encoding.ids:
-                raise ValueError(f"TEXT[{index}] has no tokens")
+            # A WordPiece (BERT) tokenizer wraps every text in [CLS] ... [SEP]: a text the
+            # normaliser removes entirely (zero-width or control characters only) still has
+            # those two ids, and no others.
+            if not encoding.ids or all(encoding.special_tokens_mask):
+                raise ValueError(f"TEXT[{index}] has no tokens (only characters the tokenizer removes)")
         longest = max(len(e.ids) for e in encodings)
         ids = np.full((len(encodings), longest), self.pad_id, dtype=np.int64)
         for row, encoding in enumerate(encodings):

@@ -52,37 +52,63 @@ def variant_key(name: str, text_encoder: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from xmodal import settings
+    """Train (or with --collect, read the finished runs of) each variant; the summary is saved after each."""
     from xmodal.cli import resolve_data
     from xmodal.training.train import train
 
     manifests = resolve_data(args.data)
-    results = {}
+    summary = previous_summary(args) | describe(args, manifests)
     for text_encoder in args.text_encoders:
         for name, recipe, overrides, note in VARIANTS:
             if args.only and name not in args.only:
                 continue
             key = variant_key(name, text_encoder)
-            started = time.monotonic()
-            budget = {"epochs": args.epochs, "minutes": 600.0} if args.epochs else {"minutes": args.minutes}
-            report = train(manifests, args.runs / key.replace(" + ", "-"), recipe=recipe, resume=False,
-                           progress=not args.quiet, text_encoder=text_encoder, **budget, **overrides)
-            results[key] = {
+            run_dir = args.runs / key.replace(" + ", "-")
+            if args.collect:
+                if not (run_dir / "eval.json").exists():
+                    print(f"{key}: no finished run in {run_dir}", flush=True)
+                    continue
+            else:
+                budget = {"epochs": args.epochs, "minutes": 600.0} if args.epochs else {"minutes": args.minutes}
+                train(manifests, run_dir, recipe=recipe, resume=False, progress=not args.quiet,
+                      text_encoder=text_encoder, **budget, **overrides)
+            report = json.loads((run_dir / "eval.json").read_text())
+            result = {
                 "recipe": recipe, "note": note, "overrides": overrides, "text_encoder": text_encoder,
-                "wall_seconds": round(time.monotonic() - started, 1),
                 "train_seconds": report["train_seconds"], "epochs": report["epochs"],
                 "train_images": report["train_images"], "train_styles": report["train_styles"],
                 "test_styles": report["test_styles"], "test_images": report["test_images"],
                 "test": {output: {k: v for k, v in m.items() if k != "curve"} for output, m in report["test"].items()},
             }
             if name == "infonce":
-                results[key]["sentence_queries"] = sentence_queries(args.runs / key.replace(" + ", "-"), manifests)
-            print(f"{key}: rsum {results[key]['test']['global']['rsum']:.1f} in {report['train_seconds']:.0f} s", flush=True)
+                result["sentence_queries"] = sentence_queries(run_dir, manifests)
+            summary["results"][key] = result
+            save(summary, args)
+            print(f"{key}: rsum {result['test']['global']['rsum']:.1f} in {report['train_seconds']:.0f} s", flush=True)
+    return summary
+
+
+def describe(args: argparse.Namespace, manifests: list[Path]) -> dict:
+    from xmodal import settings
+
     return {
         "budget": f"{args.epochs} epochs" if args.epochs else f"{args.minutes} min", "data": [str(m) for m in manifests],
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "python": sys.version.split()[0],
-        "data_dir": str(settings.data_dir()), "results": results,
+        "data_dir": str(settings.data_dir()),
     }
+
+
+def previous_summary(args: argparse.Namespace) -> dict:
+    """A partial run (--only) updates its variants and keeps the others' figures."""
+    if args.only and args.out.exists():
+        return {"results": json.loads(args.out.read_text())["results"]}
+    return {"results": {}}
+
+
+def save(summary: dict, args: argparse.Namespace) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    args.markdown.write_text(markdown(summary))
 
 
 def sentence_queries(run_dir: Path, manifests: list[Path], k: int = 3) -> dict[str, list[str]]:
@@ -151,7 +177,9 @@ def markdown(summary: dict) -> str:
         "R@K in %, rsum = R@1+R@5+R@10 both ways, medr = median rank (image→text / text→image), "
         "MAP@all over emoji subgroups. The image tower is EfficientNet-Lite0 (ImageNet weights, frozen, "
         "its heads trained) in every row; `+ minilm` rows swap the GloVe text CNN for all-MiniLM-L6-v2, "
-        "frozen, with its heads trained.",
+        "frozen, with its heads trained. The budget is epochs, not time, so every row did the same "
+        "work; `train s` is the wall time on a shared machine (other jobs ran beside some rows), "
+        "a rough cost, not a comparison.",
         "",
         "| variant | output | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 | rsum | medr | MAP i→t | MAP t→i | train s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -191,18 +219,13 @@ def main() -> int:
     parser.add_argument("--text-encoders", nargs="+", default=list(TEXT_TOWERS), choices=list(TEXT_TOWERS),
                         help="run every variant with each of these text towers")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: rebuild the figures from the finished runs in --runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recipes.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args()
     args.data = args.data or ["emoji", "iconify"]
     summary = run(args)
-    if args.only and args.out.exists():
-        # A partial re-run updates its variants and keeps the others' figures.
-        previous = json.loads(args.out.read_text())
-        summary["results"] = {**previous["results"], **summary["results"]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    args.markdown.write_text(markdown(summary))
     print(markdown(summary))
     return 0
 

@@ -1,4 +1,5 @@
-"""The Ray Data pipeline that fills Milvus: manifest -> read -> embed via Triton -> write.
+"""The Ray Data pipeline that fills Milvus: manifest -> read -> embed via Triton -> write,
+resumable shard by shard.
 
 The names load on first use, so Ray workers importing ``xmodal.indexer.embed`` or
 ``xmodal.indexer.sources`` do not pay for pymilvus.
@@ -8,9 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from xmodal.indexer.pipeline import IndexReport, deadletter_path, index_captions, index_images
+    from xmodal.indexer.pipeline import IndexReport, deadletter_path, index_captions, index_images, progress_path
 
-__all__ = ["IndexReport", "deadletter_path", "index_captions", "index_images"]
+# Items per shard: the unit of resumption (a killed run redoes at most the shards in flight).
+DEFAULT_SHARD_SIZE = 1000
+# Rows per upsert: large enough that Milvus's per-call cost vanishes, small enough to hold.
+DEFAULT_WRITE_BATCH = 5000
+
+__all__ = ["IndexReport", "deadletter_path", "index_captions", "index_images", "progress_path"]
 
 
 def __getattr__(name: str) -> Any:

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import tinymodel
-from xmodal import store
+from xmodal import cli, store
 from xmodal.client import Client
-from xmodal.indexer import deadletter_path, index_captions, index_images
+from xmodal.indexer import deadletter_path, index_captions, index_images, progress_path
 from xmodal.indexer.embed import TritonEmbedder
 
 pytestmark = pytest.mark.timeout(180)
@@ -45,6 +52,7 @@ def db(tmp_path):
 def count(db, collection):
     client = store.connect(db)
     try:
+        store.ensure_loaded(client, collection)  # written by another process: milvus-lite reopens it released
         return client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"]
     finally:
         client.close()
@@ -77,19 +85,70 @@ def test_every_image_once_and_reruns_are_idempotent(stack, ray_local, tmp_path, 
     assert len(row["id"]) == 32 and abs(np.linalg.norm(row["global"]) - 1) < 1e-4
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A well-formed PNG header for a `width` x `height` image with next to no pixel data: how a
+    decompression bomb looks before it is decoded."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
 def test_bad_inputs_go_to_the_dead_letter_file(stack, ray_local, tmp_path, db):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
-    extra = [tinymodel.record("images/corrupt.png", "corrupt"), tinymodel.record("images/missing.png", "missing")]
-    manifest, images = tinymodel.write_corpus(tmp_path, extra=extra)
+    folder = tmp_path / "images"
+    good_png = tinymodel.write_png(tmp_path / "good.png", (200, 10, 10)).read_bytes()
+    bad_files = {
+        "corrupt.png": b"\x89PNG\r\n\x1a\n this is no image",
+        "truncated.png": good_png[: len(good_png) // 2],
+        "empty.png": b"",
+        "text.png": b"a caption, not an image\n",
+        "bomb.png": png_claiming(30000, 30000),  # over twice Pillow's limit: Pillow refuses it itself
+        "large.png": png_claiming(9000, 9000),  # over the limit but under twice it: Pillow only warns
+    }
+    folder.mkdir()
+    for name, content in bad_files.items():
+        (folder / name).write_bytes(content)
+    (folder / "folder.png").mkdir()  # a path that cannot be read as a file
+    names = [*bad_files, "folder.png", "missing.png"]
+    extra = [tinymodel.record(f"images/{name}", name.removesuffix(".png")) for name in names]
+    not_utf8 = tinymodel.record("images/tiny/red.png", "not-utf8")  # a good image, a caption that is not UTF-8
+    not_utf8["captions"] = ["red thing", "bytes \udcff that were not UTF-8"]
+    manifest, images = tinymodel.write_corpus(tmp_path, extra=[*extra, not_utf8])
     report = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=4, progress=False)
-    assert (report.items_read, report.rows_written, report.dead_letters) == (len(images) + 2, len(images), 2)
+    bad = len(names) + 1
+    assert (report.items_read, report.rows_written, report.dead_letters) == (len(images) + bad, len(images), bad)
     assert count(db, "xmodal_images") == len(images)
-    letters = [json.loads(line) for line in open(report.deadletter_path)]
-    reasons = {letter["path"]: letter["reason"] for letter in letters}
-    assert reasons.keys() == {str(tmp_path / "images" / "corrupt.png"), str(tmp_path / "images" / "missing.png")}
-    assert "cannot decode image" in reasons[str(tmp_path / "images" / "corrupt.png")]
-    assert "cannot read file" in reasons[str(tmp_path / "images" / "missing.png")]
+    letters = [json.loads(line) for line in open(report.deadletter_path, encoding="utf-8")]
+    assert len(letters) == bad
+    reasons = {(Path(letter["path"]).name, letter["item"]): letter["reason"] for letter in letters}
+    by_name = {name: reason for (name, _), reason in reasons.items()}
+    assert sorted(item for _, item in reasons) == list(range(len(images), len(images) + bad))
+    for name in ("corrupt.png", "truncated.png", "text.png", "bomb.png"):
+        assert by_name[name].startswith("cannot decode image"), (name, by_name[name])
+    assert "Truncated" in by_name["truncated.png"] and "decompression bomb" in by_name["bomb.png"]
+    assert by_name["large.png"].startswith("image too large: 9000x9000 is 81,000,000 pixels")
+    assert by_name["empty.png"] == "empty file"
+    assert by_name["folder.png"] == "cannot read file: Is a directory"
+    assert by_name["missing.png"] == "cannot read file: No such file or directory"
+    assert by_name["red.png"] == ("caption 2 is not valid UTF-8 text: 'bytes \\udcff that were not UTF-8' "
+                                  "has the lone surrogate '\\udcff' at character 6")
+
+
+def test_bad_captions_go_to_the_dead_letter_file(stack, ray_local, tmp_path, db):
+    odd = tinymodel.record("images/tiny/red.png", "odd")
+    odd["captions"] = ["red heart", "  ", "a \udcff cat", "x" * 9000]
+    manifest, images = tinymodel.write_corpus(tmp_path, extra=[odd])
+    report = index_captions(manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=4, progress=False)
+    assert (report.items_read, report.dead_letters) == (2 * len(images) + 4, 3)
+    assert report.rows_written == count(db, "xmodal_captions") == 2 * len(images) + 1
+    # one JSON object a line, the text that is not UTF-8 kept as its \\u escape
+    letters = [json.loads(line) for line in open(report.deadletter_path, encoding="utf-8")]
+    assert "a \udcff cat" in [letter["caption"] for letter in letters]
+    reasons = sorted(letter["reason"] for letter in letters)
+    assert reasons == ["caption is 9000 bytes of UTF-8; the collection holds at most 8192",
+                       "caption is not valid UTF-8 text: 'a \\udcff cat' has the lone surrogate '\\udcff' at character 2",
+                       "empty caption"]
 
 
 def test_items_the_server_rejects_get_its_message(stack):
@@ -138,3 +197,136 @@ def test_captions_one_row_per_distinct_text(stack, ray_local, tmp_path, db):
         hit = client.search_text("a blue face", k=1)[0]
     assert (hit.captions, hit.concept, hit.image) == (["a blue face"], "blue", str(images[2]))
     assert hit.score == pytest.approx(1.0, abs=1e-4)
+
+
+def many_images(directory: Path, count_: int, bad_every: int) -> Path:
+    """`count_` distinct PNGs and a manifest of them, every `bad_every`-th one a file that is no image."""
+    records = []
+    for i in range(count_):
+        relative = f"images/many/{i:04d}.png"
+        if i % bad_every == bad_every - 1:
+            (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+            (directory / relative).write_bytes(b"not an image %d" % i)
+        else:
+            tinymodel.write_png(directory / relative, (i % 256, 255 - i % 256, (i * 7) % 256),
+                                "ellipse" if i % 2 else "rectangle")
+        records.append(tinymodel.record(relative, f"c{i:04d}"))
+    manifest = directory / "many.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return manifest
+
+
+def ids(db, collection) -> list[str]:
+    client = store.connect(db)
+    try:
+        store.ensure_loaded(client, collection)
+        return [row["id"] for row in client.query(collection, filter='id != ""', output_fields=["id"], limit=16384)]
+    finally:
+        client.close()
+
+
+def letters_of(path: Path) -> set[tuple]:
+    return {(letter["item"], letter["path"], letter["reason"]) for letter in map(json.loads, open(path))}
+
+
+def finished_shards(path: Path) -> int:
+    try:
+        return len(json.loads(path.read_text())["finished"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(stack, ray_local, tmp_path, db):
+    import ray
+
+    manifest = many_images(tmp_path, 240, bad_every=25)
+    command = [sys.executable, "-m", "xmodal.cli", "index", "--manifest", str(manifest), "--split", "all",
+               "--triton-url", stack["url"], "--milvus-uri", str(db), "--collection", "resumed",
+               "--shard-size", "8", "--write-batch", "8", "--batch-size", "4", "--json",
+               "--address", ray.get_runtime_context().gcs_address]
+    progress_file = progress_path(str(db), "resumed")
+    with open(tmp_path / "killed.log", "wb") as log:
+        run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not finished_shards(progress_file) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    at_kill = json.loads(progress_file.read_text())
+    assert 1 <= len(at_kill["finished"]) < at_kill["shards"] == 30 and not at_kill["complete"], (
+        "the run was not killed part-way:\n" + (tmp_path / "killed.log").read_text())
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=150)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    assert report["shards_skipped"] == len(at_kill["finished"]) and report["fresh_start"] is None
+    assert report["items_skipped"] == 8 * len(at_kill["finished"])
+    assert "resuming: " in rerun.stderr
+    assert json.loads(progress_file.read_text())["complete"]
+
+    reference = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), collection="reference",
+                             split=None, batch_size=4, progress=False)
+    assert (reference.rows_written, reference.dead_letters) == (240 - 9, 9)
+    resumed_ids = ids(db, "resumed")
+    assert len(resumed_ids) == len(set(resumed_ids)) == count(db, "resumed") == 240 - 9
+    assert set(resumed_ids) == set(ids(db, "reference"))
+    assert report["dead_letters"] == 9
+    assert letters_of(deadletter_path(str(db), "resumed")) == letters_of(deadletter_path(str(db), "reference"))
+    assert len(open(deadletter_path(str(db), "resumed")).readlines()) == 9  # none twice
+
+
+def test_another_input_starts_afresh_and_says_why(stack, ray_local, tmp_path, db):
+    manifest, images = tinymodel.write_corpus(tmp_path)
+    first = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), limit=4, shard_size=2, progress=False)
+    assert (first.shards, first.fresh_start) == (2, None)
+    progress_file = progress_path(str(db), "xmodal_images")
+    recorded = json.loads(progress_file.read_text())
+    assert recorded["complete"] and recorded["finished"] == [0, 1] and recorded["items"] == 4
+
+    # the same input, as a killed run would have left it: the rerun skips the finished shard
+    recorded.update(complete=False, finished=[1])
+    progress_file.write_text(json.dumps(recorded))
+    resumed = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), limit=4, shard_size=2, progress=False)
+    assert (resumed.shards_skipped, resumed.items_skipped, resumed.rows_written) == (1, 2, 2)
+    assert resumed.items_processed == 2 and resumed.stage_items["embed"] == 2
+
+    progress_file.write_text(json.dumps(recorded))
+    other = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), shard_size=2, progress=False)
+    assert other.shards_skipped == 0 and other.rows_written == len(images)
+    assert "other input" in other.fresh_start and "items 4 -> 6" in other.fresh_start
+    again = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), shard_size=2, progress=False)
+    assert "finished" in again.fresh_start and again.rows_written == len(images)
+
+
+def test_report_stats_and_delete(stack, ray_local, tmp_path, db, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "broken.png").write_bytes(b"broken")
+    manifest, images = tinymodel.write_corpus(tmp_path, extra=[tinymodel.record("images/broken.png", "broken")])
+    report = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), shard_size=4, write_batch=3,
+                          progress=True)
+    printed = capsys.readouterr().err
+    assert "busy time per stage: read" in printed and "embed" in printed and "rows/s" in printed
+    assert report.stage_items == {"read": len(images) + 1, "embed": len(images), "write": len(images)}
+    assert all(report.stage_seconds[stage] > 0 for stage in ("read", "embed", "write"))
+    assert set(report.to_dict()["stage_items_per_second"]) == {"read", "embed", "write"}
+    store.release_local(db)  # as a second process would find it
+
+    uri = ["--milvus-uri", str(db), "--collection", "xmodal_images"]
+    assert cli.main(["index", "stats", "--json", *uri]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["rows"] == len(images) and stats["dead_letters"] == 1
+    assert stats["model"]["fingerprint"] == stack["card"].fingerprint and stats["model"]["name"] == "tiny"
+    assert stats["index"]["type"] == "HNSW"
+    assert stats["progress"]["complete"] and stats["progress"]["finished"] == [0, 1]
+    assert cli.main(["index", "stats", *uri]) == 0
+    text = capsys.readouterr().out
+    assert "rows:         6" in text and "complete: 2 of 2 shards" in text
+
+    assert cli.main(["index", "delete", *uri]) == 1
+    assert "add --yes" in capsys.readouterr().err
+    assert cli.main(["index", "delete", "--yes", *uri]) == 0
+    assert "removed collection 'xmodal_images'" in capsys.readouterr().out
+    assert not progress_path(str(db), "xmodal_images").exists()
+    assert not deadletter_path(str(db), "xmodal_images").exists()
+    assert cli.main(["index", "stats", *uri]) == 1
+    assert "does not exist" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from xmodal import settings
+from xmodal.indexer import DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH
 from xmodal.training.recipes import RECIPES
 
 
@@ -107,14 +108,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from xmodal.indexer import index_images
+    from xmodal.indexer import index_captions, index_images
 
-    report = index_images(
+    index = index_captions if args.captions else index_images
+    collection = args.collection or (settings.CAPTION_COLLECTION if args.captions else settings.IMAGE_COLLECTION)
+    report = index(
         args.manifest or default_manifest(), triton_url=args.triton_url, milvus_uri=args.milvus_uri,
-        collection=args.collection, split=None if args.split == "all" else args.split,
-        batch_size=args.batch_size, embed_workers=args.workers, ray_address=args.address,
+        collection=collection, split=None if args.split == "all" else args.split,
+        batch_size=args.batch_size, embed_workers=args.workers, shard_size=args.shard_size,
+        write_batch=args.write_batch, restart=args.restart, ray_address=args.address,
     )
-    return 0 if report.rows_written or not report.items_read else 1
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    # failure: items went through the pipeline and none of them became a row
+    return 1 if report.items_processed and not report.rows_written else 0
+
+
+def cmd_index_stats(args: argparse.Namespace) -> int:
+    from xmodal.indexer.manage import collection_stats, format_stats
+
+    stats = collection_stats(args.milvus_uri, args.collection)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def cmd_index_delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise ValueError(f"this drops collection {args.collection!r} with its progress and dead-letter files; "
+                         "add --yes to do it")
+    from xmodal.indexer.manage import delete_collection
+
+    for what in delete_collection(args.milvus_uri, args.collection):
+        print(f"removed {what}")
+    return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -211,16 +237,36 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=settings.METRICS_PORT)
     serve.set_defaults(func=cmd_serve)
 
-    index = commands.add_parser("index", help="embed a manifest's images through Triton into Milvus")
+    index = commands.add_parser(
+        "index", help="embed a manifest's images (or captions) through Triton into Milvus; stats, delete",
+        description="Embed a manifest's images (or captions) through Triton into Milvus. A run that was cut "
+                    "short resumes when the same command runs again. `xmodal index stats` and `xmodal index "
+                    "delete` look at and remove a collection.")
     index.add_argument("--manifest", type=Path)
     index.add_argument("--split", default="test", help="manifest split to index, or 'all' (default test)")
+    index.add_argument("--captions", action="store_true", help="index the captions (one row per distinct text) instead of the images")
     index.add_argument("--triton-url", default=settings.default_triton_url())
     index.add_argument("--milvus-uri", default=None)
-    index.add_argument("--collection", default=settings.IMAGE_COLLECTION)
+    index.add_argument("--collection", help=f"default {settings.IMAGE_COLLECTION}, or {settings.CAPTION_COLLECTION} with --captions")
     index.add_argument("--batch-size", type=int, default=32)
     index.add_argument("--workers", type=int, default=1, help="embedding actors")
+    index.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"items per shard, the unit a killed run resumes from (default {DEFAULT_SHARD_SIZE})")
+    index.add_argument("--write-batch", type=int, default=DEFAULT_WRITE_BATCH, help=f"rows per upsert into Milvus (default {DEFAULT_WRITE_BATCH})")
+    index.add_argument("--restart", action="store_true", help="ignore the progress of a run that was cut short and index everything")
+    index.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
     index.add_argument("--address", help="join an existing Ray cluster (default: a local one)")
     index.set_defaults(func=cmd_index)
+    # Optional sub-commands: plain `xmodal index` still runs the indexer.
+    index_commands = index.add_subparsers(dest="index_command", metavar="{stats,delete}")
+    stats = index_commands.add_parser("stats", help="rows, model, index, dead letters and progress of a collection")
+    delete = index_commands.add_parser("delete", help="drop a collection and its progress and dead-letter files")
+    for sub in (stats, delete):
+        sub.add_argument("--milvus-uri", default=None)
+        sub.add_argument("--collection", default=settings.IMAGE_COLLECTION)
+    stats.add_argument("--json", action="store_true", help="print JSON instead of text")
+    stats.set_defaults(func=cmd_index_stats)
+    delete.add_argument("--yes", action="store_true", help="really drop it")
+    delete.set_defaults(func=cmd_index_delete)
 
     search = commands.add_parser("search", help="text -> images or image -> images")
     search.add_argument("text", nargs="?")

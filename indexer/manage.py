@@ -1,0 +1,93 @@
+"""What ``xmodal index stats`` and ``xmodal index delete`` do: look at a collection with the
+files kept beside it, and remove all of them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from xmodal import store
+from xmodal.indexer import state
+
+
+def collection_stats(milvus_uri: str, collection: str) -> dict[str, Any]:
+    """Rows, the model recorded with the collection, its vector index, dead letters and the
+    progress file's state. ValueError when the collection does not exist."""
+    client = store.connect(milvus_uri)
+    try:
+        model = store.collection_model(client, collection)  # raises, listing what exists, when missing
+        store.ensure_loaded(client, collection)
+        rows = client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"]
+        try:
+            index = client.describe_index(collection, store.VECTOR_FIELD) or {}
+        except Exception:  # noqa: BLE001 - a collection without an index describes none
+            index = {}
+    finally:
+        client.close()
+    deadletters = state.deadletter_path(milvus_uri, collection)
+    progress_file = state.progress_path(milvus_uri, collection)
+    try:
+        progress = state.read_progress(progress_file)
+    except ValueError as exc:
+        progress = {"error": str(exc)}
+    index_params = {k: v for k, v in index.items()
+                    if k not in ("index_type", "metric_type", "field_name", "index_name", "total_rows",
+                                 "indexed_rows", "pending_index_rows", "state")}
+    return {
+        "collection": collection, "milvus_uri": milvus_uri, "rows": rows, "model": model,
+        "index": {"type": index.get("index_type"), "metric": index.get("metric_type"), "params": index_params},
+        "dead_letters": state.count_deadletters(deadletters), "deadletter_path": str(deadletters),
+        "progress_path": str(progress_file), "progress": progress,
+    }
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    model = stats["model"]
+    index = stats["index"]
+    lines = [
+        f"collection {stats['collection']!r} in {stats['milvus_uri']}",
+        f"  rows:         {stats['rows']}",
+        f"  model:        {store.describe_model(model)}, version {model.get('version', '?')}, "
+        f"dim {model.get('dim', '?')}, metric {model.get('metric', '?')}",
+        f"  index:        {index['type'] or 'none'} {index['params'] or ''}".rstrip(),
+        f"  dead letters: {stats['dead_letters']}" + (f" ({stats['deadletter_path']})" if stats["dead_letters"] else ""),
+        f"  progress:     {describe_progress(stats['progress'])}",
+    ]
+    return "\n".join(lines)
+
+
+def describe_progress(progress: dict[str, Any] | None) -> str:
+    if progress is None:
+        return "no progress file (not indexed by this version, or deleted)"
+    if "error" in progress:
+        return progress["error"]
+    shards = progress.get("shards", 0)
+    finished = len(progress.get("finished", []))
+    state_word = "complete" if progress.get("complete") else "unfinished (the same command resumes it)"
+    return (f"{state_word}: {finished} of {shards} shards of {progress.get('shard_size')} items; "
+            f"{progress.get('kind')}s of {progress.get('manifest')} (split {progress.get('split')}, "
+            f"{progress.get('items')} items), model {progress.get('model')!r}; updated {progress.get('updated')}")
+
+
+def delete_collection(milvus_uri: str, collection: str) -> list[str]:
+    """Drop the collection and remove its progress and dead-letter files; what was removed.
+
+    Files without a collection are removed too (what a run left before its collection went).
+    ValueError when there is nothing at all by that name.
+    """
+    removed = []
+    client = store.connect(milvus_uri)
+    try:
+        exists = client.has_collection(collection)
+        message = None if exists else store.missing_collection_message(client, collection)
+        if exists:
+            client.drop_collection(collection)
+            removed.append(f"collection {collection!r}")
+    finally:
+        client.close()
+    for path in (state.progress_path(milvus_uri, collection), state.deadletter_path(milvus_uri, collection)):
+        if Path(path).exists():
+            path.unlink()
+            removed.append(str(path))
+    if not removed:
+        raise ValueError(f"nothing to delete: {message}")
+    return removed

@@ -200,6 +200,7 @@ def test_minilm_brings_its_sentence_length_unless_told_otherwise() -> None:
 # and served once by the real tritonserver from a repository written by write_model_repository.
 
 SERVED_MAX_LENGTH = 64  # MiniLM's sentence budget in a run (recipe_config's default for minilm)
+LENGTH_BUCKETS = (8, 16, 32, 64)  # preprocess_text pads to these (64: the served max length)
 
 
 @pytest.fixture(scope="module")
@@ -400,7 +401,9 @@ def test_minilm_embed_text_through_triton_matches_onnxruntime(tiny_run, tiny_exp
 def test_minilm_triton_tokenizer_matches_training(tiny_run, minilm_client, case) -> None:
     """The ids Triton's preprocess_text makes from the exported tokenizer.json are the trainer's."""
     text = TRICKY_TEXTS[case]
-    (served,) = _infer_text(minilm_client, "preprocess_text", [text.encode()]).as_numpy("input_ids").tolist()
+    (padded,) = _infer_text(minilm_client, "preprocess_text", [text.encode()]).as_numpy("input_ids").tolist()
+    assert len(padded) in LENGTH_BUCKETS
+    served = padded[:len(padded) - next(i for i, v in enumerate(reversed(padded)) if v != PAD_ID)]
     from_run = Tokenizer.from_file(str(tiny_run["run"] / "tokenizer.json")).encode(text).ids
     assert served == from_run == minilm_tokenizer(SERVED_MAX_LENGTH).encode(text).ids
     assert served[0] == CLS_ID and served[-1] == SEP_ID and len(served) > 2
@@ -416,7 +419,10 @@ def test_minilm_triton_pads_a_batch_with_the_pad_id(minilm_client) -> None:
     texts = [TRICKY_TEXTS["emoji"], TRICKY_TEXTS["cjk"], "a"]
     ids = _infer_text(minilm_client, "preprocess_text", [t.encode() for t in texts]).as_numpy("input_ids")
     expected = tokenize(minilm_tokenizer(SERVED_MAX_LENGTH), texts).numpy()
-    assert ids.dtype == np.int64 and np.array_equal(ids, expected)
+    # padded past the longest text to the next length bucket, so that requests batch together
+    assert ids.shape[1] == min(b for b in LENGTH_BUCKETS if b >= expected.shape[1])
+    assert ids.dtype == np.int64 and np.array_equal(ids[:, :expected.shape[1]], expected)
+    assert (ids[:, expected.shape[1]:] == PAD_ID).all()
     assert ids[2, 3:].tolist() == [PAD_ID] * (ids.shape[1] - 3)
 
 

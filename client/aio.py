@@ -15,7 +15,7 @@ import asyncio
 import functools
 import os
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import tritonclient.http.aio as triton_aio
@@ -26,9 +26,9 @@ from xmodal.card import ModelCard
 from xmodal.client import triton
 from xmodal.client.hits import Hit
 from xmodal.client.retry import DEFAULT_RETRY, Retry, describe, is_transient, unavailable
-from xmodal.client.sdk import (CAPTION_HINT, ImageLike, check_cards, check_vectors, encode_images, encode_texts,
-                               is_image_list, raise_item_errors)
-from xmodal.client.searcher import Searcher, check_k
+from xmodal.client.sdk import (CAPTION_HINT, ImageLike, check_cards, check_levels, empty_levels, encode_images,
+                               encode_texts, is_image_list, query_levels, query_vectors, raise_item_errors, run_search)
+from xmodal.client.searcher import Searcher, check_k, check_level_weights
 
 T = TypeVar("T")
 
@@ -163,91 +163,111 @@ class AsyncClient:
     # -- embedding ---------------------------------------------------------------------------
 
     async def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
-        """Unit vectors [N, D] for one text or a list of texts."""
-        return await self._embed(triton.TEXT_MODEL, triton.TEXT_INPUT, encode_texts(texts), "text")
+        """Unit vectors [N, D] for one text or a list of texts (the "global" embedding)."""
+        return (await self.embed_text_levels(texts, [triton.OUTPUT]))[triton.OUTPUT]
 
     async def embed_image(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Unit vectors [N, D] for one image or a list (paths, encoded bytes, PIL images)."""
-        return await self._embed(triton.IMAGE_MODEL, triton.IMAGE_INPUT, encode_images(images), "image")
+        return (await self.embed_image_levels(images, [triton.OUTPUT]))[triton.OUTPUT]
 
-    async def _embed(self, model: str, input_name: str, items: list[bytes], what: str) -> np.ndarray:
-        self._opened()
+    async def embed_text_levels(self, texts: str | Sequence[str], levels: Sequence[str] | None = None,
+                                ) -> dict[str, np.ndarray]:
+        """{level: vectors [N, D_level]} for the card's levels (or `levels`)."""
+        card = self._opened().card
+        return await self._embed(triton.TEXT_MODEL, triton.TEXT_INPUT, encode_texts(texts), "text",
+                                 check_levels(levels, card))
+
+    async def embed_image_levels(self, images: ImageLike | Sequence[ImageLike], levels: Sequence[str] | None = None,
+                                 ) -> dict[str, np.ndarray]:
+        """{level: vectors [N, D_level]} of images for the card's levels (or `levels`)."""
+        card = self._opened().card
+        return await self._embed(triton.IMAGE_MODEL, triton.IMAGE_INPUT, encode_images(images), "image",
+                                 check_levels(levels, card))
+
+    async def _embed(self, model: str, input_name: str, items: list[bytes], what: str,
+                     levels: Sequence[str]) -> dict[str, np.ndarray]:
+        card = self._opened().card
         if not items:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return empty_levels(card, levels)
         batched = self._batch[model] > 0
         step = self._batch[model] if batched else 1
-        vectors: list[np.ndarray | None] = [None] * len(items)
+        rows: list[dict[str, np.ndarray] | None] = [None] * len(items)
         errors: list[str | None] = [None] * len(items)
-        # As triton.Embedder.embed: a batch the server refuses is re-sent item by item, so the
-        # error names the bad item; transient failures are retried, never blamed on an item.
+        # As triton.Embedder.embed_outputs: a batch the server refuses is re-sent item by item,
+        # so the error names the bad item; transient failures are retried, never blamed on an item.
         for start in range(0, len(items), step):
             chunk = items[start:start + step]
             try:
-                out = await self._infer(model, input_name, chunk, batched)
+                out = await self._infer(model, input_name, chunk, batched, levels)
             except InferenceServerException as exc:
                 if len(chunk) == 1:
                     errors[start] = exc.message() or str(exc)
                     continue
                 for offset, item in enumerate(chunk):
                     try:
-                        vectors[start + offset] = (await self._infer(model, input_name, [item], batched))[0]
+                        rows[start + offset] = triton.item_outputs(
+                            await self._infer(model, input_name, [item], batched, levels), 0)
                     except InferenceServerException as item_exc:
                         errors[start + offset] = item_exc.message() or str(item_exc)
                 continue
             for offset in range(len(chunk)):
-                vectors[start + offset] = out[offset]
+                rows[start + offset] = triton.item_outputs(out, offset)
         raise_item_errors(errors, what)
-        return triton.stack_vectors(vectors)
+        return triton.stack_outputs(rows, levels)
 
-    async def _infer(self, model: str, input_name: str, chunk: list[bytes], batched: bool) -> np.ndarray:
-        inputs, outputs = triton.infer_request(input_name, chunk, batched=batched)
+    async def _infer(self, model: str, input_name: str, chunk: list[bytes], batched: bool,
+                     levels: Sequence[str]) -> dict[str, np.ndarray]:
+        inputs, outputs = triton.infer_request(input_name, chunk, batched=batched, outputs=levels)
         client = self._triton
         assert client is not None
         result = await self._call(client.infer, model, inputs, outputs=outputs, what=model)
-        return triton.infer_output(result, model, len(chunk))
+        return triton.infer_outputs(result, model, len(chunk), levels)
 
     # -- search ------------------------------------------------------------------------------
 
-    async def search_text(self, query: str | Sequence[str], k: int = 5, *,
-                          filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+    async def search_text(self, query: str | Sequence[str], k: int = 5, *, filter: str | None = None,
+                          level_weights: Mapping[str, float] | None = None) -> list[Hit] | list[list[Hit]]:
         """Images for a text: hits for one query, or a list of hit lists for a list of queries."""
-        check_k(k)
-        store.normalize_filter(filter)
-        vectors = await self.embed_text(query)
-        return await self._search(self.collection, vectors, k, filter, single=isinstance(query, str))
+        weights = self._check_search(k, filter, level_weights)
+        vectors = await self.embed_text_levels(query, query_levels(weights))
+        return await self._search(self.collection, vectors, k, filter, weights, single=isinstance(query, str))
 
-    async def search_image(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *,
-                           filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+    async def search_image(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *, filter: str | None = None,
+                           level_weights: Mapping[str, float] | None = None) -> list[Hit] | list[list[Hit]]:
         """Images like an image (or a list of hit lists for a list of images)."""
-        check_k(k)
-        store.normalize_filter(filter)
-        vectors = await self.embed_image(image)
-        return await self._search(self.collection, vectors, k, filter, single=not is_image_list(image))
+        weights = self._check_search(k, filter, level_weights)
+        vectors = await self.embed_image_levels(image, query_levels(weights))
+        return await self._search(self.collection, vectors, k, filter, weights, single=not is_image_list(image))
 
     async def search_captions(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *,
-                              filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+                              filter: str | None = None, level_weights: Mapping[str, float] | None = None,
+                              ) -> list[Hit] | list[list[Hit]]:
         """Captions for an image, from the caption collection (see Client.search_captions)."""
-        check_k(k)
-        store.normalize_filter(filter)
+        weights = self._check_search(k, filter, level_weights)
         if not self.caption_collection:
             raise ValueError("this client has no caption collection (caption_collection=None)")
         await self._run(self._opened()._searcher.open, self.caption_collection, hint=CAPTION_HINT)
-        vectors = await self.embed_image(image)
-        return await self._search(self.caption_collection, vectors, k, filter, single=not is_image_list(image))
+        vectors = await self.embed_image_levels(image, query_levels(weights))
+        return await self._search(self.caption_collection, vectors, k, filter, weights,
+                                  single=not is_image_list(image))
 
-    async def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 5, *,
-                            filter: str | None = None, collection: str | None = None) -> list[Hit] | list[list[Hit]]:
-        """Hits for a vector [D], or a list of hit lists for vectors [N, D]."""
+    async def search_vector(self, vector: Sequence[float] | np.ndarray | Mapping[str, Any], k: int = 5, *,
+                            filter: str | None = None, collection: str | None = None,
+                            level_weights: Mapping[str, float] | None = None) -> list[Hit] | list[list[Hit]]:
+        """Hits for a vector [D], or a list of hit lists for vectors [N, D] (see Client.search_vector)."""
+        weights = self._check_search(k, filter, level_weights)
+        vectors, single = query_vectors(vector, self._opened().card, weights)
+        return await self._search(collection or self.collection, vectors, k, filter, weights, single=single)
+
+    def _check_search(self, k: int, filter: str | None,
+                      level_weights: Mapping[str, float] | None) -> dict[str, float] | None:
         check_k(k)
         store.normalize_filter(filter)
-        array = check_vectors(vector, self.dim)
-        return await self._search(collection or self.collection, array.reshape(-1, self.dim), k, filter,
-                                  single=array.ndim == 1)
+        return None if level_weights is None else check_level_weights(level_weights, self._opened().card)
 
-    async def _search(self, name: str, vectors: np.ndarray, k: int, filter: str | None, *,
-                      single: bool) -> list[Hit] | list[list[Hit]]:
+    async def _search(self, name: str, vectors: dict[str, np.ndarray], k: int, filter: str | None,
+                      weights: dict[str, float] | None, *, single: bool) -> list[Hit] | list[list[Hit]]:
         searcher = self._opened()._searcher
         assert searcher is not None
-        results = await self._run(searcher.search, name, vectors, k, filter)
+        results = await self._run(run_search, searcher, name, vectors, k, filter, weights)
         return results[0] if single else results
-

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from xmodal.card import ModelCard
 from xmodal.client import triton
 from xmodal.client.hits import Hit
 from xmodal.client.retry import DEFAULT_RETRY, Retry
-from xmodal.client.searcher import Searcher, check_k
+from xmodal.client.searcher import Searcher, check_k, check_level_weights
 
 # One image: a path, encoded bytes, or a PIL image.
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Any]
@@ -49,6 +49,13 @@ class Client:
     off); when they keep failing the call raises ``ConnectionError``. Bad input (HTTP 4xx) is
     never retried: it raises ``ValueError`` at once. Each thread gets its own HTTP connection
     to Triton, reused for its calls, so one client may serve many threads.
+
+    ``level_weights`` (hierarchical models, whose cards name the levels "concept" and
+    "exterior" besides "global"): every search ranks by the model's fused "global" vector
+    unless given weights such as ``{"concept": 0.7, "exterior": 0.3}``; then a hit's score
+    is ``Σ w_l · cos(query_l, row_l) / Σ w_l`` over the levels, from Milvus's hybrid search
+    with a weighted ranker (docs/indexing.md, "Level weights", has the exact rule). Unknown
+    levels, negative or non-numeric weights, and all-zero weights raise ``ValueError``.
 
     ``consistency_level``: "Bounded" by default, chosen deliberately. milvus-lite 3.2.2
     ignores the level (a write is visible to the next search, and every level costs the
@@ -85,12 +92,13 @@ class Client:
         finally:
             server.close()
         check_cards(self.triton_url, self.card, text_card)
+        levels = store.card_levels(self.card)
         try:
             # Embedders keep one HTTP client per thread (see triton.Embedder).
             self._image = triton.Embedder(self.triton_url, triton.IMAGE_MODEL, triton.IMAGE_INPUT,
-                                          timeout=timeout, retry=retry)
+                                          timeout=timeout, retry=retry, outputs=levels)
             self._text = triton.Embedder(self.triton_url, triton.TEXT_MODEL, triton.TEXT_INPUT,
-                                         timeout=timeout, retry=retry)
+                                         timeout=timeout, retry=retry, outputs=levels)
             self._searcher = Searcher(self.milvus_uri, self.card, token=token, timeout=timeout,
                                       consistency_level=consistency_level)
             self._searcher.open(self.collection)
@@ -130,65 +138,84 @@ class Client:
     # -- embedding ---------------------------------------------------------------------------
 
     def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
-        """Unit vectors [N, D] for one text or a list of texts."""
-        return self._embed(self._text, encode_texts(texts), "text")
+        """Unit vectors [N, D] for one text or a list of texts (the "global" embedding)."""
+        return self.embed_text_levels(texts, [triton.OUTPUT])[triton.OUTPUT]
 
     def embed_image(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Unit vectors [N, D] for one image or a list (paths, encoded bytes, PIL images)."""
-        return self._embed(self._image, encode_images(images), "image")
+        return self.embed_image_levels(images, [triton.OUTPUT])[triton.OUTPUT]
 
-    def _embed(self, embedder: triton.Embedder, items: list[bytes], what: str) -> np.ndarray:
+    def embed_text_levels(self, texts: str | Sequence[str], levels: Sequence[str] | None = None,
+                          ) -> dict[str, np.ndarray]:
+        """{level: vectors [N, D_level]} for the card's levels (or `levels`), from one request per batch."""
+        return self._embed(self._text, encode_texts(texts), "text", self._levels(levels))
+
+    def embed_image_levels(self, images: ImageLike | Sequence[ImageLike], levels: Sequence[str] | None = None,
+                           ) -> dict[str, np.ndarray]:
+        """{level: vectors [N, D_level]} of images for the card's levels (or `levels`)."""
+        return self._embed(self._image, encode_images(images), "image", self._levels(levels))
+
+    def _levels(self, levels: Sequence[str] | None) -> list[str]:
+        return check_levels(levels, self.card)
+
+    def _embed(self, embedder: triton.Embedder, items: list[bytes], what: str,
+               levels: Sequence[str]) -> dict[str, np.ndarray]:
         if not items:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return empty_levels(self.card, levels)
         if embedder is None:
             raise RuntimeError("the client is closed")
-        vectors, errors = embedder.embed(items)
+        vectors, errors = embedder.embed_outputs(items, levels)
         raise_item_errors(errors, what)
         return vectors
 
     # -- search ------------------------------------------------------------------------------
 
-    def search_text(self, query: str | Sequence[str], k: int = 5, *,
-                    filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+    def search_text(self, query: str | Sequence[str], k: int = 5, *, filter: str | None = None,
+                    level_weights: Mapping[str, float] | None = None) -> list[Hit] | list[list[Hit]]:
         """Images for a text: hits for one query, or a list of hit lists for a list of queries."""
-        check_k(k)
-        store.normalize_filter(filter)
-        vectors = self.embed_text(query)
-        return self._search(self.collection, vectors, k, filter, single=isinstance(query, str))
+        weights = self._check_search(k, filter, level_weights)
+        vectors = self.embed_text_levels(query, query_levels(weights))
+        return self._search(self.collection, vectors, k, filter, weights, single=isinstance(query, str))
 
-    def search_image(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *,
-                     filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+    def search_image(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *, filter: str | None = None,
+                     level_weights: Mapping[str, float] | None = None) -> list[Hit] | list[list[Hit]]:
         """Images like an image (or a list of hit lists for a list of images)."""
-        check_k(k)
-        store.normalize_filter(filter)
-        vectors = self.embed_image(image)
-        return self._search(self.collection, vectors, k, filter, single=not is_image_list(image))
+        weights = self._check_search(k, filter, level_weights)
+        vectors = self.embed_image_levels(image, query_levels(weights))
+        return self._search(self.collection, vectors, k, filter, weights, single=not is_image_list(image))
 
-    def search_captions(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *,
-                        filter: str | None = None) -> list[Hit] | list[list[Hit]]:
+    def search_captions(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *, filter: str | None = None,
+                        level_weights: Mapping[str, float] | None = None) -> list[Hit] | list[list[Hit]]:
         """Captions for an image, from the caption collection.
 
         Each hit is one caption row: ``hit.captions == [the caption]``, ``hit.id`` the
         caption's hash, and ``hit.image``, ``hit.concept``, ``hit.style`` those of the first
         indexed image the caption belongs to.
         """
-        check_k(k)
-        store.normalize_filter(filter)
+        weights = self._check_search(k, filter, level_weights)
         name = self._caption_collection()
-        vectors = self.embed_image(image)
-        return self._search(name, vectors, k, filter, single=not is_image_list(image))
+        vectors = self.embed_image_levels(image, query_levels(weights))
+        return self._search(name, vectors, k, filter, weights, single=not is_image_list(image))
 
-    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 5, *,
-                      filter: str | None = None, collection: str | None = None) -> list[Hit] | list[list[Hit]]:
+    def search_vector(self, vector: Sequence[float] | np.ndarray | Mapping[str, Any], k: int = 5, *,
+                      filter: str | None = None, collection: str | None = None,
+                      level_weights: Mapping[str, float] | None = None) -> list[Hit] | list[list[Hit]]:
         """Hits for a vector [D], or a list of hit lists for vectors [N, D].
 
         Searches the image collection unless `collection` names another (the caption one).
+        With `level_weights`, `vector` maps each weighted level to its vector [D_level] (or
+        vectors [N, D_level]), as ``embed_text_levels`` returns them.
         """
+        weights = self._check_search(k, filter, level_weights)
+        vectors, single = query_vectors(vector, self.card, weights)
+        return self._search(collection or self.collection, vectors, k, filter, weights, single=single)
+
+    def _check_search(self, k: int, filter: str | None,
+                      level_weights: Mapping[str, float] | None) -> dict[str, float] | None:
+        """Check what a search is given before anything is sent; the normalised level weights."""
         check_k(k)
         store.normalize_filter(filter)
-        array = check_vectors(vector, self.dim)
-        return self._search(collection or self.collection, array.reshape(-1, self.dim), k, filter,
-                            single=array.ndim == 1)
+        return None if level_weights is None else check_level_weights(level_weights, self.card)
 
     def _caption_collection(self) -> str:
         if not self.caption_collection:
@@ -196,9 +223,9 @@ class Client:
         self.searcher.open(self.caption_collection, hint=CAPTION_HINT)
         return self.caption_collection
 
-    def _search(self, name: str, vectors: np.ndarray, k: int, filter: str | None, *,
-                single: bool) -> list[Hit] | list[list[Hit]]:
-        results = self.searcher.search(name, vectors, k, filter)
+    def _search(self, name: str, vectors: dict[str, np.ndarray], k: int, filter: str | None,
+                weights: dict[str, float] | None, *, single: bool) -> list[Hit] | list[list[Hit]]:
+        results = run_search(self.searcher, name, vectors, k, filter, weights)
         return results[0] if single else results
 
 
@@ -235,11 +262,63 @@ def raise_item_errors(errors: Sequence[str | None], what: str) -> None:
             raise ValueError(f"Triton rejected {what}{where}: {error}")
 
 
-def check_vectors(vector: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
+def check_vectors(vector: Sequence[float] | np.ndarray, dim: int, level: str | None = None) -> np.ndarray:
     array = np.asarray(vector, dtype=np.float32)
     if array.ndim not in (1, 2) or array.shape[-1] != dim:
-        raise ValueError(f"expected a vector of {dim} values or an array [N, {dim}], got shape {array.shape}")
+        which = f"level {level!r}: " if level else ""
+        raise ValueError(f"{which}expected a vector of {dim} values or an array [N, {dim}], got shape {array.shape}")
     return array
+
+
+def check_levels(levels: Sequence[str] | None, card: ModelCard) -> list[str]:
+    """`levels` (default: all of the card's, "global" first), each one the card has."""
+    if levels is None:
+        return store.card_levels(card)
+    unknown = [level for level in levels if level not in card.embeddings]
+    if isinstance(levels, str) or unknown or not levels:
+        raise ValueError(f"levels must be a non-empty list of the model's levels "
+                         f"({', '.join(map(repr, store.card_levels(card)))}), got {levels!r}")
+    return list(levels)
+
+
+def query_levels(weights: dict[str, float] | None) -> list[str]:
+    """The embeddings a search needs of its queries: the weighted levels, or the fused one."""
+    return list(weights) if weights else [triton.OUTPUT]
+
+
+def empty_levels(card: ModelCard, levels: Sequence[str]) -> dict[str, np.ndarray]:
+    return {level: np.zeros((0, int(card.embeddings[level]["dim"])), dtype=np.float32) for level in levels}
+
+
+def query_vectors(vector: Any, card: ModelCard, weights: dict[str, float] | None) -> tuple[dict[str, np.ndarray], bool]:
+    """search_vector's input as {level: [N, D_level]}, and whether it was one query."""
+    if weights is None:
+        if isinstance(vector, Mapping):
+            raise ValueError("vectors by level need level_weights (which levels, how much each); "
+                             "without them search_vector takes one \"global\" vector or an array of them")
+        array = check_vectors(vector, card.dim)
+        return {triton.OUTPUT: array.reshape(-1, card.dim)}, array.ndim == 1
+    if not isinstance(vector, Mapping):
+        raise ValueError(f"with level_weights, vector must map each weighted level ({', '.join(map(repr, weights))}) "
+                         f"to its vector, as embed_text_levels returns them; got {type(vector).__name__}")
+    missing = [level for level in weights if level not in vector]
+    if missing:
+        raise ValueError(f"level_weights weigh {', '.join(map(repr, missing))} but vector has no such entry "
+                         f"(it has {', '.join(map(repr, vector)) or 'none'})")
+    arrays = {level: check_vectors(vector[level], int(card.embeddings[level]["dim"]), level) for level in weights}
+    shapes = {level: array.shape[:-1] for level, array in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"the levels' vectors must be as many for every level, got {shapes}")
+    single = next(iter(arrays.values())).ndim == 1
+    return {level: array.reshape(-1, array.shape[-1]) for level, array in arrays.items()}, single
+
+
+def run_search(searcher: Searcher, name: str, vectors: dict[str, np.ndarray], k: int, filter: str | None,
+               weights: dict[str, float] | None) -> list[list[Hit]]:
+    """The fused vector's search, or the level-weighted one when there are weights."""
+    if weights is None:
+        return searcher.search(name, vectors[triton.OUTPUT], k, filter)
+    return searcher.search_levels(name, vectors, weights, k, filter)
 
 
 def is_image_list(images: Any) -> bool:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import numbers
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
+from pymilvus import AnnSearchRequest, WeightedRanker
 from pymilvus.exceptions import MilvusException
 
 from xmodal import store
@@ -24,6 +27,11 @@ SEARCH_CHUNK = 256
 MAX_K = 16384
 # Rows read to list a field's distinct values (for the web page's style menu).
 DISTINCT_SCAN_LIMIT = 16384
+# A level-weighted search ranks the union of each level's best `level_candidates(k)` rows.
+LEVEL_CANDIDATES_PER_K = 4
+LEVEL_CANDIDATES_MIN = 64
+# Level weights add similarities; a distance (L2) would need its own rule.
+SIMILARITY_METRICS = ("IP", "COSINE")
 
 
 # pymilvus logs every failed call with its traceback (logger "pymilvus.decorators") before
@@ -59,6 +67,45 @@ def check_k(k: Any) -> int:
     return int(k)
 
 
+def level_candidates(k: int) -> int:
+    """Rows each level's search hands to the weighted ranker for a top-`k` answer."""
+    return min(MAX_K, max(LEVEL_CANDIDATES_MIN, LEVEL_CANDIDATES_PER_K * k))
+
+
+def check_level_weights(level_weights: Any, card: ModelCard) -> dict[str, float]:
+    """The weights of a level-weighted search, normalised to sum to 1, levels weighted 0 left out.
+
+    ValueError naming the problem: not a mapping, a level the card does not have (the
+    message lists those it has), a weight that is not a finite number >= 0, all weights 0.
+    """
+    levels = store.card_levels(card)
+    example = "{'concept': 0.5, 'exterior': 0.5}"
+    if not isinstance(level_weights, Mapping) or not level_weights:
+        raise ValueError(f"level_weights must be a non-empty mapping of level name to weight, e.g. {example}; "
+                         f"got {level_weights!r}")
+    unknown = [level for level in level_weights if level not in card.embeddings]
+    if unknown:
+        hint = ("" if len(levels) > 1
+                else "; level weights are for hierarchical models, which add 'concept' and 'exterior'")
+        raise ValueError(f"unknown level{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in unknown)} "
+                         f"in level_weights: model {card.name!r} has the levels {', '.join(map(repr, levels))}{hint}")
+    weights = {}
+    for level in levels:
+        if level not in level_weights:
+            continue
+        weight = level_weights[level]
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"the weight of level {level!r} must be a finite number >= 0, got {weight!r}")
+        weights[level] = float(weight)
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(f"level_weights are all 0 ({dict(level_weights)}): give at least one level a positive weight")
+    if card.metric.upper() not in SIMILARITY_METRICS:
+        raise ValueError(f"level weights add similarities, but model {card.name!r} uses the metric {card.metric!r} "
+                         f"(one of {', '.join(SIMILARITY_METRICS)} is needed)")
+    return {level: weight / total for level, weight in weights.items() if weight > 0}
+
+
 class Searcher:
     """One Milvus connection and the collections opened on it.
 
@@ -80,6 +127,7 @@ class Searcher:
         self._lock = threading.RLock() if store.is_local_uri(self.uri) else contextlib.nullcontext()
         self._open_lock = threading.Lock()
         self._fields: dict[str, list[str]] = {}  # collection -> output fields
+        self._vector_fields: dict[str, dict[str, int]] = {}  # collection -> vector field -> dim
 
     def close(self) -> None:
         milvus, self._milvus = self._milvus, None
@@ -108,32 +156,85 @@ class Searcher:
             store.ensure_loaded(milvus, name)
             present = {f["name"] for f in milvus.describe_collection(name)["fields"]}
             wanted = store.CAPTION_OUTPUT_FIELDS if "caption" in present else store.IMAGE_OUTPUT_FIELDS
+            self._vector_fields[name] = store.collection_vector_fields(milvus, name)
             self._fields[name] = [f for f in wanted if f in present]
             return self._fields[name]
 
-    def search(self, name: str, vectors: np.ndarray, k: int, filter: str | None = None) -> list[list[Hit]]:
-        """Hit lists, one per row of `vectors` [N, D]; a filter the server refuses is a ValueError."""
+    def search(self, name: str, vectors: np.ndarray, k: int, filter: str | None = None, *,
+               field: str = store.VECTOR_FIELD) -> list[list[Hit]]:
+        """Hit lists, one per row of `vectors` [N, D], from the vector `field` ("global", the
+        model's fused vector, by default); a filter the server refuses is a ValueError."""
         expression = store.normalize_filter(filter)
         output_fields = self.open(name)
-        params = store.search_params(self.milvus, name, self.card.metric, k)
+        self._require_fields(name, [field])
+        params = store.search_params(self.milvus, name, self.card.metric, k, field)
         results: list[list[Hit]] = []
         for start in range(0, len(vectors), SEARCH_CHUNK):
             chunk = vectors[start:start + SEARCH_CHUNK]
-            try:
-                with self._lock, _quiet_pymilvus(bool(expression)):
-                    found = self.milvus.search(
-                        name, data=chunk.tolist(), filter=expression, limit=k, anns_field=store.VECTOR_FIELD,
-                        output_fields=output_fields, search_params=params,
-                        consistency_level=self.consistency_level, timeout=self.timeout,
-                    )
-            except MilvusException as exc:
-                if expression and self._refuses(name, expression):
-                    # Name the expression and the server's reason; leave pymilvus' traceback
-                    # out of what the user sees.
-                    raise store.filter_error(expression, exc) from None
-                raise
+            found = self._filtered(name, expression, lambda: self.milvus.search(
+                name, data=chunk.tolist(), filter=expression, limit=k, anns_field=field,
+                output_fields=output_fields, search_params=params,
+                consistency_level=self.consistency_level, timeout=self.timeout,
+            ))
             results.extend([Hit.from_milvus(hit) for hit in hits] for hits in found)
         return results
+
+    def search_levels(self, name: str, vectors: Mapping[str, np.ndarray], weights: Mapping[str, float], k: int,
+                      filter: str | None = None) -> list[list[Hit]]:
+        """Hit lists by the weighted sum of the levels' similarities, one per query.
+
+        `weights` as ``check_level_weights`` returns them (positive, summing to 1); `vectors`
+        holds each weighted level's query vectors [N, D_level]. Milvus's hybrid search runs
+        one search per level for its best ``level_candidates(k)`` rows and a WeightedRanker
+        with ``norm_score=False`` sums ``weight × similarity`` over the levels whose list holds
+        the row (a row missing from a level's list scores 0 there). One level is a plain
+        search of its field.
+        """
+        if len(weights) == 1:
+            (level,) = weights
+            return self.search(name, vectors[level], k, filter, field=store.vector_field(level))
+        expression = store.normalize_filter(filter)
+        output_fields = self.open(name)
+        fields = {level: store.vector_field(level) for level in weights}
+        self._require_fields(name, list(fields.values()))
+        candidates = level_candidates(k)
+        params = {level: store.search_params(self.milvus, name, self.card.metric, candidates, field)
+                  for level, field in fields.items()}
+        # Milvus would map each level's similarity through arctan first (norm_score=True); the
+        # levels' cosines already share one scale, and raw sums keep the score a cosine that
+        # the fused "global" field's score can be compared with.
+        ranker = WeightedRanker(*weights.values(), norm_score=False)
+        count = len(vectors[next(iter(weights))])
+        results: list[list[Hit]] = []
+        for start in range(0, count, SEARCH_CHUNK):
+            requests = [AnnSearchRequest(data=vectors[level][start:start + SEARCH_CHUNK].tolist(),
+                                         anns_field=field, param=params[level], limit=candidates,
+                                         expr=expression or None)
+                        for level, field in fields.items()]
+            found = self._filtered(name, expression, lambda: self.milvus.hybrid_search(
+                name, requests, ranker, limit=k, output_fields=output_fields,
+                consistency_level=self.consistency_level, timeout=self.timeout,
+            ))
+            results.extend([Hit.from_milvus(hit) for hit in hits] for hits in found)
+        return results
+
+    def _require_fields(self, name: str, fields: list[str]) -> None:
+        present = self._vector_fields.get(name, {})
+        if any(field not in present for field in fields):
+            raise ValueError(store.missing_levels_message(name, self.card, present))
+
+    def _filtered(self, name: str, expression: str, call: Callable[[], Any]) -> Any:
+        """`call()` under the lock; when it fails and the server refuses the filter on its own,
+        a ValueError naming the expression and the server's reason."""
+        try:
+            with self._lock, _quiet_pymilvus(bool(expression)):
+                return call()
+        except MilvusException as exc:
+            if expression and self._refuses(name, expression):
+                # Name the expression and the server's reason; leave pymilvus' traceback
+                # out of what the user sees.
+                raise store.filter_error(expression, exc) from None
+            raise
 
     def _refuses(self, name: str, expression: str) -> bool:
         """Whether the server refuses `expression` on its own (so a failed search was its fault)."""

@@ -16,6 +16,8 @@ from xmodal.client.retry import DEFAULT_RETRY, Retry, is_transient, unavailable
 
 IMAGE_MODEL, IMAGE_INPUT = "embed_image", "IMAGE"
 TEXT_MODEL, TEXT_INPUT = "embed_text", "TEXT"
+# The fused output every model has; hierarchical models add one output per level, named as
+# in the card's `embeddings` (export/repository.py maps each encoder output to the ensemble's).
 OUTPUT = "global"
 
 
@@ -90,6 +92,10 @@ def max_batch_size(client: triton_http.InferenceServerClient, model: str) -> int
 class Embedder:
     """Embed encoded items (image bytes, UTF-8 text) with one ensemble, a batch per request.
 
+    `outputs` names the ensemble outputs a request asks for by default ("global"; a
+    hierarchical model's card names "concept" and "exterior" too); ``embed`` returns the
+    first of them, ``embed_outputs`` each by name.
+
     A request fails as a whole when one item is bad (the preprocessing model rejects it);
     the batch is then re-sent item by item so only the bad items fail, each with the
     server's message. Transport errors (server gone) are raised, not attributed to items.
@@ -100,10 +106,13 @@ class Embedder:
     """
 
     def __init__(self, url: str, model: str, input_name: str, *, timeout: float = 10.0,
-                 batch_limit: int | None = None, retry: Retry = DEFAULT_RETRY):
+                 batch_limit: int | None = None, retry: Retry = DEFAULT_RETRY, outputs: Sequence[str] = (OUTPUT,)):
         self.url = host_port(url)
         self.model = model
         self.input_name = input_name
+        self.outputs = tuple(outputs)
+        if not self.outputs:
+            raise ValueError("an Embedder needs at least one output to ask for")
         self.timeout = timeout
         self.retry = retry
         self._local = threading.local()
@@ -144,40 +153,49 @@ class Embedder:
             raise
 
     def embed(self, items: Sequence[bytes]) -> tuple[np.ndarray, list[str | None]]:
-        """Vectors [N, D] (zero rows where an item failed) and per-item errors (None when fine).
+        """Vectors [N, D] of the first output (zero rows where an item failed) and per-item
+        errors (None when fine); see ``embed_outputs``."""
+        vectors, errors = self.embed_outputs(items, self.outputs[:1])
+        return vectors[self.outputs[0]], errors
+
+    def embed_outputs(self, items: Sequence[bytes], outputs: Sequence[str] | None = None,
+                      ) -> tuple[dict[str, np.ndarray], list[str | None]]:
+        """{output: vectors [N, D_output]} for `outputs` (default ``self.outputs``), all from
+        the same requests, with zero rows where an item failed, and per-item errors.
 
         Transient failures (refused or reset connections, 503) are retried with backoff
         (``self.retry``) and raise ConnectionError when they outlast it; they are never
         blamed on an item.
         """
-        vectors: list[np.ndarray | None] = [None] * len(items)
+        names = tuple(outputs or self.outputs)
+        rows: list[dict[str, np.ndarray] | None] = [None] * len(items)
         errors: list[str | None] = [None] * len(items)
         step = self.batch_limit if self.batched else 1
         for start in range(0, len(items), step):
             chunk = list(items[start:start + step])
             try:
-                out = self._infer(chunk)
+                out = self._infer(chunk, names)
             except InferenceServerException as exc:
                 if len(chunk) == 1:
                     errors[start] = exc.message() or str(exc)
                     continue
                 for offset, item in enumerate(chunk):
                     try:
-                        vectors[start + offset] = self._infer([item])[0]
+                        rows[start + offset] = item_outputs(self._infer([item], names), 0)
                     except InferenceServerException as item_exc:
                         errors[start + offset] = item_exc.message() or str(item_exc)
                 continue
             for offset in range(len(chunk)):
-                vectors[start + offset] = out[offset]
-        return stack_vectors(vectors), errors
+                rows[start + offset] = item_outputs(out, offset)
+        return stack_outputs(rows, names), errors
 
-    def _infer(self, chunk: list[bytes]) -> np.ndarray:
-        inputs, outputs = infer_request(self.input_name, chunk, batched=self.batched)
-        result = self._call(lambda client: client.infer(self.model, inputs, outputs=outputs), what=self.model)
-        return infer_output(result, self.model, len(chunk))
+    def _infer(self, chunk: list[bytes], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        inputs, requested = infer_request(self.input_name, chunk, batched=self.batched, outputs=outputs)
+        result = self._call(lambda client: client.infer(self.model, inputs, outputs=requested), what=self.model)
+        return infer_outputs(result, self.model, len(chunk), outputs)
 
 
-def infer_request(input_name: str, chunk: Sequence[bytes], *, batched: bool):
+def infer_request(input_name: str, chunk: Sequence[bytes], *, batched: bool, outputs: Sequence[str] = (OUTPUT,)):
     """The inputs and requested outputs of one request for `chunk` (one item when not batched).
 
     tritonclient.http.aio uses the same InferInput classes, so the asyncio client shares this.
@@ -190,14 +208,31 @@ def infer_request(input_name: str, chunk: Sequence[bytes], *, batched: bool):
         data[0] = chunk[0]
     request = triton_http.InferInput(input_name, list(data.shape), "BYTES")
     request.set_data_from_numpy(data, binary_data=True)
-    return [request], [triton_http.InferRequestedOutput(OUTPUT, binary_data=True)]
+    return [request], [triton_http.InferRequestedOutput(name, binary_data=True) for name in outputs]
 
 
 def infer_output(result, model: str, count: int) -> np.ndarray:
-    array = result.as_numpy(OUTPUT)
-    if array is None:
-        raise InferenceServerException(f"{model} returned no {OUTPUT!r} output")
-    return np.asarray(array, dtype=np.float32).reshape(count, -1)
+    return infer_outputs(result, model, count, (OUTPUT,))[OUTPUT]
+
+
+def infer_outputs(result, model: str, count: int, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """{output: [count, D]} from a response; an output it lacks is the server's fault, not the items'."""
+    arrays = {}
+    for name in outputs:
+        array = result.as_numpy(name)
+        if array is None:
+            raise InferenceServerException(f"{model} returned no {name!r} output")
+        arrays[name] = np.asarray(array, dtype=np.float32).reshape(count, -1)
+    return arrays
+
+
+def item_outputs(outputs: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+    return {name: array[index] for name, array in outputs.items()}
+
+
+def stack_outputs(rows: Sequence[dict[str, np.ndarray] | None], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-item {output: vector} -> {output: [N, D]}, zero rows where an item has none."""
+    return {name: stack_vectors([row[name] if row is not None else None for row in rows]) for name in outputs}
 
 
 def stack_vectors(vectors: Sequence[np.ndarray | None]) -> np.ndarray:

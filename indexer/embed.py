@@ -1,47 +1,77 @@
-"""The embedding stage: a Ray Data actor that sends batches to a Triton ensemble over HTTP."""
+"""The embedding stage: a Ray Data actor that sends batches to a Triton ensemble over HTTP
+(``indexer/local.py`` has the in-process ONNX Runtime one)."""
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
-from xmodal.client.triton import Embedder
+from xmodal.client.triton import OUTPUT, Embedder
+
+VECTOR_COLUMN = "vector"
 
 
-class TritonEmbedder:
-    """map_batches callable class: ``data`` (bytes) -> ``vector`` [B, D] via one ensemble.
+def vector_column(level: str) -> str:
+    """The batch column that carries an embedding level: "vector" for "global", "vector_<level>" else."""
+    return VECTOR_COLUMN if level == OUTPUT else f"{VECTOR_COLUMN}_{level}"
 
-    Items that arrive with an ``error`` are passed through untouched; items the server
-    rejects get its message as their ``error``. The ``data`` column is dropped here so the
-    bytes never travel back to the driver. ``embed_seconds`` spreads the batch's time in
-    Triton over the items sent (the driver's report sums it).
+
+class EmbedStage:
+    """map_batches callable class: ``data`` (bytes) -> one vector column per level.
+
+    `dims` maps each embedding level of the card to its width (an int means {"global": dim});
+    every level lands in ``vector_column(level)``: "vector" [B, D] for "global",
+    "vector_concept" etc. for the levels of a hierarchical model. Items that arrive with an
+    ``error`` are passed through untouched; items the model rejects get its message as their
+    ``error``, after ``error_prefix``. The ``data`` column is dropped here so the bytes never
+    travel back to the driver. ``embed_seconds`` spreads the batch's embedding time over the
+    items sent (the driver's report sums it). Subclasses provide ``embed_outputs``.
     """
 
-    def __init__(self, triton_url: str, model: str, input_name: str, dim: int, timeout: float = 60.0):
-        self.dim = dim
-        # The driver checked that the server and model are ready; this reads the batch limit.
-        self.embedder = Embedder(triton_url, model, input_name, timeout=timeout)
+    error_prefix = ""
+
+    def __init__(self, dims: dict[str, int] | int):
+        self.dims = {OUTPUT: dims} if isinstance(dims, int) else dict(dims)
+
+    def embed_outputs(self, items: list[bytes]) -> tuple[dict[str, np.ndarray], list[str | None]]:
+        raise NotImplementedError
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["data"])
-        vectors = np.zeros((n, self.dim), dtype=np.float32)
+        vectors = {level: np.zeros((n, dim), dtype=np.float32) for level, dim in self.dims.items()}
         errors = np.array(batch["error"], dtype=object)
         todo = [i for i in range(n) if not errors[i]]
         seconds = np.zeros(n, dtype=np.float64)
         if todo:
             started = time.perf_counter()
-            embedded, item_errors = self.embedder.embed([batch["data"][i] for i in todo])
+            embedded, item_errors = self.embed_outputs([batch["data"][i] for i in todo])
             seconds[todo] = (time.perf_counter() - started) / len(todo)
             for j, i in enumerate(todo):
                 if item_errors[j]:
-                    errors[i] = f"triton: {item_errors[j]}"
+                    errors[i] = f"{self.error_prefix}{item_errors[j]}"
                 else:
-                    vectors[i] = embedded[j]
+                    for level, array in vectors.items():
+                        array[i] = embedded[level][j]
         out = {key: value for key, value in batch.items() if key != "data"}
-        out["vector"] = vectors
+        out.update({vector_column(level): array for level, array in vectors.items()})
         out["error"] = errors
         out["embed_seconds"] = seconds
         return out
+
+
+class TritonEmbedder(EmbedStage):
+    """The embedding stage through a Triton ensemble over HTTP, every level from the same request."""
+
+    error_prefix = "triton: "
+
+    def __init__(self, triton_url: str, model: str, input_name: str, dims: dict[str, int] | int,
+                 timeout: float = 60.0):
+        super().__init__(dims)
+        # The driver checked that the server and model are ready; this reads the batch limit.
+        self.embedder = Embedder(triton_url, model, input_name, timeout=timeout, outputs=tuple(self.dims))
+
+    def embed_outputs(self, items: list[bytes]) -> tuple[dict[str, np.ndarray], list[str | None]]:
+        return self.embedder.embed_outputs(items)
 
     def __del__(self):
         embedder = getattr(self, "embedder", None)

@@ -17,6 +17,7 @@ def collection_stats(milvus_uri: str, collection: str) -> dict[str, Any]:
         model = store.collection_model(client, collection)  # raises, listing what exists, when missing
         store.ensure_loaded(client, collection)
         rows = client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"]
+        vectors = store.collection_vector_fields(client, collection)
         try:
             index = client.describe_index(collection, store.VECTOR_FIELD) or {}
         except Exception:  # noqa: BLE001 - a collection without an index describes none
@@ -33,7 +34,7 @@ def collection_stats(milvus_uri: str, collection: str) -> dict[str, Any]:
                     if k not in ("index_type", "metric_type", "field_name", "index_name", "total_rows",
                                  "indexed_rows", "pending_index_rows", "state")}
     return {
-        "collection": collection, "milvus_uri": milvus_uri, "rows": rows, "model": model,
+        "collection": collection, "milvus_uri": milvus_uri, "rows": rows, "model": model, "vector_fields": vectors,
         "index": {"type": index.get("index_type"), "metric": index.get("metric_type"), "params": index_params},
         "dead_letters": state.count_deadletters(deadletters), "deadletter_path": str(deadletters),
         "progress_path": str(progress_file), "progress": progress,
@@ -48,7 +49,8 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"  rows:         {stats['rows']}",
         f"  model:        {store.describe_model(model)}, version {model.get('version', '?')}, "
         f"dim {model.get('dim', '?')}, metric {model.get('metric', '?')}",
-        f"  index:        {index['type'] or 'none'} {index['params'] or ''}".rstrip(),
+        "  vectors:      " + ", ".join(f"{field} ({dim})" for field, dim in stats["vector_fields"].items()),
+        f"  index:        {index['type'] or 'none'} {index['params'] or ''}".rstrip() + " on each vector field",
         f"  dead letters: {stats['dead_letters']}" + (f" ({stats['deadletter_path']})" if stats["dead_letters"] else ""),
         f"  progress:     {describe_progress(stats['progress'])}",
     ]

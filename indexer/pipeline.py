@@ -24,7 +24,7 @@ from xmodal import settings, store
 from xmodal.card import ModelCard
 from xmodal.client import triton
 from xmodal.indexer import DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH, sources, state
-from xmodal.indexer.embed import TritonEmbedder
+from xmodal.indexer.embed import TritonEmbedder, vector_column
 from xmodal.indexer.state import deadletter_path, progress_path  # noqa: F401 - re-exported by xmodal.indexer
 from xmodal.training.manifest import read_manifest
 
@@ -89,7 +89,7 @@ class IndexReport:
         return text
 
 
-def _start_ray(address: str | None) -> bool:
+def start_ray(address: str | None = None) -> bool:
     """Connect to `address`, or start a small local Ray; True if this call started it."""
     import ray
 
@@ -165,8 +165,9 @@ class _Writer:
 
 
 def _run(*, items: list[dict[str, Any]], items_read: int, input_identity: dict[str, Any], prepare: Callable | None,
-         model: str, input_name: str, kind: str, to_row: Callable[[dict[str, Any], np.ndarray], dict[str, Any]],
-         to_deadletter: Callable[[dict[str, Any]], dict[str, Any]], triton_url: str, milvus_uri: str | None,
+         model: str, input_name: str, kind: str, to_row: Callable[[dict[str, Any]], dict[str, Any]],
+         to_deadletter: Callable[[dict[str, Any]], dict[str, Any]], triton_url: str | None,
+         model_repository: str | os.PathLike[str] | None, milvus_uri: str | None,
          collection: str, batch_size: int, embed_workers: int, shard_size: int, write_batch: int, restart: bool,
          ray_address: str | None, progress: bool, timeout: float, started: float,
          driver_read_seconds: float = 0.0) -> IndexReport:
@@ -175,7 +176,18 @@ def _run(*, items: list[dict[str, Any]], items_read: int, input_identity: dict[s
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     milvus_uri = str(milvus_uri or settings.default_milvus_uri())
-    card = _fetch_card(triton_url, model, timeout)
+    if (triton_url is None) == (model_repository is None):
+        raise ValueError("give either triton_url (embed with a Triton server) or model_repository "
+                         "(embed in-process with ONNX Runtime, no server), not both or neither")
+    if model_repository is not None:
+        from xmodal.indexer import local
+
+        model_repository = Path(model_repository).expanduser().resolve()
+        card = local.repository_card(model_repository)
+    else:
+        card = _fetch_card(triton_url, model, timeout)
+    # Every level of the card is asked of the ensemble and stored in its own vector field.
+    dims = {level: int(spec["dim"]) for level, spec in card.embeddings.items()}
 
     def say(message: str) -> None:
         if progress:
@@ -196,7 +208,7 @@ def _run(*, items: list[dict[str, Any]], items_read: int, input_identity: dict[s
         if items:
             # Ray first: started while this process has no gRPC threads (pymilvus and
             # milvus-lite bring them), its forks make grpcio print no fork warnings.
-            ray_started = _start_ray(ray_address)
+            ray_started = start_ray(ray_address)
         client = store.connect(milvus_uri)
         created = store.ensure_collection(client, collection, card, kind=kind)
         if not items:  # nothing selected: the files of earlier runs stay as they are
@@ -226,13 +238,18 @@ def _run(*, items: list[dict[str, Any]], items_read: int, input_identity: dict[s
             ds = sources.dataset(todo, batch_size=batch_size, parallelism=embed_workers)
             if prepare is not None:
                 ds = ds.map_batches(prepare, batch_size=batch_size, batch_format="numpy")
-            ds = ds.map_batches(
-                TritonEmbedder, batch_size=batch_size, batch_format="numpy",
-                fn_constructor_args=(triton_url, model, input_name, card.dim, max(timeout, 60.0)),
-                compute=ray.data.ActorPoolStrategy(size=embed_workers),
+            if model_repository is not None:
+                # The actors compute: up to a CPU each, the rest of the local Ray left to the readers.
+                stage, stage_args, cpus = (local.LocalEmbedder, (str(model_repository), kind_of_input[kind], dims),
+                                           min(1.0, 1.0 / embed_workers))
+            else:
                 # The actors mostly wait on Triton: a fraction of a CPU each leaves the local
                 # two-CPU Ray room for the reading tasks.
-                num_cpus=min(0.5, 1.0 / embed_workers),
+                stage, stage_args, cpus = (TritonEmbedder, (triton_url, model, input_name, dims, max(timeout, 60.0)),
+                                           min(0.5, 1.0 / embed_workers))
+            ds = ds.map_batches(
+                stage, batch_size=batch_size, batch_format="numpy", fn_constructor_args=stage_args,
+                compute=ray.data.ActorPoolStrategy(size=embed_workers), num_cpus=cpus,
             )
             bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="item", desc=f"index {collection}",
                        disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -241,11 +258,11 @@ def _run(*, items: list[dict[str, Any]], items_read: int, input_identity: dict[s
                     stage_seconds["read"] += float(batch["read_seconds"].sum())
                 stage_seconds["embed"] += float(batch["embed_seconds"].sum())
                 stage_items["embed"] += int(np.count_nonzero(batch["embed_seconds"]))
-                for record, vector in _records(batch):
+                for record, vectors in _records(batch, dims):
                     if record["error"]:
                         dead.write({"item": record["item"], **to_deadletter(record)})
                     else:
-                        duplicates += writer.add(record["id"], to_row(record, vector))
+                        duplicates += writer.add(record["id"], {**to_row(record), **store.vector_values(vectors)})
                     shard = shard_of(record["item"])
                     left[shard] -= 1
                     if not left[shard]:
@@ -281,17 +298,23 @@ def _run(*, items: list[dict[str, Any]], items_read: int, input_identity: dict[s
     return _finish(report, progress)
 
 
+# What the in-process embedder runs for each kind of collection.
+kind_of_input = {"image": "image", "caption": "text"}
+
+
 def _finish(report: IndexReport, progress: bool) -> IndexReport:
     if progress:
         print(report, file=sys.stderr, flush=True)
     return report
 
 
-def _records(batch: dict[str, np.ndarray]) -> Iterable[tuple[dict[str, Any], np.ndarray]]:
-    vectors = batch["vector"]
-    keys = [k for k in batch if k != "vector"]
-    for i in range(len(vectors)):
-        yield {k: _plain(batch[k][i]) for k in keys}, vectors[i]
+def _records(batch: dict[str, np.ndarray],
+             levels: Iterable[str]) -> Iterable[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """(the item's scalar columns, its vector by level) for each item of an embedded batch."""
+    columns = {level: vector_column(level) for level in levels}
+    keys = [k for k in batch if k not in columns.values()]
+    for i in range(len(batch["item"])):
+        yield {k: _plain(batch[k][i]) for k in keys}, {level: batch[column][i] for level, column in columns.items()}
 
 
 def _plain(value: Any) -> Any:
@@ -319,7 +342,8 @@ def _input_identity(kind: str, manifest: str | os.PathLike[str], split: str | No
 def index_images(
     manifest: str | os.PathLike[str],
     *,
-    triton_url: str,
+    triton_url: str | None = None,
+    model_repository: str | os.PathLike[str] | None = None,
     milvus_uri: str | None = None,
     collection: str = settings.IMAGE_COLLECTION,
     split: str | None = "test",
@@ -336,6 +360,10 @@ def index_images(
 ) -> IndexReport:
     """Embed a manifest's images with Triton's ``embed_image`` and upsert them into Milvus.
 
+    Embedding is by the Triton server at `triton_url`, or, given `model_repository`
+    instead, in-process with ONNX Runtime from that repository (``xmodal index --local``,
+    ``xmodal.indexer.local``): the same preprocessing and encoders, the same rows.
+
     Keys are content hashes, so re-running writes the same rows again (no duplicates), and
     identical image files become one row. Unreadable files and images the server rejects go
     to the dead-letter file (see :func:`deadletter_path`) and the run goes on. A run that
@@ -346,8 +374,8 @@ def index_images(
     rows = _read_rows(manifest, split, styles, limit)
     items = sources.image_items(rows)
 
-    def to_row(record: dict[str, Any], vector: np.ndarray) -> dict[str, Any]:
-        return {"id": record["id"], "global": vector.tolist(), "image": record["path"],
+    def to_row(record: dict[str, Any]) -> dict[str, Any]:
+        return {"id": record["id"], "image": record["path"],
                 "captions": json.loads(record["captions"]), "concept": record["concept"],
                 "style": record["style"]}
 
@@ -356,16 +384,17 @@ def index_images(
 
     return _run(items=items, items_read=len(items), input_identity=_input_identity("image", manifest, split, styles, limit),
                 prepare=sources.read_images, model=triton.IMAGE_MODEL, input_name=triton.IMAGE_INPUT, kind="image",
-                to_row=to_row, to_deadletter=to_deadletter, triton_url=triton_url, milvus_uri=milvus_uri,
-                collection=collection, batch_size=batch_size, embed_workers=embed_workers, shard_size=shard_size,
-                write_batch=write_batch, restart=restart, ray_address=ray_address, progress=progress,
-                timeout=timeout, started=started)
+                to_row=to_row, to_deadletter=to_deadletter, triton_url=triton_url, model_repository=model_repository,
+                milvus_uri=milvus_uri, collection=collection, batch_size=batch_size, embed_workers=embed_workers,
+                shard_size=shard_size, write_batch=write_batch, restart=restart, ray_address=ray_address,
+                progress=progress, timeout=timeout, started=started)
 
 
 def index_captions(
     manifest: str | os.PathLike[str],
     *,
-    triton_url: str,
+    triton_url: str | None = None,
+    model_repository: str | os.PathLike[str] | None = None,
     milvus_uri: str | None = None,
     collection: str = settings.CAPTION_COLLECTION,
     split: str | None = "test",
@@ -393,8 +422,8 @@ def index_captions(
     items, read = sources.caption_items(rows)
     read_seconds = time.perf_counter() - read_started
 
-    def to_row(record: dict[str, Any], vector: np.ndarray) -> dict[str, Any]:
-        return {"id": record["id"], "global": vector.tolist(), "caption": record["caption"],
+    def to_row(record: dict[str, Any]) -> dict[str, Any]:
+        return {"id": record["id"], "caption": record["caption"],
                 "concept": record["concept"], "style": record["style"], "image": record["image"]}
 
     def to_deadletter(record: dict[str, Any]) -> dict[str, Any]:
@@ -403,7 +432,8 @@ def index_captions(
 
     return _run(items=items, items_read=read, input_identity=_input_identity("caption", manifest, split, styles, limit),
                 prepare=None, model=triton.TEXT_MODEL, input_name=triton.TEXT_INPUT, kind="caption", to_row=to_row,
-                to_deadletter=to_deadletter, triton_url=triton_url, milvus_uri=milvus_uri, collection=collection,
+                to_deadletter=to_deadletter, triton_url=triton_url, model_repository=model_repository,
+                milvus_uri=milvus_uri, collection=collection,
                 batch_size=batch_size, embed_workers=embed_workers, shard_size=shard_size, write_batch=write_batch,
                 restart=restart, ray_address=ray_address, progress=progress, timeout=timeout, started=started,
                 driver_read_seconds=read_seconds)

@@ -4,7 +4,8 @@ Columns carried through the pipeline (numpy batches):
   images:   item, path, concept, style, captions (JSON text), error
             -> + id, data (bytes), read_seconds
   captions: item, caption, concept, style, image, id, data (UTF-8 bytes), error
-  the embedding stage adds vector and embed_seconds, and drops data.
+  the embedding stage adds vector (and vector_<level> for each other level of a
+  hierarchical model's card) and embed_seconds, and drops data.
 `item` numbers the items in input order (it places an item in its shard). `error` is ""
 for a good item and the reason otherwise; bad items travel on to the driver, which writes
 them to the dead-letter file instead of Milvus. `*_seconds` are each item's share of the

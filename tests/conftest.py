@@ -16,3 +16,16 @@ def npm_cache():
         os.environ.pop("XMODAL_NPM_CACHE", None)
     else:
         os.environ["XMODAL_NPM_CACHE"] = previous
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for a module, started as the indexer starts its own (index_images leaves a
+    Ray it did not start running)."""
+    import ray
+
+    from xmodal.indexer.pipeline import start_ray
+
+    start_ray()
+    yield
+    ray.shutdown()

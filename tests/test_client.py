@@ -87,6 +87,15 @@ def test_search_vector_and_embeddings(client, stack):
         client.search_vector(np.zeros(3), k=1)
 
 
+def test_level_weights_on_a_single_level_model(client):
+    with pytest.raises(ValueError, match=r"unknown level 'concept' in level_weights: model 'tiny' has the levels "
+                                         r"'global'; level weights are for hierarchical models"):
+        client.search_text("red", level_weights={"concept": 1.0})
+    # its one level, weighted: the default search
+    assert client.search_text("red face", k=3, level_weights={"global": 2}) == client.search_text("red face", k=3)
+    assert list(client.embed_text_levels("red")) == ["global"]
+
+
 @pytest.mark.parametrize("query", ["", "   \n\t", ["fine", " "]])
 def test_empty_query_is_refused(client, query):
     with pytest.raises(ValueError, match="query text is empty"):

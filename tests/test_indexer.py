@@ -3,7 +3,6 @@ milvus-lite in tmp_path. One server and one Ray for the module."""
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import struct
 import subprocess
@@ -30,16 +29,6 @@ def stack(tmp_path_factory):
     card, repository = tinymodel.build_repository(directory, max_batch_size=4)
     with tinymodel.serving(repository) as server:
         yield {"card": card, "url": server.url, "dir": directory}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for the module (index_images leaves a Ray it did not start running)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture

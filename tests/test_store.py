@@ -1,6 +1,7 @@
 """xmodal.store against a real milvus-lite database in tmp_path (no Triton, no Ray)."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -61,6 +62,43 @@ def test_image_collection_schema_and_model(client):
         "name": "tiny", "version": "3", "fingerprint": "f00dfeedf00dfeed", "dim": str(DIM), "metric": "IP"}
     # same model again: nothing to create, the check passes
     assert store.ensure_collection(client, "images", card()) is False
+
+
+def hierarchical_card(fingerprint: str = "abcdabcdabcdabcd") -> ModelCard:
+    return dataclasses.replace(card(fingerprint, "levels"), embeddings={
+        "global": {"dim": 2 * DIM}, "concept": {"dim": DIM}, "exterior": {"dim": DIM + 4}})
+
+
+@pytest.mark.parametrize("kind", ["image", "caption"])
+def test_one_vector_field_per_level(client, kind):
+    assert store.ensure_collection(client, "levels", hierarchical_card(), kind=kind)
+    assert store.collection_vector_fields(client, "levels") == {
+        "global": 2 * DIM, "concept_vector": DIM, "exterior_vector": DIM + 4}
+    for field in ("global", "concept_vector", "exterior_vector"):
+        index = client.describe_index("levels", field)
+        assert (index["metric_type"], index["index_type"]) == ("IP", store.DEFAULT_INDEX_TYPE)
+    scalar = {"image": {"image", "captions", "concept", "style"}, "caption": {"caption", "concept", "style", "image"}}
+    fields = {f["name"] for f in client.describe_collection("levels")["fields"]}
+    assert fields == {"id", "global", "concept_vector", "exterior_vector"} | scalar[kind]
+    assert store.ensure_collection(client, "levels", hierarchical_card(), kind=kind) is False
+
+
+def test_vector_field_names():
+    assert [store.vector_field(level) for level in ("global", "concept", "exterior")] == [
+        "global", "concept_vector", "exterior_vector"]
+    vectors = {"global": np.ones(2, dtype=np.float32), "concept": [0.5, 0.25]}
+    assert store.vector_values(vectors) == {"global": [1.0, 1.0], "concept_vector": [0.5, 0.25]}
+
+
+def test_a_collection_without_the_cards_level_fields_is_refused(client):
+    """Filled by an earlier xmodal with the same hierarchical model: only the fused field."""
+    levels = hierarchical_card()
+    store.create_image_collection(client, "old", dataclasses.replace(levels, embeddings={"global": {"dim": 2 * DIM}}))
+    with pytest.raises(ValueError) as raised:
+        store.ensure_collection(client, "old", levels)
+    message = str(raised.value)
+    assert "'old' has no vector field 'concept_vector', 'exterior_vector'" in message
+    assert "(its vector fields: global)" in message and "xmodal index delete" in message
 
 
 def test_another_model_is_refused_naming_both(client):

@@ -64,10 +64,10 @@ def export_encoders(directory: Path) -> tuple[Path, Path]:
     return image_path, text_path
 
 
-def write_tokenizer(path: Path) -> Path:
+def write_tokenizer(path: Path, words: list[str] = WORDS) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{word: i + 2 for i, word in enumerate(WORDS)}}
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{word: i + 2 for i, word in enumerate(words)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -76,12 +76,13 @@ def write_tokenizer(path: Path) -> Path:
     return path
 
 
-def make_card(fingerprint: str, name: str = "tiny") -> ModelCard:
+def make_card(fingerprint: str, name: str = "tiny", *, embeddings: dict[str, dict[str, int]] | None = None,
+              recipe: str = "test") -> ModelCard:
     return ModelCard(
-        name=name, version=1, fingerprint=fingerprint, embeddings={"global": {"dim": DIM}}, metric="IP",
-        image=ImagePreprocessing(size=SIZE, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]),
+        name=name, version=1, fingerprint=fingerprint, embeddings=embeddings or {"global": {"dim": DIM}},
+        metric="IP", image=ImagePreprocessing(size=SIZE, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]),
         tokenizer=TokenizerSpec(kind="wordlevel", file="tokenizer.json", vocab_hash="test", max_length=MAX_LENGTH),
-        recipe="test")
+        recipe=recipe)
 
 
 def build_repository(directory: Path, *, max_batch_size: int = 8) -> tuple[ModelCard, Path]:
@@ -90,6 +91,83 @@ def build_repository(directory: Path, *, max_batch_size: int = 8) -> tuple[Model
     image_onnx, text_onnx = export_encoders(directory)
     tokenizer_json = write_tokenizer(directory / "tokenizer.json")
     card = make_card(fingerprint_files([image_onnx, text_onnx]))
+    repository = write_model_repository(
+        directory / "model_repository", card, image_onnx=image_onnx, text_onnx=text_onnx,
+        tokenizer_json=tokenizer_json, max_batch_size=max_batch_size)
+    return card, repository
+
+
+# -- a two-level (MT-HCN-style) model -----------------------------------------------------------
+
+# Levels as the mthcn recipe has them, on the small CNN and text CNN; `global` is their fusion.
+HIERARCHICAL_CONFIG = {
+    "recipe": "mthcn", "image_encoder": "small_cnn", "text_encoder": "small_text_cnn",
+    "levels": {"concept": "pooled", "exterior": "mid"}, "fusion": {"concept": 0.5, "exterior": 0.5},
+    "dim": DIM, "head_layers": 1, "head_hidden": 16,
+}
+# write_corpus's captions[0] ("red ellipse", ...) in words the hierarchical tokenizer knows.
+HIERARCHICAL_WORDS = WORDS + [name for name in COLOURS if name not in WORDS] + ["ellipse", "rectangle"]
+
+
+def build_hierarchical_repository(directory: Path, pairs: list[tuple[Path, str]], *, max_batch_size: int = 8,
+                                  steps: int = 150) -> tuple[ModelCard, Path]:
+    """A two-level model fitted to `pairs` (image file, caption), exported and written as a repository.
+
+    Fitted so that each caption's own image comes first at every level (checked here): a
+    level-weighted search then has a right answer to find. The images go through the
+    server's own preprocessing, the captions through the served tokenizer.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from tokenizers import Tokenizer
+
+    from xmodal.export.onnx import export_encoder
+    from xmodal.export.repository import write_model_repository
+    from xmodal.preprocessing import preprocess_image_bytes
+    from xmodal.training.models import DualEncoder, ServedTower, embedding_dims
+
+    torch.manual_seed(0)
+    tokenizer_json = write_tokenizer(directory / "tokenizer.json", HIERARCHICAL_WORDS)
+    config = {**HIERARCHICAL_CONFIG, "vocab_size": len(HIERARCHICAL_WORDS) + 2}
+    dims = embedding_dims(config)
+    card = make_card("0" * 16, "tiny-mthcn", embeddings={name: {"dim": dim} for name, dim in dims.items()},
+                     recipe="mthcn")
+    pixels = torch.from_numpy(np.stack([
+        preprocess_image_bytes(Path(image).read_bytes(), SIZE, card.image.mean, card.image.std, card.image.background)
+        for image, _ in pairs]))
+    encodings = Tokenizer.from_file(str(tokenizer_json)).encode_batch([caption for _, caption in pairs])
+    length = max(len(e.ids) for e in encodings)
+    ids = torch.tensor([e.ids + [0] * (length - len(e.ids)) for e in encodings])
+
+    model = DualEncoder(config)
+    model.eval()  # batch norm on its initial statistics: the served model normalises exactly as the fitted one
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    target = torch.arange(len(pairs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only contend (10x slower on a busy 2-core machine)
+    try:
+        for _ in range(steps):
+            images, texts = model.image(pixels), model.text(ids)
+            loss = sum(F.cross_entropy(images[level] @ texts[level].T / 0.1, target)
+                       + F.cross_entropy(texts[level] @ images[level].T / 0.1, target) for level in config["levels"])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            images, texts = model.image(pixels), model.text(ids)
+    finally:
+        torch.set_num_threads(threads)
+    for level in config["levels"]:
+        if not torch.equal((texts[level] @ images[level].T).argmax(dim=1), target):
+            raise RuntimeError(f"the tiny hierarchical model did not fit its {len(pairs)} pairs at level {level!r}")
+
+    image_onnx, text_onnx = directory / "image.onnx", directory / "text.onnx"
+    export_encoder(ServedTower(model.image, config), torch.randn(2, 3, SIZE, SIZE), image_onnx, "pixel_values",
+                   {0: "batch"})
+    export_encoder(ServedTower(model.text, config), torch.ones(2, 5, dtype=torch.long), text_onnx, "input_ids",
+                   {0: "batch", 1: "sequence"})
+    card.fingerprint = fingerprint_files([image_onnx, text_onnx])
     repository = write_model_repository(
         directory / "model_repository", card, image_onnx=image_onnx, text_onnx=text_onnx,
         tokenizer_json=tokenizer_json, max_batch_size=max_batch_size)

@@ -112,8 +112,15 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     index = index_captions if args.captions else index_images
     collection = args.collection or (settings.CAPTION_COLLECTION if args.captions else settings.IMAGE_COLLECTION)
+    if args.local:
+        where = dict(model_repository=args.model_repository or settings.default_model_repository())
+    else:
+        if args.model_repository is not None:
+            raise ValueError("--model-repository is for --local (in-process ONNX Runtime); without it the "
+                             "Triton server at --triton-url embeds")
+        where = dict(triton_url=args.triton_url)
     report = index(
-        args.manifest or default_manifest(), triton_url=args.triton_url, milvus_uri=args.milvus_uri,
+        args.manifest or default_manifest(), **where, milvus_uri=args.milvus_uri,
         collection=collection, split=None if args.split == "all" else args.split,
         batch_size=args.batch_size, embed_workers=args.workers, shard_size=args.shard_size,
         write_batch=args.write_batch, restart=args.restart, ray_address=args.address,
@@ -143,6 +150,24 @@ def cmd_index_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_level_weights(text: str | None) -> dict[str, float] | None:
+    """``concept=0.7,exterior=0.3`` -> {"concept": 0.7, "exterior": 0.3}; the client checks the levels and values."""
+    if text is None:
+        return None
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        level, equals, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not equals or not level.strip() or weight is None or level.strip() in weights:
+            raise ValueError(f"--level-weights takes LEVEL=WEIGHT pairs separated by commas, each level once, "
+                             f"e.g. concept=0.7,exterior=0.3; got {text!r}")
+        weights[level.strip()] = weight
+    return weights
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from xmodal.client import Client
     from xmodal.client.table import format_hits
@@ -151,13 +176,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ValueError("give either a text query or --image PATH, not both or neither")
     if args.captions and args.image is None:
         raise ValueError("--captions searches captions for an image: give --image PATH")
+    options = dict(k=args.k, filter=args.filter, level_weights=parse_level_weights(args.level_weights))
     with Client(args.triton_url, args.milvus_uri, args.collection) as client:
         if args.text is not None:
-            hits = client.search_text(args.text, k=args.k, filter=args.filter)
+            hits = client.search_text(args.text, **options)
         elif args.captions:
-            hits = client.search_captions(args.image, k=args.k, filter=args.filter)
+            hits = client.search_captions(args.image, **options)
         else:
-            hits = client.search_image(args.image, k=args.k, filter=args.filter)
+            hits = client.search_image(args.image, **options)
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))
     else:
@@ -246,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--split", default="test", help="manifest split to index, or 'all' (default test)")
     index.add_argument("--captions", action="store_true", help="index the captions (one row per distinct text) instead of the images")
     index.add_argument("--triton-url", default=settings.default_triton_url())
+    index.add_argument("--local", action="store_true",
+                       help="embed in-process with ONNX Runtime from the model repository, no Triton server")
+    index.add_argument("--model-repository", type=Path,
+                       help="with --local: the repository to run (default xmodal-data/model_repository)")
     index.add_argument("--milvus-uri", default=None)
     index.add_argument("--collection", help=f"default {settings.IMAGE_COLLECTION}, or {settings.CAPTION_COLLECTION} with --captions")
     index.add_argument("--batch-size", type=int, default=32)
@@ -278,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--collection", default=settings.IMAGE_COLLECTION)
     search.add_argument("--filter", help='a Milvus boolean expression on the scalar fields, e.g. \'style == "openmoji"\'')
     search.add_argument("--captions", action="store_true", help="with --image: captions for the image (the caption collection)")
+    search.add_argument("--level-weights", metavar="LEVEL=W,...",
+                        help="hierarchical models: rank by the weighted levels, e.g. concept=0.7,exterior=0.3 "
+                             "(default: the fused global vector)")
     search.set_defaults(func=cmd_search)
 
     web = commands.add_parser("web", help="serve the search page (text or image -> images) until Ctrl-C")

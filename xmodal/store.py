@@ -30,7 +30,11 @@ DIM_KEY = "xmodal.dim"
 METRIC_KEY = "xmodal.metric"
 CARD_KEYS = (MODEL_KEY, VERSION_KEY, FINGERPRINT_KEY, DIM_KEY, METRIC_KEY)
 
+# The fused vector every model has ("global") keeps the field name it always had. The other
+# levels of a hierarchical model get a suffix: a level may share its name with a scalar field
+# ("concept" is both an MT-HCN level and the emoji concept key).
 VECTOR_FIELD = "global"
+LEVEL_FIELD_SUFFIX = "_vector"
 ID_MAX_LENGTH = 64
 PATH_MAX_LENGTH = 4096
 TEXT_MAX_LENGTH = 8192
@@ -38,6 +42,8 @@ KEY_MAX_LENGTH = 256
 # Fields a search returns besides id and score.
 IMAGE_OUTPUT_FIELDS = ["image", "captions", "concept", "style"]
 CAPTION_OUTPUT_FIELDS = ["caption", "concept", "style", "image"]
+IMAGE_SCALAR_FIELDS = ("id", *IMAGE_OUTPUT_FIELDS)
+CAPTION_SCALAR_FIELDS = ("id", *CAPTION_OUTPUT_FIELDS)
 
 # HNSW with the parameters DESIGN.md measured. milvus-lite 3.2.2 builds it with faiss when
 # faiss-cpu is importable (else it falls back to brute force; search still works); on a
@@ -80,6 +86,27 @@ def connect(uri: str | Path, *, token: str | None = None, timeout: float | None 
         raise ConnectionError(f"cannot reach Milvus at {uri}: {exc}") from exc
 
 
+def vector_field(level: str) -> str:
+    """The vector field that holds the card's embedding `level`."""
+    return VECTOR_FIELD if level == VECTOR_FIELD else f"{level}{LEVEL_FIELD_SUFFIX}"
+
+
+def card_levels(card: ModelCard) -> list[str]:
+    """The card's embedding levels, "global" first, then the others by name."""
+    return sorted(card.embeddings, key=lambda level: (level != VECTOR_FIELD, level))
+
+
+def vector_fields(card: ModelCard) -> dict[str, int]:
+    """Vector field -> dim, one per entry of the card's embeddings, "global" first."""
+    return {vector_field(level): int(card.embeddings[level]["dim"]) for level in card_levels(card)}
+
+
+def vector_values(vectors: dict[str, Any]) -> dict[str, list[float]]:
+    """A row's vector fields from its embeddings by level (numpy arrays or lists)."""
+    return {vector_field(level): vector.tolist() if hasattr(vector, "tolist") else list(vector)
+            for level, vector in vectors.items()}
+
+
 def card_properties(card: ModelCard) -> dict[str, str]:
     return {
         MODEL_KEY: card.name,
@@ -94,11 +121,20 @@ def _varchar(schema, name: str, max_length: int, **kwargs) -> None:
     schema.add_field(name, DataType.VARCHAR, max_length=max_length, **kwargs)
 
 
+def _add_vector_fields(schema, card: ModelCard, scalar_fields: tuple[str, ...]) -> None:
+    for field, dim in vector_fields(card).items():
+        if field in scalar_fields or not field.isidentifier():
+            raise ValueError(f"the card of {describe_model(card)} names an embedding whose field {field!r} "
+                             f"cannot be a Milvus vector field here (scalar fields: {', '.join(scalar_fields)})")
+        schema.add_field(field, DataType.FLOAT_VECTOR, dim=dim)
+
+
 def _create(client: MilvusClient, name: str, card: ModelCard, schema, description: str,
             index_type: str, index_params: dict | None) -> None:
     index = client.prepare_index_params()
     params = DEFAULT_INDEX_PARAMS if index_params is None and index_type == DEFAULT_INDEX_TYPE else index_params
-    index.add_index(VECTOR_FIELD, index_type=index_type, metric_type=card.metric, params=params or {})
+    for field in vector_fields(card):
+        index.add_index(field, index_type=index_type, metric_type=card.metric, params=dict(params or {}))
     client.create_collection(
         name, schema=schema, index_params=index, description=description,
         properties=card_properties(card),
@@ -110,7 +146,7 @@ def create_image_collection(client: MilvusClient, name: str, card: ModelCard, *,
     """Create the image collection (schema in docs/architecture.md) with the card's model recorded."""
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     _varchar(schema, "id", ID_MAX_LENGTH, is_primary=True)  # sha256 of the image bytes, 32 hex digits
-    schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=card.dim)
+    _add_vector_fields(schema, card, IMAGE_SCALAR_FIELDS)
     _varchar(schema, "image", PATH_MAX_LENGTH)  # absolute path
     schema.add_field("captions", DataType.JSON)  # a JSON list of strings
     _varchar(schema, "concept", KEY_MAX_LENGTH)
@@ -123,7 +159,7 @@ def create_caption_collection(client: MilvusClient, name: str, card: ModelCard, 
     """Create the caption collection: one row per distinct caption text of an image."""
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     _varchar(schema, "id", ID_MAX_LENGTH, is_primary=True)  # sha256 of the caption text, 32 hex digits
-    schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=card.dim)
+    _add_vector_fields(schema, card, CAPTION_SCALAR_FIELDS)
     _varchar(schema, "caption", TEXT_MAX_LENGTH)
     _varchar(schema, "concept", KEY_MAX_LENGTH)
     _varchar(schema, "style", KEY_MAX_LENGTH)
@@ -162,11 +198,31 @@ def check_collection_model(client: MilvusClient, name: str, card: ModelCard) -> 
     return stored
 
 
+def collection_vector_fields(client: MilvusClient, name: str) -> dict[str, int]:
+    """The collection's FLOAT_VECTOR fields and their dims, in schema order."""
+    return {f["name"]: int(f["params"]["dim"]) for f in client.describe_collection(name)["fields"]
+            if f["type"] == DataType.FLOAT_VECTOR}
+
+
+def missing_levels_message(name: str, card: ModelCard, present: dict[str, int] | list[str]) -> str:
+    wanted = [field for field in vector_fields(card) if field not in present]
+    return (f"collection {name!r} has no vector field {', '.join(repr(f) for f in wanted)} for the levels of "
+            f"{describe_model(card)} (its vector fields: {', '.join(present) or 'none'}); it was filled before "
+            f"xmodal stored one vector field per level: drop it (xmodal index delete) and index again")
+
+
 def ensure_collection(client: MilvusClient, name: str, card: ModelCard, *, kind: str = "image",
                       **index_kwargs) -> bool:
-    """Create the collection for `card` if missing, else check its model. True when created."""
+    """Create the collection for `card` if missing, else check its model. True when created.
+
+    An existing collection must also have a vector field for every level of the card (one
+    filled by an earlier xmodal with a hierarchical model has only "global").
+    """
     if client.has_collection(name):
         check_collection_model(client, name, card)
+        present = collection_vector_fields(client, name)
+        if any(field not in present for field in vector_fields(card)):
+            raise ValueError(missing_levels_message(name, card, present))
         ensure_loaded(client, name)
         return False
     create = {"image": create_image_collection, "caption": create_caption_collection}[kind]
@@ -188,11 +244,11 @@ def missing_collection_message(client: MilvusClient, name: str) -> str:
     return f"collection {name!r} does not exist (existing collections: {listed}); index some data first"
 
 
-def search_params(client: MilvusClient, name: str, metric: str, k: int) -> dict[str, Any]:
-    """Search parameters for the collection's vector index."""
+def search_params(client: MilvusClient, name: str, metric: str, k: int, field: str = VECTOR_FIELD) -> dict[str, Any]:
+    """Search parameters for the index of the collection's vector `field`."""
     params: dict[str, Any] = {}
     try:
-        index_type = client.describe_index(name, VECTOR_FIELD).get("index_type", "")
+        index_type = client.describe_index(name, field).get("index_type", "")
     except Exception:  # no index described: search with defaults
         index_type = ""
     if index_type.upper().startswith("HNSW"):

@@ -1,0 +1,125 @@
+"""`xmodal index --local`: the embedding stage without a server.
+
+Each Ray actor runs what the Triton ensembles run, from the same model repository: the
+version its ensembles pin, that version's preprocessing (``xmodal/preprocessing.py`` with
+``preprocess_image/<v>/params.json``; ``preprocess_text/<v>/tokenizer.json`` with its
+``params.json``, padded to the same length buckets as ``preprocess_text``) and its encoder
+ONNX files, in-process with ONNX Runtime (the CUDA provider first where onnxruntime-gpu has
+it). The card is the repository's ``card.json``, the one the ensembles carry.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from xmodal.card import ModelCard
+from xmodal.export.repository import (IMAGE_ENCODER, PARAMS_FILE, PREPROCESS_IMAGE, PREPROCESS_TEXT, TEXT_ENCODER,
+                                      pinned_version)
+from xmodal.indexer.embed import EmbedStage
+
+
+def repository_version(repository: str | Path) -> int:
+    """The version the repository's ensembles serve; ValueError when it is no xmodal repository."""
+    version = pinned_version(Path(repository))
+    if version is None:
+        raise ValueError(f"{repository} is not an xmodal model repository (no embed_text/config.pbtxt pinning a "
+                         f"version): write one with `xmodal export`, or pass its path as --model-repository")
+    return version
+
+
+def repository_card(repository: str | Path) -> ModelCard:
+    """The card the repository serves (its root ``card.json``)."""
+    repository_version(repository)
+    return ModelCard.load(Path(repository))
+
+
+def _padded_length(longest: int, max_length: int | None) -> int:
+    # preprocess_text's buckets (8, 16, 32, ... up to the max length): the same input_ids as the server
+    length = 8
+    while length < longest:
+        length *= 2
+    return min(length, max_length) if max_length else length
+
+
+class LocalEmbedder(EmbedStage):
+    """The embedding stage in-process: `kind` "image" or "text" of the model repository."""
+
+    error_prefix = "local: "
+
+    def __init__(self, repository: str | Path, kind: str, dims: dict[str, int] | int):
+        import onnxruntime as ort
+
+        super().__init__(dims)
+        if kind not in ("image", "text"):
+            raise ValueError(f"kind must be 'image' or 'text', got {kind!r}")
+        root = Path(repository)
+        version = str(repository_version(root))
+        self.kind = kind
+        if kind == "image":
+            self.params = json.loads((root / PREPROCESS_IMAGE / version / PARAMS_FILE).read_text())
+            encoder, self.input_name = IMAGE_ENCODER, "pixel_values"
+        else:
+            from tokenizers import Tokenizer
+
+            directory = root / PREPROCESS_TEXT / version
+            self.params = json.loads((directory / PARAMS_FILE).read_text())
+            self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            self.max_length = (self.tokenizer.truncation or {}).get("max_length")
+            encoder, self.input_name = TEXT_ENCODER, "input_ids"
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(root / encoder / version / "model.onnx"), sess_options=options,
+                                            providers=providers)
+
+    def embed_outputs(self, items: list[bytes]) -> tuple[dict[str, np.ndarray], list[str | None]]:
+        inputs, errors = self._images(items) if self.kind == "image" else self._texts(items)
+        good = [i for i, error in enumerate(errors) if error is None]
+        levels = list(self.dims)
+        vectors = {level: np.zeros((len(items), dim), dtype=np.float32) for level, dim in self.dims.items()}
+        if good:
+            outputs = self.session.run(levels, {self.input_name: inputs})
+            for level, output in zip(levels, outputs):
+                vectors[level][good] = output
+        return vectors, errors
+
+    def _images(self, items: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
+        from xmodal.preprocessing import ImageDecodeError, preprocess_image_bytes
+
+        rows, errors = [], []
+        for data in items:
+            try:
+                rows.append(preprocess_image_bytes(data, int(self.params["size"]), self.params["mean"],
+                                                   self.params["std"], self.params.get("background", [255, 255, 255])))
+                errors.append(None)
+            except ImageDecodeError as exc:
+                errors.append(f"not an image: {exc}")
+        return (np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0,), np.float32)), errors
+
+    def _texts(self, items: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
+        # The checks of preprocess_text, item by item: a bad text fails alone.
+        texts, errors = [], []
+        for data in items:
+            try:
+                text = bytes(data).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                texts.append(None)
+                errors.append(f"not valid UTF-8: {exc}")
+                continue
+            texts.append(text)
+            errors.append(None if text.strip() else "empty text")
+        encodings = {i: self.tokenizer.encode(text) for i, text in enumerate(texts) if errors[i] is None}
+        for i, encoding in encodings.items():
+            if not encoding.ids or all(encoding.special_tokens_mask):
+                errors[i] = "no tokens (only characters the tokenizer removes)"
+        kept = [encodings[i] for i in sorted(encodings) if errors[i] is None]
+        if not kept:
+            return np.zeros((0, 0), dtype=np.int64), errors
+        width = _padded_length(max(len(e.ids) for e in kept), self.max_length)
+        ids = np.full((len(kept), width), int(self.params.get("pad_id", 0)), dtype=np.int64)
+        for row, encoding in enumerate(kept):
+            ids[row, :len(encoding.ids)] = encoding.ids
+        return ids, errors

@@ -29,6 +29,15 @@ VARIANTS = [
         {"name": "hbtr", "fraction": 0.7, "losses": [
             {"loss": "hbtr", "level": "global", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.1}]},
     ]}, "vsepp with HBTR (hardest negative + the centroid term) in place of the triplet"),
+    # At centroid margin 0.1 the term never fires once the warm-up has spread the space (measured on
+    # 256 training pairs of the hbtr run: positives 0.59 on average, at least 0.38; the mean
+    # similarity to the negatives 0.001; 0% of anchors inside the margin), so hbtr equals vsepp.
+    # A wide margin lets it act.
+    ("hbtr_wide", "vsepp", {"stages": [
+        {"name": "warmup", "fraction": 0.3, "losses": [{"loss": "infonce", "level": "global", "weight": 1.0}]},
+        {"name": "hbtr", "fraction": 0.7, "losses": [
+            {"loss": "hbtr", "level": "global", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.5}]},
+    ]}, "hbtr with centroid margin 0.5"),
     ("dualpath", "dualpath", {}, "instance loss (stage I), + ranking (stage II)"),
     ("mthcn", "mthcn", {}, "two levels, InfoNCE warm-up, then SSC + HBTR at both, fused score"),
 ]
@@ -144,6 +153,16 @@ def row(name: str, output: str, figures: dict, seconds: float) -> str:
     return f"| {name} | {output} | " + " | ".join(cells) + f" | **{figures['rsum']:.1f}** | {figures['image_to_text']['medr']:.0f} / {figures['text_to_image']['medr']:.0f} | " + " | ".join(maps) + f" | {seconds:.0f} |"
 
 
+# One seed a variant: a difference this small in rsum is not evidence either way.
+TIE_RSUM = 1.0
+
+
+def verdict(claimed_better: float, baseline: float) -> str:
+    if abs(claimed_better - baseline) < TIE_RSUM:
+        return f"a tie here (within {TIE_RSUM:.0f} rsum, one seed each)"
+    return "holds here" if claimed_better > baseline else "does not hold here"
+
+
 def claim_lines(results: dict, text_encoder: str) -> list[str]:
     def rsum(name: str, output: str = "global") -> float | None:
         return results.get(variant_key(name, text_encoder), {}).get("test", {}).get(output, {}).get("rsum")
@@ -152,15 +171,16 @@ def claim_lines(results: dict, text_encoder: str) -> list[str]:
     claims = [
         ("instance loss + ranking beats ranking alone", "dualpath", "vsepp"),
         ("HBTR beats the plain hardest-negative triplet", "hbtr", "vsepp"),
+        ("HBTR (centroid margin 0.5) beats the plain hardest-negative triplet", "hbtr_wide", "vsepp"),
     ]
     for claim, better, baseline in claims:
         a, b = rsum(better), rsum(baseline)
         if a is not None and b is not None:
-            lines.append(f"- {claim}: {better} {a:.1f} vs {baseline} {b:.1f} rsum — {'holds' if a > b else 'does not hold'} here.")
+            lines.append(f"- {claim}: {better} {a:.1f} vs {baseline} {b:.1f} rsum — {verdict(a, b)}.")
     fused, concept, exterior = rsum("mthcn"), rsum("mthcn", "concept"), rsum("mthcn", "exterior")
     if None not in (fused, concept, exterior):
-        verdict = "holds" if fused > max(concept, exterior) else "does not hold"
-        lines.append(f"- two-level fusion beats either level: fused {fused:.1f} vs concept {concept:.1f} / exterior {exterior:.1f} rsum — {verdict} here.")
+        verdict_ = verdict(fused, max(concept, exterior))
+        lines.append(f"- two-level fusion beats either level: fused {fused:.1f} vs concept {concept:.1f} / exterior {exterior:.1f} rsum — {verdict_}.")
     return lines
 
 

@@ -83,6 +83,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # pairs are clustered by their exterior embeddings each epoch and the concept level
     # learns to classify them (SSC); HBTR ranks at both levels; the served score fuses them.
     # Its ranking terms use the hardest negative too, so it warms up like vsepp, at both levels.
+    # After the warm-up HBTR's centroid term at margin 0.1 hardly ever fires (the mean similarity
+    # to the negatives is ≈ 0, every positive above 0.38); on the global level alone a margin of
+    # 0.5 gained 3.2 rsum (benchmarks/recipes.py hbtr_wide). Not yet measured here.
     "mthcn": {
         "levels": {"concept": "pooled", "exterior": "mid"},
         "fusion": {"concept": 0.5, "exterior": 0.5},

@@ -1004,8 +1004,8 @@ def markdown(summary_: dict) -> str:
                              f"| failed: {' '.join(case.get('error', []))[:200]} | | | {ours_cells} |")
     sweep = summary_["instance_sweep"]
     lines += ["", "## instance_group sweep", "",
-              "Every configuration served at once and measured in turn, 16 gRPC clients; items/s. Without an "
-              "`instance_group` (what export writes for the CPU target today) Triton gives "
+              "Every configuration served at once and measured in turn, 16 gRPC clients; items/s. With export's "
+              "defaults for the CPU target the server ran "
               + ", ".join(f"{model} {count}" for model, count in sweep["default_without_instance_group"].items())
               + " instance(s).", "",
               "| encoder / preprocess instances | " + " | ".join(sweep["workloads"])

@@ -214,7 +214,10 @@ def test_configs_parse_and_carry_the_card(artefacts):
         config = text_format.Parse((repository / name / "config.pbtxt").read_text(),
                                    model_config_pb2.ModelConfig())
         assert config.name == name and config.max_batch_size == 8
-        assert not config.instance_group
+        if name.endswith("_encoder"):  # one CPU instance: measured faster than Triton's two
+            assert [(g.kind, g.count) for g in config.instance_group] == [(config.instance_group[0].KIND_CPU, 1)]
+        else:
+            assert not config.instance_group
     ensemble = text_format.Parse((repository / "embed_text" / "config.pbtxt").read_text(),
                                  model_config_pb2.ModelConfig())
     card = ModelCard.from_json(ensemble.parameters[CARD_PARAMETER].string_value)

@@ -29,7 +29,7 @@ models on a small PNG and a short text (files under ``<model>/warmup/``).
 
 Targets. ``cpu`` gives each encoder one KIND_CPU instance unless a count is given: left to
 itself Triton makes two, and on 2 cores the sweep in ``benchmarks/serving.py`` measured one
-instance 20–25% faster (geometric mean over text and image, single items and batches of 32,
+instance 20–27% faster (geometric mean over text and image, single items and batches of 32,
 16 clients; docs/serving-benchmark.md). ONNX Runtime already spreads one call over the
 cores, so a second instance only competes for them. The preprocessing models keep
 Triton's default (one) unless a count is given. ``gpu`` gives the encoders

@@ -14,7 +14,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,10 +39,24 @@ VARIANTS = [
     ]}, "hbtr with centroid margin 0.5"),
     ("dualpath", "dualpath", {}, "instance loss (stage I), + ranking (stage II)"),
     ("mthcn", "mthcn", {}, "two levels, InfoNCE warm-up, then SSC + HBTR at both, fused score"),
+    ("ccl", "ccl", {}, "instance + fragment levels fused; pairwise + category losses balanced by learnt weights"),
+    ("cmgans", "cmgans", {}, "shared-top heads, reconstruction + intra/inter-modality discriminators, InfoNCE pairs"),
+    ("cran", "cran", {}, "InfoNCE first stage + CRAN pair scorer (global/local/relation), re-ranking the top 20"),
+    ("mcsm", "mcsm", {}, "InfoNCE first stage + MCSM pair scorer (a space per modality), re-ranking the top 20"),
 ]
 
 
-TEXT_TOWERS = {"glove_cnn": "GloVe text CNN", "minilm": "MiniLM (frozen, LiT-style)"}
+# name → (what it is, the recipe overrides that make it). The variant's key is "<variant> + <tower>"
+# (the GloVe CNN, every recipe's default, adds nothing).
+TEXT_TOWERS = {
+    "glove_cnn": ("GloVe text CNN", {"text_encoder": "glove_cnn"}),
+    "minilm": ("MiniLM (frozen, LiT-style)", {"text_encoder": "minilm"}),
+    # Its lower 4 layers frozen and their token states cached per caption; the top 2 train at lr × 0.1.
+    "minilm_top2": ("MiniLM (top 2 of 6 layers trained at lr × 0.1)",
+                    {"text_encoder": "minilm", "text_freeze": "top2", "text_lr_scale": 0.1}),
+}
+# Towers that cost a backbone pass per step run only the variants worth that cost.
+TOWER_VARIANTS = {"minilm_top2": ("infonce", "dualpath", "mthcn")}
 
 # Natural-language queries, none of them an emoji label: which text tower understands sentences.
 SENTENCE_QUERIES = [
@@ -56,8 +69,12 @@ SENTENCE_QUERIES = [
 ]
 
 
-def variant_key(name: str, text_encoder: str) -> str:
-    return name if text_encoder == "glove_cnn" else f"{name} + {text_encoder}"
+# The variants whose answers to SENTENCE_QUERIES are shown: the baseline and the strongest recipes.
+SENTENCE_QUERY_VARIANTS = ("infonce", "dualpath", "mthcn")
+
+
+def variant_key(name: str, tower: str) -> str:
+    return name if tower == "glove_cnn" else f"{name} + {tower}"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -67,29 +84,31 @@ def run(args: argparse.Namespace) -> dict:
 
     manifests = resolve_data(args.data)
     summary = previous_summary(args) | describe(args, manifests)
-    for text_encoder in args.text_encoders:
+    for tower in args.text_towers:
         for name, recipe, overrides, note in VARIANTS:
-            if args.only and name not in args.only:
+            if (args.only and name not in args.only) or name not in TOWER_VARIANTS.get(tower, (name,)):
                 continue
-            key = variant_key(name, text_encoder)
+            key = variant_key(name, tower)
             run_dir = args.runs / key.replace(" + ", "-")
             if args.collect:
                 if not (run_dir / "eval.json").exists():
                     print(f"{key}: no finished run in {run_dir}", flush=True)
                     continue
+            elif args.resume and (run_dir / "eval.json").exists() and not (run_dir / "checkpoint.pt").exists():
+                print(f"{key}: finished before, collected", flush=True)
             else:
                 budget = {"epochs": args.epochs, "minutes": 600.0} if args.epochs else {"minutes": args.minutes}
-                train(manifests, run_dir, recipe=recipe, resume=False, progress=not args.quiet,
-                      text_encoder=text_encoder, **budget, **overrides)
+                train(manifests, run_dir, recipe=recipe, resume=args.resume, progress=not args.quiet,
+                      **budget, **overrides, **TEXT_TOWERS[tower][1])
             report = json.loads((run_dir / "eval.json").read_text())
             result = {
-                "recipe": recipe, "note": note, "overrides": overrides, "text_encoder": text_encoder,
+                "recipe": recipe, "note": note, "overrides": overrides, "text_tower": tower,
                 "train_seconds": report["train_seconds"], "epochs": report["epochs"],
                 "train_images": report["train_images"], "train_styles": report["train_styles"],
                 "test_styles": report["test_styles"], "test_images": report["test_images"],
                 "test": {output: {k: v for k, v in m.items() if k != "curve"} for output, m in report["test"].items()},
             }
-            if name == "infonce":
+            if name in SENTENCE_QUERY_VARIANTS:
                 result["sentence_queries"] = sentence_queries(run_dir, manifests)
             summary["results"][key] = result
             save(summary, args)
@@ -163,9 +182,9 @@ def verdict(claimed_better: float, baseline: float) -> str:
     return "holds here" if claimed_better > baseline else "does not hold here"
 
 
-def claim_lines(results: dict, text_encoder: str) -> list[str]:
+def claim_lines(results: dict, tower: str) -> list[str]:
     def rsum(name: str, output: str = "global") -> float | None:
-        return results.get(variant_key(name, text_encoder), {}).get("test", {}).get(output, {}).get("rsum")
+        return results.get(variant_key(name, tower), {}).get("test", {}).get(output, {}).get("rsum")
 
     lines = []
     claims = [
@@ -177,6 +196,11 @@ def claim_lines(results: dict, text_encoder: str) -> list[str]:
         a, b = rsum(better), rsum(baseline)
         if a is not None and b is not None:
             lines.append(f"- {claim}: {better} {a:.1f} vs {baseline} {b:.1f} rsum — {verdict(a, b)}.")
+    for scorer in ("cran", "mcsm"):
+        first, reranked = rsum(scorer), rsum(scorer, "rerank@20")
+        if first is not None and reranked is not None:
+            lines.append(f"- re-ranking the top 20 with {scorer}'s pair scorer beats its first stage alone: "
+                         f"{reranked:.1f} vs {first:.1f} rsum — {verdict(reranked, first)}.")
     fused, concept, exterior = rsum("mthcn"), rsum("mthcn", "concept"), rsum("mthcn", "exterior")
     if None not in (fused, concept, exterior):
         verdict_ = verdict(fused, max(concept, exterior))
@@ -197,7 +221,8 @@ def markdown(summary: dict) -> str:
         "R@K in %, rsum = R@1+R@5+R@10 both ways, medr = median rank (image→text / text→image), "
         "MAP@all over emoji subgroups. The image tower is EfficientNet-Lite0 (ImageNet weights, frozen, "
         "its heads trained) in every row; `+ minilm` rows swap the GloVe text CNN for all-MiniLM-L6-v2, "
-        "frozen, with its heads trained. The budget is epochs, not time, so every row did the same "
+        "frozen, with its heads trained; `+ minilm_top2` rows also train its top 2 of 6 layers "
+        "(at lr × 0.1; the lower 4 stay frozen, their token states cached per caption). The budget is epochs, not time, so every row did the same "
         "work; `train s` is the wall time on a shared machine (other jobs ran beside some rows), "
         "a rough cost, not a comparison.",
         "",
@@ -209,23 +234,68 @@ def markdown(summary: dict) -> str:
             lines.append(row(name, output, figures, result["train_seconds"]))
     lines += ["", "Variants:", ""]
     lines += [f"- `{name}`: {result['note']} (recipe `{result['recipe']}`, text tower "
-              f"{TEXT_TOWERS.get(result.get('text_encoder', 'glove_cnn'))}, {result['epochs']} epochs)"
+              f"{TEXT_TOWERS[result_tower(result)][0]}, {result['epochs']} epochs)"
               for name, result in results.items()]
     lines += ["", "## The papers' claims, here", ""]
-    for text_encoder, tower in TEXT_TOWERS.items():
-        claims = claim_lines(results, text_encoder)
+    for tower, (label, _) in TEXT_TOWERS.items():
+        claims = claim_lines(results, tower)
         if claims:
-            lines += [f"With the {tower}:", "", *claims, ""]
+            lines += [f"With the {label}:", "", *claims, ""]
+    lines += default_model_lines(results)
     queries = {name: result["sentence_queries"] for name, result in results.items() if "sentence_queries" in result}
     if queries:
         lines += ["## Sentence queries", "",
-                  "Queries that are not emoji labels, against the held-out images; the labels of the top 3 concepts.", "",
-                  "| query | " + " | ".join(queries) + " |", "| --- " * (len(queries) + 1) + "|"]
+                  "Queries that are not emoji labels, against the held-out images; the labels of the top 3 concepts.", ""]
         for query in SENTENCE_QUERIES:
-            cells = ["; ".join(answers.get(query, [])) for answers in queries.values()]
-            lines.append(f"| {query} | " + " | ".join(cells) + " |")
-        lines.append("")
+            lines += [f"**{query}**", "", "| variant | top 3 |", "| --- | --- |"]
+            lines += [f"| {name} | {'; '.join(answers.get(query, []))} |" for name, answers in queries.items()]
+            lines.append("")
     return "\n".join(lines)
+
+
+def default_model_lines(results: dict) -> list[str]:
+    """The rule the default model is chosen by, applied to these figures, and whether the demo follows it."""
+    from xmodal.demo import DEMO_RUN
+
+    rsums = {name: result["test"]["global"]["rsum"] for name, result in results.items()}
+    if not rsums:
+        return []
+    best = max(rsums, key=rsums.get)
+    sentence_towers = [name for name in rsums if result_tower(results[name]).startswith("minilm")]
+    lines = ["## The default model", "",
+             f"The best model on label queries is `{best}` (rsum {rsums[best]:.1f})."]
+    choice = best
+    if sentence_towers:
+        reader = max(sentence_towers, key=rsums.get)
+        if reader != best and rsums[best] - rsums[reader] < TIE_RSUM:
+            choice = reader
+            lines[-1] += (f" The best with the pretrained sentence encoder, `{reader}` ({rsums[reader]:.1f}), ties it "
+                          f"(within {TIE_RSUM:.0f} rsum, one seed each), so the default is `{reader}`: the tower that "
+                          "reads sentences (the sentence queries below show the difference).")
+        elif reader != best:
+            lines[-1] += (f" The best with the sentence encoder, `{reader}` ({rsums[reader]:.1f}), is behind it by "
+                          f"{rsums[best] - rsums[reader]:.1f}, so the default is `{best}`.")
+        else:
+            others = [name for name in rsums if name not in sentence_towers]
+            runner_up = max(others, key=rsums.get) if others else None
+            if runner_up:
+                lines[-1] += (f" The best without the sentence encoder is `{runner_up}` ({rsums[runner_up]:.1f}, "
+                              f"{rsums[runner_up] - rsums[best]:+.1f}, one seed each), and the sentence queries below "
+                              f"show what the sentence encoder adds, so the default is `{best}`.")
+            else:
+                lines[-1] += " It is the default."
+    run_name = choice.replace(" + ", "-")
+    lines.append("")
+    if run_name == DEMO_RUN:
+        lines.append(f"`make demo` trains it (`xmodal/demo.py`: run `{DEMO_RUN}`) and `xmodal export` exports it by default.")
+    else:
+        lines.append(f"**`make demo` trains `{DEMO_RUN}` (`xmodal/demo.py`), not this choice: update it.**")
+    return lines + [""]
+
+
+def result_tower(result: dict) -> str:
+    """The text tower of a result; results saved before towers had names carry only the encoder."""
+    return result.get("text_tower", result.get("text_encoder", "glove_cnn"))
 
 
 def main() -> int:
@@ -236,9 +306,12 @@ def main() -> int:
     parser.add_argument("--data", action="append", help="corpus names or manifests (default emoji + iconify)")
     parser.add_argument("--runs", type=Path, default=Path("xmodal-data/runs/benchmark"))
     parser.add_argument("--only", nargs="+", help="run only these variants")
-    parser.add_argument("--text-encoders", nargs="+", default=list(TEXT_TOWERS), choices=list(TEXT_TOWERS),
-                        help="run every variant with each of these text towers")
+    parser.add_argument("--text-towers", nargs="+", default=list(TEXT_TOWERS), choices=list(TEXT_TOWERS),
+                        help="run every variant with each of these text towers (minilm_top2: only "
+                        f"{', '.join(TOWER_VARIANTS['minilm_top2'])})")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue killed runs from their last epoch and "
+                        "keep finished ones (default: train every variant afresh)")
     parser.add_argument("--collect", action="store_true",
                         help="train nothing: rebuild the figures from the finished runs in --runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recipes.json")

@@ -60,10 +60,13 @@ def test_efficientnet_pretrained_weights_load_strictly() -> None:
 
 @pytest.mark.parametrize("size", [64, 128, 224])
 def test_efficientnet_features_at_any_size(effnet: EfficientNetLite0Backbone, size: int) -> None:
-    assert effnet.dims == {"pooled": 1280, "mid": 112}
+    assert effnet.dims == {"pooled": 1280, "mid": 112, "fragments": 1280}
     with torch.no_grad():
         out = effnet(torch.randn(1, 3, size, size))
     assert out["pooled"].shape == (1, 1280) and out["mid"].shape == (1, 112)
+    cells = -(-size // 32)  # "SAME" padding: ceil(S / 32) cells a side
+    assert out["fragments"].shape == (1, cells * cells, 1280)
+    torch.testing.assert_close(out["fragments"].mean(dim=1), out["pooled"])  # the patches average to the pooled feature
     assert torch.isfinite(out["pooled"]).all() and torch.isfinite(out["mid"]).all()
 
 

@@ -71,3 +71,22 @@ def test_map_is_none_without_categories_and_report_writes_a_plot(tmp_path):
     assert report["concept"]["image_to_text"]["MAP"] == pytest.approx(100.0)
     assert report["concept"]["text_to_image"]["R@1"] == pytest.approx(100.0)
     assert plot.exists() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reranked_scores_reorder_only_the_top_n() -> None:
+    from xmodal.training.evaluate import ranks_in_scores, reranked_scores
+
+    first = np.array([[0.9, 0.5, 0.1, 0.0],
+                      [0.0, 0.2, 0.8, 0.3]])
+    calls = []
+
+    def rescore(rows, columns):
+        calls.append((rows.tolist(), columns.tolist()))
+        return np.where(columns == 1, 5.0, 0.0) + np.where(columns == 3, 9.0, 0.0)  # the second stage likes 3, then 1
+
+    result = reranked_scores(first, 2, rescore)
+    assert calls == [([[0, 0], [1, 1]], [[0, 1], [2, 3]])]  # each row's top 2 by the first stage
+    assert np.argsort(-result, axis=1).tolist() == [[1, 0, 2, 3], [3, 2, 1, 0]]
+    # row 0: column 3 is outside the top 2, so the second stage never sees it and it stays last
+    relevant = np.array([[False, False, False, True], [False, True, False, False]])
+    assert ranks_in_scores(result, relevant).tolist() == [3, 2]

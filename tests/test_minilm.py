@@ -15,7 +15,7 @@ from xmodal.training.bert import (
     MiniLMBackbone, load_pretrained_state_dict, map_checkpoint_keys, minilm_tokenizer, model_dir, trainable_layers_for,
 )
 from xmodal.training.tokenizer import PAD_ID, vocab_hash
-from xmodal.training.train import apply_text_freeze, caption_features, parameter_groups, tokenize
+from xmodal.training.train import apply_text_freeze, caption_features, caption_states, parameter_groups, tokenize
 
 MAX_LENGTH = 32
 CLS_ID, SEP_ID = 101, 102
@@ -178,11 +178,39 @@ def test_caption_cache_equals_running_the_backbone(minilm: MiniLMBackbone, token
         torch.testing.assert_close(looked_up[name], direct[name], rtol=0, atol=1e-5)
 
 
+
+# "mid" (layer 3) below the cut, above it, and everything frozen (the fine-grained recipes cache token states then)
+@pytest.mark.parametrize("trainable_layers", [2, 4, 0])
+def test_frozen_layer_cache_equals_running_the_backbone(tokenizer: Tokenizer, trainable_layers: int) -> None:
+    backbone = MiniLMBackbone(pretrained=True, trainable_layers=trainable_layers)
+    assert backbone.frozen_depth == 6 - trainable_layers
+    captions = ["grinning face", "grinning face: cheerful, cheery, face, grin", "cat", "red apple", "cat"]
+    cache = caption_states(backbone, tokenizer, captions, torch.device("cpu"), batch_size=2)
+    assert len(cache.index) == 4 and (cache.mid is not None) == (6 - trainable_layers >= 3)
+    assert cache.tokens.shape[0] == sum(len(tokenizer.encode(c).ids) for c in set(captions))  # no padding kept
+
+    query = ["red apple", "grinning face: cheerful, cheery, face, grin", "cat"]
+    backbone.eval()
+    from_cache = backbone.forward_from(cache.lookup(query))
+    with torch.no_grad():
+        direct = backbone(tokenize(tokenizer, query))
+    for name in ("pooled", "mid", "fragments"):
+        torch.testing.assert_close(from_cache[name], direct[name], rtol=0, atol=1e-5)
+    if trainable_layers == 0:
+        return
+    # Training through the cache reaches the top layers and nothing below the cut.
+    backbone.train()
+    backbone.forward_from(cache.lookup(query))["pooled"].sum().backward()
+    top = backbone.bert.encoder.layer[-1].output.dense.weight
+    assert top.grad is not None and top.grad.abs().sum() > 0
+    assert all(p.grad is None for p in backbone.bert.encoder.layer[0].parameters())
 def test_cli_text_encoder_overrides_the_recipe() -> None:
     from xmodal.cli import build_parser
 
     assert build_parser().parse_args(["train", "--text-encoder", "minilm"]).text_encoder == "minilm"
     assert build_parser().parse_args(["train"]).text_encoder is None  # the recipe's own
+    args = build_parser().parse_args(["train", "--text-encoder", "minilm", "--text-freeze", "top2", "--text-lr-scale", "0.1"])
+    assert (args.text_freeze, args.text_lr_scale) == ("top2", 0.1)
 
 
 def test_minilm_brings_its_sentence_length_unless_told_otherwise() -> None:

@@ -32,7 +32,7 @@ def data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("XMODAL_DATA", str(tmp_path / "data"))  # the feature cache goes here
 
 
-@pytest.mark.parametrize("recipe", ["infonce", "vsepp", "dualpath", "mthcn"])
+@pytest.mark.parametrize("recipe", ["infonce", "vsepp", "dualpath", "mthcn", "ccl", "cmgans", "cran", "mcsm"])
 def test_each_recipe_trains_evaluates_and_exports(recipe, manifest, tmp_path):
     overrides = dict(SMALL, epochs=4)
     if recipe == "mthcn":
@@ -50,11 +50,15 @@ def test_each_recipe_trains_evaluates_and_exports(recipe, manifest, tmp_path):
     assert report["epochs"] == 4
     assert all(np.isfinite(h["loss"]) for h in report["history"])
     assert report["train_styles"] == ["google", "twitter"] and report["test_styles"] == ["openmoji"]
-    outputs = {"global", "concept", "exterior"} if recipe == "mthcn" else {"global"}
-    assert set(report["test"]) == outputs
-    for metrics in report["test"].values():
-        assert metrics["image_to_text"]["MAP"] is not None
-    stages = {"dualpath": ["I", "I", "II", "II"], "mthcn": ["warmup", "warmup", "main", "main"]}
+    outputs = {"mthcn": {"global", "concept", "exterior"}, "ccl": {"global", "instance", "fragment"}}.get(recipe, {"global"})
+    reranked = {"rerank@20"} if recipe in ("cran", "mcsm") else set()  # the scorer's second stage over `global`
+    assert set(report["test"]) == outputs | reranked
+    for output in outputs:
+        assert report["test"][output]["image_to_text"]["MAP"] is not None
+    for output in reranked:
+        assert 0 <= report["test"][output]["rsum"] <= 600
+    stages = {"dualpath": ["I", "I", "II", "II"], "mthcn": ["warmup", "warmup", "main", "main"],
+              "ccl": ["warmup", "main", "main", "main"]}
     if recipe in stages:
         assert [h["stage"] for h in report["history"]] == stages[recipe]
     assert (tmp_path / "run" / "recall.png").exists()

@@ -212,9 +212,14 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         mask = (input_ids != self.config.pad_token_id).to(torch.float32)
+        return self.run_layers([self.embeddings(input_ids)], mask)
+
+    def run_layers(self, states: list[torch.Tensor], mask: torch.Tensor, stop: int | None = None) -> list[torch.Tensor]:
+        """Continue from ``states`` (the embeddings' output and the first ``len(states) - 1`` layers')
+        up to layer ``stop`` (default: the last): every layer's token states. ``mask [B, L]``: 1.0 for real tokens."""
         key_bias = ((1.0 - mask) * MASK_LOGIT)[:, None, None, :]
-        states = [self.embeddings(input_ids)]
-        for layer in self.encoder.layer:
+        states = list(states)
+        for layer in self.encoder.layer[len(states) - 1:stop]:
             states.append(layer(states[-1], key_bias))
         return states
 
@@ -282,7 +287,7 @@ class MiniLMBackbone(nn.Module):
         self.bert = BertModel(config)
         self.mid_layer = mid_layer
         self.num_layers = config.num_hidden_layers
-        self.dims = {"pooled": config.hidden_size, "mid": config.hidden_size}
+        self.dims = {"pooled": config.hidden_size, "mid": config.hidden_size, "fragments": config.hidden_size}
         self.pad_id = config.pad_token_id
         self.skipped_keys = load_into(self.bert) if pretrained else []
         self.trainable_layers: int | str = "all"
@@ -317,7 +322,34 @@ class MiniLMBackbone(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         mask = token_mask(input_ids, self.pad_id)
         states = self.bert(input_ids)
-        return {"pooled": masked_mean(states[-1], mask), "mid": masked_mean(states[self.mid_layer], mask)}
+        return {"pooled": masked_mean(states[-1], mask), "mid": masked_mean(states[self.mid_layer], mask),
+                "fragments": states[-1] * mask, "fragment_mask": mask}
+
+    @property
+    def frozen_depth(self) -> int:
+        """How many encoder layers are frozen (below the trainable ones); 0 when everything trains."""
+        return 0 if self.trainable_layers == "all" else self.num_layers - self.trainable_layers
+
+    @torch.no_grad()
+    def frozen_prefix(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the frozen part computes, which never changes: the token states after the last
+        frozen layer, the mask, and "mid" when it is pooled below the trainable layers.
+        :meth:`forward_from` finishes the pass; the two equal :meth:`forward` in eval mode."""
+        depth = self.frozen_depth
+        mask = token_mask(input_ids, self.pad_id)
+        states = self.bert.run_layers([self.bert.embeddings(input_ids)], mask[..., 0], stop=depth)
+        prefix = {"states": states[-1], "mask": mask}
+        if self.mid_layer <= depth:
+            prefix["mid"] = masked_mean(states[self.mid_layer], mask)
+        return prefix
+
+    def forward_from(self, prefix: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The trainable layers over :meth:`frozen_prefix`'s output, then the pooling."""
+        depth, mask = self.frozen_depth, prefix["mask"]
+        # Placeholders for the frozen layers' states keep the layer numbering; only the last is read.
+        states = self.bert.run_layers([prefix["states"]] * (depth + 1), mask[..., 0])
+        mid = prefix["mid"] if "mid" in prefix else masked_mean(states[self.mid_layer], mask)
+        return {"pooled": masked_mean(states[-1], mask), "mid": mid, "fragments": states[-1] * mask, "fragment_mask": mask}
 
     @torch.no_grad()
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,8 @@ def load_pretrained_state_dict() -> dict[str, torch.Tensor]:
 
 
 class EfficientNetLite0Backbone(nn.Module):
-    """EfficientNet-Lite0 feature extractor: ``pixel_values [B,3,S,S]`` → ``{"pooled": [B,1280], "mid": [B,112]}``.
+    """EfficientNet-Lite0 feature extractor: ``pixel_values [B,3,S,S]`` → ``{"pooled": [B,1280], "mid": [B,112],
+    "fragments": [B,(S/32)²,1280]}``.
 
     Inputs are RGB in [0, 1] normalised with ``mean``/``std`` (ImageNet statistics), e.g.
     ``xmodal.preprocessing.image_to_array(image, S, mean, std)``. The module's state dict is
@@ -165,7 +166,7 @@ class EfficientNetLite0Backbone(nn.Module):
 
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
-    dims = {"pooled": HEAD_CHANNELS, "mid": MID_CHANNELS}
+    dims = {"pooled": HEAD_CHANNELS, "mid": MID_CHANNELS, "fragments": HEAD_CHANNELS}
     mid_block = MID_BLOCK
 
     def __init__(self, pretrained: bool = True):
@@ -199,7 +200,9 @@ class EfficientNetLite0Backbone(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         mid, top = self.feature_maps(pixel_values)
-        return {"pooled": top.mean(dim=(2, 3)), "mid": mid.mean(dim=(2, 3))}
+        # "fragments": the head map's cells in raster order ([B, (S/32)², 1280]), the image's patches
+        # for the fine-grained recipes (4×4 at 128 px).
+        return {"pooled": top.mean(dim=(2, 3)), "mid": mid.mean(dim=(2, 3)), "fragments": top.flatten(2).transpose(1, 2)}
 
     def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """ImageNet-1k logits [B, 1000] from the pretrained classifier (dropout is identity at inference)."""

@@ -35,12 +35,28 @@ def first_relevant_ranks(
     ranks = np.empty(len(queries), dtype=np.int64)
     for start in range(0, len(queries), block):
         stop = min(start + block, len(queries))
-        scores = queries[start:stop] @ gallery.T
         relevant = gallery_key_ids[None, :] == query_key_ids[start:stop, None]
-        best_relevant = np.where(relevant, scores, -np.inf).max(axis=1)
-        # Ties count against the query: an item scoring equal to the best relevant one outranks it.
-        ranks[start:stop] = ((scores >= best_relevant[:, None]) & ~relevant).sum(axis=1)
+        ranks[start:stop] = ranks_in_scores(queries[start:stop] @ gallery.T, relevant)
     return ranks
+
+
+def ranks_in_scores(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's best-scoring relevant column (``relevant``: a boolean mask like ``scores``)."""
+    best_relevant = np.where(relevant, scores, -np.inf).max(axis=1)
+    # Ties count against the query: an item scoring equal to the best relevant one outranks it.
+    return ((scores >= best_relevant[:, None]) & ~relevant).sum(axis=1)
+
+
+def reranked_scores(first_stage: np.ndarray, top_n: int, rescore) -> np.ndarray:
+    """The first stage's scores with each row's top N re-ordered by ``rescore(rows, columns) -> scores``
+    (both ``[Q, N]``): those N move above everything else, in the second stage's order, as when a
+    search re-ranks the candidates it retrieved."""
+    top = np.argsort(-first_stage, axis=1, kind="stable")[:, :top_n]
+    rows = np.repeat(np.arange(first_stage.shape[0])[:, None], top.shape[1], axis=1)
+    second = np.asarray(rescore(rows, top), dtype=np.float64)
+    result = first_stage.astype(np.float64).copy()
+    result[rows, top] = first_stage.max() + 1.0 + (second - second.min())
+    return result
 
 
 def recall_summary(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:

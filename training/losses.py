@@ -20,9 +20,13 @@ class InfoNCELoss(nn.Module):
         self.max_log_scale = math.log(max_scale)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.matrix_loss(image @ text.t())
+
+    def matrix_loss(self, scores: torch.Tensor) -> torch.Tensor:
+        """The loss from a ``[B, B]`` score matrix whose diagonal holds the matched pairs."""
         scale = self.logit_scale.clamp(max=self.max_log_scale).exp()
-        logits = scale * image @ text.t()
-        targets = torch.arange(image.shape[0], device=image.device)
+        logits = scale * scores
+        targets = torch.arange(scores.shape[0], device=scores.device)
         return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
 
 
@@ -189,3 +193,143 @@ class HBTRLoss(nn.Module):
         image_centroid = (self.centroid_margin - positive + off_diagonal_sum_rows / (batch - 1)).clamp(min=0)
         text_centroid = (self.centroid_margin - positive + off_diagonal_sum_cols / (batch - 1)).clamp(min=0)
         return (triplet + self.centroid_weight * (image_centroid + text_centroid)).mean()
+
+
+class ContrastivePairLoss(nn.Module):
+    """CCL's inter-modality pairwise loss (the contrastive loss of Hadsell et al., as in the CCL authors' code).
+
+    For image i and text j at Euclidean distance ``d_ij = |image_i − text_j|``::
+
+        same:      d²
+        different: max(0, m − d)²
+
+    over every (i, j) of the batch. "Same" is the matched pair (i = j), or, when ``labels`` are
+    given, every pair sharing a label. The mean over same pairs and the mean over different pairs
+    are averaged: with B² − B different pairs against B same ones, a plain mean would let the
+    negatives drown the positives. For unit vectors ``d² = 2 − 2 cos``, so the default margin 1
+    asks different pairs to stay below cosine 0.5.
+    """
+
+    def __init__(self, margin: float = 1.0):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        distance = torch.cdist(image, text).clamp(min=0)
+        if labels is None:
+            same = torch.eye(image.shape[0], dtype=torch.bool, device=image.device)
+        else:
+            same = labels[:, None] == labels[None, :]
+        positive = distance.pow(2)[same].mean()
+        if same.all():
+            return positive
+        negative = (self.margin - distance).clamp(min=0).pow(2)[~same].mean()
+        return 0.5 * (positive + negative)
+
+
+class CategoryLoss(nn.Module):
+    """CCL's intra-modality semantic category loss: one classifier per modality (not shared, unlike
+    the instance loss): ``CE(W_image image, y) + CE(W_text text, y)``, each a batch mean."""
+
+    def __init__(self, dim: int, num_categories: int):
+        super().__init__()
+        self.image = nn.Linear(dim, num_categories)
+        self.text = nn.Linear(dim, num_categories)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.image(image), labels) + F.cross_entropy(self.text(text), labels)
+
+
+class AdaptiveBalance(nn.Module):
+    """Weights for several task losses, learnt with them: ``Σ_k exp(−s_k) L_k + s_k``.
+
+    CCL balances its intra-modality category terms against the inter-modality pairwise term
+    adaptively; this is the homoscedastic-uncertainty weighting of Kendall, Gal and Cipolla (2018):
+    minimising over ``s_k`` gives ``exp(−s_k) = 1 / L_k``, so a term whose loss is large is
+    weighted down, and the ``+ s_k`` keeps every weight from going to 0. All ``s_k`` start at 0
+    (every weight 1).
+    """
+
+    def __init__(self, tasks: int):
+        super().__init__()
+        self.log_variance = nn.Parameter(torch.zeros(tasks))
+
+    def forward(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        if len(losses) != self.log_variance.shape[0]:
+            raise ValueError(f"expected {self.log_variance.shape[0]} task losses, got {len(losses)}")
+        stacked = torch.stack(losses)
+        return (torch.exp(-self.log_variance) * stacked + self.log_variance).sum()
+
+
+class CCLLoss(nn.Module):
+    """CCL's multi-task objective at one embedding level: the inter-modality pairwise loss and one
+    intra-modality category loss per kind of category (e.g. emoji group and subgroup), balanced by
+    :class:`AdaptiveBalance`. ``categories[name]`` are the batch's labels of that kind."""
+
+    def __init__(self, dim: int, category_sizes: dict[str, int], margin: float = 1.0):
+        super().__init__()
+        self.pair = ContrastivePairLoss(margin)
+        self.categories = nn.ModuleDict({name: CategoryLoss(dim, size) for name, size in category_sizes.items()})
+        self.balance = AdaptiveBalance(1 + len(self.categories))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, categories: dict[str, torch.Tensor]) -> torch.Tensor:
+        terms = [self.pair(image, text)]
+        terms += [loss(image, text, categories[name]) for name, loss in self.categories.items()]
+        return self.balance(terms)
+
+
+class ScorerLoss(nn.Module):
+    """InfoNCE for a re-ranker, over the first stage's hardest candidates.
+
+    For each text of the batch: its own image and the ``negatives`` other images the first stage
+    (``first_stage[i, t]``, the towers' scores) ranks highest; the scorer scores these K + 1 pairs,
+    a learnt temperature scales them, and cross-entropy asks for the matched pair. Each image is
+    treated likewise against K texts, and both directions are averaged. This is what the scorer
+    meets when it re-ranks the first stage's top N, and it costs ``2 · B · (K + 1)`` pair scores
+    instead of ``B²`` (CRAN's local alignment over a 256 × 256 batch is ~25 M word–patch
+    attentions). Summed over the scorer outputs named in ``levels`` (``fused`` and its parts).
+    """
+
+    def __init__(self, levels: tuple[str, ...] = ("fused",), negatives: int = 15, init_temperature: float = 0.07,
+                 max_scale: float = 100.0):
+        super().__init__()
+        self.levels = tuple(levels)
+        self.negatives = negatives
+        self.logit_scale = nn.ParameterDict({
+            level: nn.Parameter(torch.tensor(math.log(1.0 / init_temperature))) for level in self.levels})
+        self.max_log_scale = math.log(max_scale)
+
+    @staticmethod
+    def candidates(first_stage: torch.Tensor, negatives: int) -> torch.Tensor:
+        """``[B, 1 + K]``: for row b, b itself, then the K other columns scoring highest in row b."""
+        batch = first_stage.shape[0]
+        k = min(negatives, batch - 1)
+        own = torch.eye(batch, dtype=torch.bool, device=first_stage.device)
+        hardest = first_stage.detach().masked_fill(own, float("-inf")).topk(k, dim=1).indices
+        return torch.cat([torch.arange(batch, device=first_stage.device)[:, None], hardest], dim=1)
+
+    def forward(self, scorer: nn.Module, image_side: dict[str, torch.Tensor], text_side: dict[str, torch.Tensor],
+                first_stage: torch.Tensor) -> torch.Tensor:
+        """``first_stage [B, B]``: image i against text t."""
+        batch = first_stage.shape[0]
+        if batch < 2:
+            return first_stage.new_zeros(())
+        targets = torch.zeros(batch, dtype=torch.long, device=first_stage.device)  # the matched pair comes first
+        text_rows = self.candidates(first_stage.t(), self.negatives)  # row t: images for text t
+        image_rows = self.candidates(first_stage, self.negatives)  # row i: texts for image i
+        k1 = text_rows.shape[1]
+        own = torch.arange(batch, device=first_stage.device)[:, None].expand(batch, k1).reshape(-1)
+        # text t against images text_rows[t]; image i against texts image_rows[i]; the scorer builds on
+        # the first stage's scores but does not train it (it has its own loss)
+        first = first_stage.detach()
+        t2i = scorer.score({k: v[text_rows.reshape(-1)] for k, v in image_side.items()},
+                           {k: v[own] for k, v in text_side.items()}, first[text_rows.reshape(-1), own], pairwise=True)
+        i2t = scorer.score({k: v[own] for k, v in image_side.items()},
+                           {k: v[image_rows.reshape(-1)] for k, v in text_side.items()}, first[own, image_rows.reshape(-1)],
+                           pairwise=True)
+        total = first_stage.new_zeros(())
+        for level in self.levels:
+            scale = self.logit_scale[level].clamp(max=self.max_log_scale).exp()
+            total = total + 0.5 * (F.cross_entropy(scale * t2i[level].reshape(batch, k1), targets)
+                                   + F.cross_entropy(scale * i2t[level].reshape(batch, k1), targets))
+        return total

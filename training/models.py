@@ -39,7 +39,7 @@ class SmallImageCNN(nn.Module):
             ))
             channels = width
         self.mid_stage = len(widths) - 2
-        self.dims = {"pooled": widths[-1], "mid": widths[self.mid_stage]}
+        self.dims = {"pooled": widths[-1], "mid": widths[self.mid_stage], "fragments": widths[-1]}
 
     def forward(self, pixel_values: torch.Tensor) -> Features:
         x, mid = pixel_values, None
@@ -47,7 +47,7 @@ class SmallImageCNN(nn.Module):
             x = stage(x)
             if index == self.mid_stage:
                 mid = x.mean(dim=(2, 3))
-        return {"pooled": x.mean(dim=(2, 3)), "mid": mid}
+        return {"pooled": x.mean(dim=(2, 3)), "mid": mid, "fragments": x.flatten(2).transpose(1, 2)}
 
 
 class SmallTextCNN(nn.Module):
@@ -58,7 +58,7 @@ class SmallTextCNN(nn.Module):
         self.pad_id = pad_id
         self.embed = nn.Embedding(vocab_size, width, padding_idx=pad_id)
         self.convs = nn.ModuleList(nn.Conv1d(width, width, 3, padding=1) for _ in range(layers))
-        self.dims = {"pooled": width, "mid": width}
+        self.dims = {"pooled": width, "mid": width, "fragments": width}
 
     def forward(self, input_ids: torch.Tensor) -> Features:
         mask = (input_ids != self.pad_id).unsqueeze(-1).to(torch.float32)
@@ -70,7 +70,7 @@ class SmallTextCNN(nn.Module):
             x = x + F.relu(conv(x.transpose(1, 2))).transpose(1, 2) * mask
             if mid is None:
                 mid = (x * mask).sum(dim=1) / count
-        return {"pooled": (x * mask).sum(dim=1) / count, "mid": mid}
+        return {"pooled": (x * mask).sum(dim=1) / count, "mid": mid, "fragments": x * mask, "fragment_mask": mask}
 
 
 class Head(nn.Module):
@@ -91,8 +91,29 @@ class Head(nn.Module):
         return F.normalize(out, dim=-1)
 
 
+# Backbone outputs that hold one vector per fragment (image patch, token) rather than one per item.
+FRAGMENT_OUTPUTS = ("fragments", "fragment_mask")
+
+
+def needs_fragments(config: dict[str, Any]) -> bool:
+    """Whether a recipe reads the backbones' fragments: a level built on them, or a pair scorer."""
+    return "fragments" in config["levels"].values() or bool(config.get("scorer"))
+
+
+def fragment_mask(features: Features) -> torch.Tensor:
+    """``[B, P, 1]``: 1 for real fragments; an image's patches are all real (no mask given)."""
+    if "fragment_mask" in features:
+        return features["fragment_mask"]
+    fragments = features["fragments"]
+    return fragments.new_ones(fragments.shape[0], fragments.shape[1], 1)
+
+
 class Tower(nn.Module):
-    """A backbone and one head per embedding level; `project` lets cached features skip the backbone."""
+    """A backbone and one head per embedding level; `project` lets cached features skip the backbone.
+
+    A level on "fragments" (CCL's fine-grained level) projects each patch or token with its head
+    and takes the mean over the real ones.
+    """
 
     def __init__(self, backbone: nn.Module, levels: dict[str, str], dim: int, head_layers: int, head_hidden: int,
                  dropout: float = 0.0):
@@ -105,7 +126,15 @@ class Tower(nn.Module):
         })
 
     def project(self, features: Features) -> dict[str, torch.Tensor]:
-        return {level: self.heads[level](features[feature]) for level, feature in self.levels.items()}
+        out = {}
+        for level, feature in self.levels.items():
+            if feature == "fragments":
+                mask = fragment_mask(features)
+                pooled = (self.heads[level](features[feature]) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+                out[level] = F.normalize(pooled, dim=-1)
+            else:
+                out[level] = self.heads[level](features[feature])
+        return out
 
     def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.project(self.backbone(inputs))
@@ -179,7 +208,28 @@ def served_outputs(embeddings: dict[str, torch.Tensor], fusion: dict[str, float]
     return {"global": fuse_levels(embeddings, fusion), **{level: embeddings[level] for level in sorted(fusion)}}
 
 
+class SharedTopPath(nn.Module):
+    """One modality's path through a level's :class:`~xmodal.training.adversarial.SharedTopHeads`, L2-normalised.
+
+    The heads are owned (registered) by the :class:`DualEncoder`, not by this module, so their
+    weights are saved once; each tower reaches them through this path, and a tower exported on
+    its own still carries the shared layer.
+    """
+
+    def __init__(self, heads: nn.Module, modality: str):
+        super().__init__()
+        object.__setattr__(self, "shared_heads", heads)  # not a submodule: the DualEncoder owns it
+        self.encode = heads.encode_image if modality == "image" else heads.encode_text
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encode(features), dim=-1)
+
+
 class DualEncoder(nn.Module):
+    """Two towers into one space; with `heads: shared_top` (CM-GANs) each level's heads share their
+    last layer across the modalities; with a `scorer` (CRAN, MCSM) a pair scorer over the
+    backbones' fragments re-ranks what the towers retrieve."""
+
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         self.config = {key: value for key, value in config.items() if not key.startswith("_")}
@@ -189,6 +239,24 @@ class DualEncoder(nn.Module):
         self.image = Tower(_build(IMAGE_BACKBONES, config["image_encoder"], "image encoder", config), levels, **head)
         self.text = Tower(_build(TEXT_BACKBONES, config["text_encoder"], "text encoder", config), levels, **head)
         self.fusion = dict(config.get("fusion") or {})
+        if config.get("heads", "separate") == "shared_top":
+            from xmodal.training.adversarial import SharedTopHeads
+
+            self.shared_heads = nn.ModuleDict({
+                level: SharedTopHeads(self.image.backbone.dims[feature], self.text.backbone.dims[feature], config["dim"],
+                                      hidden=config["head_hidden"], dropout=config.get("head_dropout", 0.0))
+                for level, feature in levels.items()
+            })
+            for level, heads in self.shared_heads.items():
+                self.image.heads[level] = SharedTopPath(heads, "image")
+                self.text.heads[level] = SharedTopPath(heads, "text")
+        self.scorer = None
+        if config.get("scorer"):
+            from xmodal.training.finegrained import build_scorer
+
+            options = dict(config["scorer"])
+            self.scorer = build_scorer(options.pop("kind"), self.image.backbone.dims["fragments"],
+                                       self.text.backbone.dims["fragments"], **options)
 
 
 class ServedTower(nn.Module):
@@ -197,6 +265,9 @@ class ServedTower(nn.Module):
     def __init__(self, tower: Tower, config: dict[str, Any]):
         super().__init__()
         self.tower = tower
+        # Shared heads (CM-GANs) belong to the DualEncoder; registered here too, so an exported
+        # tower traces their weights as its own parameters.
+        self.shared_heads = nn.ModuleList(head.shared_heads for head in tower.heads.values() if isinstance(head, SharedTopPath))
         self.fusion = dict(config.get("fusion") or {})
         self.output_names = list(embedding_dims(config))
 

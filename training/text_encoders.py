@@ -1,4 +1,7 @@
-"""Project-defined text backbones: ``input_ids [B, L]`` (int64, pad id 0, right-padded) → ``{"pooled", "mid"}``.
+"""Project-defined text backbones: ``input_ids [B, L]`` (int64, pad id 0, right-padded) →
+``{"pooled", "mid", "fragments", "fragment_mask"}``: two pooled features, and every token's
+last state (``[B, L, C]``, zero at padding) with the mask of real tokens (``[B, L, 1]``), the
+text's fragments for the fine-grained recipes.
 
 Both ignore padding exactly: a row gives the same features alone as inside a batch padded
 to a longer length (pad positions are zeroed before every convolution, masked out of
@@ -112,7 +115,7 @@ class DualPathTextCNN(nn.Module):
         self.stem = nn.Linear(embed_dim, width)
         self.stem_norm = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(TextBottleneck(width, max(1, width // 4)) for _ in range(blocks))
-        self.dims = {"pooled": width, "mid": width}
+        self.dims = {"pooled": width, "mid": width, "fragments": width}
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         mask = token_mask(input_ids, self.pad_id)
@@ -122,7 +125,7 @@ class DualPathTextCNN(nn.Module):
             x = block(x, mask)
             if index == 0:
                 mid = masked_max(x, mask)
-        return {"pooled": masked_max(x, mask), "mid": mid}
+        return {"pooled": masked_max(x, mask), "mid": mid, "fragments": x, "fragment_mask": mask}
 
 
 # --- a small transformer -----------------------------------------------------------------
@@ -194,7 +197,7 @@ class SmallTransformerText(nn.Module):
             self.embed.weight[pad_id].zero_()
         self.layers = nn.ModuleList(EncoderLayer(width, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
-        self.dims = {"pooled": width, "mid": width}
+        self.dims = {"pooled": width, "mid": width, "fragments": width}
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         mask = token_mask(input_ids, self.pad_id)
@@ -207,4 +210,5 @@ class SmallTransformerText(nn.Module):
             x = layer(x, key_bias)
             if index == 0:
                 mid = masked_mean(x, mask)
-        return {"pooled": masked_mean(self.norm(x), mask), "mid": mid}
+        x = self.norm(x)
+        return {"pooled": masked_mean(x, mask), "mid": mid, "fragments": x * mask, "fragment_mask": mask}

@@ -28,7 +28,7 @@ from xmodal import settings
 from xmodal.preprocessing import decode_image, image_to_array
 from xmodal.training.evaluate import evaluate_report, format_metrics
 from xmodal.training.manifest import ManifestRow, read_manifest
-from xmodal.training.models import DualEncoder, served_outputs
+from xmodal.training.models import FRAGMENT_OUTPUTS, DualEncoder, needs_fragments, served_outputs
 from xmodal.training.recipes import recipe_config, stage_at, stage_plan
 from xmodal.training.tokenizer import PAD_ID, load_tokenizer, train_wordlevel_tokenizer
 
@@ -82,10 +82,13 @@ def load_pixels(rows: Sequence[ManifestRow], config: dict[str, Any], desc: str) 
 
 
 def feature_cache_path(rows: Sequence[ManifestRow], config: dict[str, Any]) -> Path:
-    """Keyed by the backbone, the preprocessing and every image's path, size and mtime."""
+    """Keyed by the backbone, the preprocessing, whether patches are kept, and every image's path, size and mtime."""
     digest = hashlib.sha256()
     keys = ("image_encoder", "image_size", "image_mean", "image_std", "image_background")
-    digest.update(json.dumps({key: config[key] for key in keys}, sort_keys=True).encode())
+    key = {k: config[k] for k in keys}
+    if needs_fragments(config):
+        key["fragments"] = True  # (caches without patches keep their names)
+    digest.update(json.dumps(key, sort_keys=True).encode())
     for row in rows:
         try:
             stat = Path(row.image).stat()
@@ -99,8 +102,13 @@ def feature_cache_path(rows: Sequence[ManifestRow], config: dict[str, Any]) -> P
 @torch.no_grad()
 def load_features(rows: Sequence[ManifestRow], config: dict[str, Any], backbone: nn.Module, desc: str,
                   device: torch.device) -> ImageSet:
-    """Frozen-backbone features for every decodable image, computed once and cached on disk."""
+    """Frozen-backbone features for every decodable image, computed once and cached on disk.
+
+    Patches ("fragments") are kept only for the recipes that read them, in float16: 16 per image
+    at 128 px, they are 16× the size of everything else.
+    """
     cache = feature_cache_path(rows, config)
+    keep_fragments = needs_fragments(config)
     if cache.exists():
         stored = load_file(str(cache))
         kept = set(stored.pop("_kept").tolist())
@@ -112,7 +120,10 @@ def load_features(rows: Sequence[ManifestRow], config: dict[str, Any], backbone:
 
     def flush() -> None:
         outputs = backbone(torch.from_numpy(np.stack(batch)).to(device))
-        chunks.append({name: value.cpu() for name, value in outputs.items()})
+        if keep_fragments:
+            outputs["fragments"] = outputs["fragments"].half()
+        chunks.append({name: value.cpu() for name, value in outputs.items()
+                       if name not in FRAGMENT_OUTPUTS or (keep_fragments and name == "fragments")})
         batch.clear()
 
     for index, (row, array, reason) in enumerate(decode_rows(rows, config, desc)):
@@ -183,6 +194,39 @@ class CaptionFeatures:
         rows = torch.tensor([self.index[caption] for caption in captions], device=next(iter(self.features.values())).device)
         return {name: value[rows] for name, value in self.features.items()}
 
+    def backbone_outputs(self, backbone: nn.Module, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.lookup(captions)
+
+
+@dataclass
+class CaptionStates:
+    """A partly trained text backbone's frozen lower layers, run once per distinct caption: their
+    token states packed end to end without padding (``offsets[i]:offsets[i+1]`` is caption i),
+    so a step runs only the trainable top layers. In memory; its size is reported."""
+
+    index: dict[str, int]
+    tokens: torch.Tensor
+    offsets: list[int]
+    mid: torch.Tensor | None
+
+    def lookup(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        rows = [self.index[caption] for caption in captions]
+        spans = [self.tokens[self.offsets[i]:self.offsets[i + 1]] for i in rows]
+        states = torch.nn.utils.rnn.pad_sequence(spans, batch_first=True)
+        lengths = torch.tensor([len(span) for span in spans], device=states.device)
+        mask = (torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]).to(torch.float32)
+        prefix = {"states": states, "mask": mask[..., None]}
+        if self.mid is not None:
+            prefix["mid"] = self.mid[rows]
+        return prefix
+
+    def backbone_outputs(self, backbone: nn.Module, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        return backbone.forward_from(self.lookup(captions))
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + (self.mid.nbytes if self.mid is not None else 0)
+
 
 @torch.no_grad()
 def caption_features(backbone: nn.Module, tokenizer: Tokenizer, captions: Iterable[str], device: torch.device,
@@ -193,15 +237,41 @@ def caption_features(backbone: nn.Module, tokenizer: Tokenizer, captions: Iterab
     unique = [caption for _, caption in sorted(zip(lengths, unique))]
     backbone.eval()
     chunks = [backbone(tokenize(tokenizer, unique[i : i + batch_size]).to(device)) for i in range(0, len(unique), batch_size)]
-    features = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
+    features = {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0] if name not in FRAGMENT_OUTPUTS}
     return CaptionFeatures({caption: i for i, caption in enumerate(unique)}, features)
 
 
+@torch.no_grad()
+def caption_states(backbone: nn.Module, tokenizer: Tokenizer, captions: Iterable[str], device: torch.device,
+                   batch_size: int = CAPTION_BATCH) -> CaptionStates:
+    """Run the frozen lower layers of a partly trained backbone (``frozen_prefix``) once over each distinct caption."""
+    unique = sorted(set(captions))
+    backbone.eval()
+    tokens, mids, offsets = [], [], [0]
+    for i in range(0, len(unique), batch_size):
+        prefix = backbone.frozen_prefix(tokenize(tokenizer, unique[i : i + batch_size]).to(device))
+        for states, mask in zip(prefix["states"], prefix["mask"]):
+            length = int(mask.sum())
+            tokens.append(states[:length].clone())
+            offsets.append(offsets[-1] + length)
+        if "mid" in prefix:
+            mids.append(prefix["mid"])
+    return CaptionStates({caption: i for i, caption in enumerate(unique)}, torch.cat(tokens), offsets,
+                         torch.cat(mids) if mids else None)
+
+
+def discriminator_parameters(loss_modules: nn.Module) -> list[nn.Parameter]:
+    """The adversaries' parameters (CM-GANs' discriminators): stepped by their own optimiser."""
+    return [p for module in loss_modules.values() if hasattr(module, "discriminator_parameters")
+            for p in module.discriminator_parameters()]
+
+
 def parameter_groups(model: DualEncoder, loss_modules: nn.Module, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The trainable parameters: the text backbone's in their own group at lr × text_lr_scale, the rest at lr."""
+    """The trainable parameters: the text backbone's in their own group at lr × text_lr_scale, the rest at lr
+    (the discriminators' are left to their own optimiser)."""
     text = [p for p in model.text.backbone.parameters() if p.requires_grad]
-    text_ids = {id(p) for p in text}
-    rest = [p for p in list(model.parameters()) + list(loss_modules.parameters()) if p.requires_grad and id(p) not in text_ids]
+    skip = {id(p) for p in text} | {id(p) for p in discriminator_parameters(loss_modules)}
+    rest = [p for p in list(model.parameters()) + list(loss_modules.parameters()) if p.requires_grad and id(p) not in skip]
     groups = [{"params": rest}]
     if text:
         groups.append({"params": text, "lr": config["lr"] * config["text_lr_scale"]})
@@ -242,21 +312,34 @@ class Trainee:
         self.tokenizer, self.captions = tokenizer, captions
 
     def text_embeddings(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.model.text.project(self.text_features(texts))
+
+    def text_features(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The text backbone's outputs: from the caption cache, or computed from token ids."""
         if self.captions is not None:
-            return self.model.text.project(self.captions.lookup(texts))
-        return self.model.text(tokenize(self.tokenizer, texts).to(self.device))
+            return self.captions.backbone_outputs(self.model.text.backbone, texts)
+        return self.model.text.backbone(tokenize(self.tokenizer, texts).to(self.device))
 
     def image_embeddings(self, indices: Sequence[int] | slice, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return self.model.image.project(self.image_features(indices, generator))
+
+    def image_features(self, indices: Sequence[int] | slice, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The image backbone's outputs: cached (float16 patches widened back) or computed from pixels."""
         if self.images.features is not None:
-            return self.model.image.project({k: v[indices].to(self.device) for k, v in self.images.features.items()})
+            return {k: v[indices].to(self.device, torch.float32) for k, v in self.images.features.items()}
         pixels = self.images.pixels[indices]
         if generator is not None:
             pixels = random_affine(pixels, generator)
-        return self.model.image(pixels.to(self.device))
+        return self.model.image.backbone(pixels.to(self.device))
 
 
-def build_loss_modules(config: dict[str, Any], num_classes: int) -> nn.ModuleDict:
-    """One module per distinct loss term of any stage, keyed by its position in `all_terms`."""
+def build_loss_modules(config: dict[str, Any], num_classes: int, model: DualEncoder | None = None,
+                       category_sizes: dict[str, int] | None = None) -> nn.ModuleDict:
+    """One module per distinct loss term of any stage, keyed by its position in `all_terms`.
+
+    `model` gives the feature widths CM-GANs reconstructs; `category_sizes` the number of labels of
+    each kind of category (CCL).
+    """
     from xmodal.training import losses
 
     modules = nn.ModuleDict()
@@ -272,9 +355,34 @@ def build_loss_modules(config: dict[str, Any], num_classes: int) -> nn.ModuleDic
             modules[key] = losses.InstanceLoss(config["dim"], num_classes)
         elif kind == "ssc":
             modules[key] = losses.SSCLoss(config["dim"], term["clusters"])
+        elif kind == "ccl":
+            sizes = category_sizes or {}
+            modules[key] = losses.CCLLoss(config["dim"], {name: sizes[name] for name in term["categories"]},
+                                          margin=term.get("margin", 1.0))
+        elif kind == "scorer":
+            if model is None or model.scorer is None:
+                raise ValueError(f"recipe {config['recipe']!r}: a 'scorer' loss needs the recipe's `scorer`")
+            modules[key] = losses.ScorerLoss(tuple(term.get("levels", ("fused",))), negatives=term.get("negatives", 15))
+        elif kind == "cmgan":
+            from xmodal.training.adversarial import CMGAN
+
+            feature = config["levels"][term["level"]]
+            modules[key] = CMGAN(model.image.backbone.dims[feature], model.text.backbone.dims[feature], config["dim"],
+                                 hidden=config["head_hidden"],
+                                 **{k: term[k] for k in ("reconstruction_weight", "intra_weight", "inter_weight") if k in term})
         else:
             raise ValueError(f"unknown loss {kind!r} in recipe {config['recipe']!r}")
     return modules
+
+
+def category_labels(rows: Sequence[ManifestRow]) -> dict[str, torch.Tensor]:
+    """Each row's group and subgroup as class ids (a row without one gets its own "none" class)."""
+    labels = {}
+    for name in ("group", "subgroup"):
+        values = [getattr(row, name) or "" for row in rows]
+        index = {value: i for i, value in enumerate(sorted(set(values)))}
+        labels[name] = torch.tensor([index[value] for value in values])
+    return labels
 
 
 def term_key(term: dict[str, Any]) -> str:
@@ -351,20 +459,32 @@ def train(
     else:
         train_set = load_pixels(train_rows, config, "decode train")
         test_set = load_pixels(test_rows, config, "decode test") if test_rows else None
-    captions = None
-    if text_frozen and config["text_cache"]:
+    captions: CaptionFeatures | CaptionStates | None = None
+    train_captions = [c for row in train_set.rows for c in row.captions]
+    if text_frozen and config["text_cache"] and not needs_fragments(config):
         started = time.monotonic()
-        captions = caption_features(model.text.backbone, tokenizer, (c for row in train_set.rows for c in row.captions), device_)
+        captions = caption_features(model.text.backbone, tokenizer, train_captions, device_)
         if progress:
             print(f"text features cached for {len(captions.index)} captions in {time.monotonic() - started:.1f} s")
+    elif getattr(model.text.backbone, "frozen_depth", 0) and config["text_cache"]:
+        started = time.monotonic()
+        captions = caption_states(model.text.backbone, tokenizer, train_captions, device_)
+        if progress:
+            print(f"frozen text layers (the lower {model.text.backbone.frozen_depth}) cached for {len(captions.index)} "
+                  f"captions ({captions.nbytes / 2**20:.0f} MiB) in {time.monotonic() - started:.1f} s")
     trainee = Trainee(model, train_set, device_, tokenizer, captions)
 
     concepts = sorted({row.concept for row in train_set.rows})
     concept_index = {concept: i for i, concept in enumerate(concepts)}
     labels = torch.tensor([concept_index[row.concept] for row in train_set.rows])
-    loss_modules = build_loss_modules(config, len(concepts)).to(device_)
+    categories = category_labels(train_set.rows)
+    loss_modules = build_loss_modules(config, len(concepts), model,
+                                      {name: int(values.max()) + 1 for name, values in categories.items()}).to(device_)
     optimizer = torch.optim.AdamW(parameter_groups(model, loss_modules, config), lr=config["lr"],
                                   weight_decay=config["weight_decay"])
+    adversaries = discriminator_parameters(loss_modules)
+    # Discriminators train with Adam at the generators' rate, without decay or schedule (as GANs usually are).
+    adversary_optimizer = torch.optim.Adam(adversaries, lr=config["lr"], betas=(0.5, 0.999)) if adversaries else None
     steps_per_epoch = max(1, len(concept_batches(train_set.rows, config["batch_size"], random.Random(0))))
     schedule = {"total_steps": config["epochs"] * steps_per_epoch}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -376,6 +496,8 @@ def train(
         model.load_state_dict(checkpoint["model"])
         loss_modules.load_state_dict(checkpoint["losses"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if adversary_optimizer is not None:
+            adversary_optimizer.load_state_dict(checkpoint["adversary_optimizer"])
         state.update(json.loads(checkpoint["state"]))
         if state["planned_epochs"]:
             schedule["total_steps"] = state["planned_epochs"] * steps_per_epoch
@@ -408,15 +530,25 @@ def train(
         losses_seen = []
         for batch in concept_batches(train_set.rows, config["batch_size"], rng):
             index = torch.tensor(batch)
-            image = trainee.image_embeddings(batch, generator if config["augment"] else None)
-            text = trainee.text_embeddings([rng.choice(train_set.rows[i].captions) for i in batch])
+            image_features = trainee.image_features(batch, generator if config["augment"] else None)
+            text_features = trainee.text_features([rng.choice(train_set.rows[i].captions) for i in batch])
+            image, text = model.image.project(image_features), model.text.project(text_features)
             loss = torch.zeros((), device=device_)
             for key, term in terms.items():
-                level = term["level"]
-                if term["loss"] == "instance":
+                level, kind = term["level"], term["loss"]
+                if kind == "instance":
                     value = loss_modules[key](image[level], text[level], labels[index].to(device_))
-                elif term["loss"] == "ssc":
+                elif kind == "ssc":
                     value = loss_modules[key](image[level], text[level], clusters[index].to(device_))
+                elif kind == "ccl":
+                    value = loss_modules[key](image[level], text[level], {n: v[index].to(device_) for n, v in categories.items()})
+                elif kind == "scorer":
+                    value = loss_modules[key](model.scorer, model.scorer.image_side(image_features),
+                                              model.scorer.text_side(text_features), image[level] @ text[level].t())
+                elif kind == "cmgan":
+                    feature = config["levels"][level]
+                    value = loss_modules[key].generator_loss(image_features[feature], text_features[feature],
+                                                             image[level], text[level])["total"]
                 else:
                     value = loss_modules[key](image[level], text[level])
                 loss = loss + term["weight"] * value
@@ -424,6 +556,18 @@ def train(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if adversary_optimizer is not None:
+                # The adversaries' turn, on what the generators just produced (detached inside the loss).
+                adversary_optimizer.zero_grad(set_to_none=True)
+                adversary_loss = torch.zeros((), device=device_)
+                for key, term in terms.items():
+                    if term["loss"] == "cmgan":
+                        feature = config["levels"][term["level"]]
+                        adversary_loss = adversary_loss + loss_modules[key].discriminator_loss(
+                            image_features[feature], text_features[feature], image[term["level"]], text[term["level"]])["total"]
+                if adversary_loss.requires_grad:
+                    adversary_loss.backward()
+                    adversary_optimizer.step()
             state["step"] += 1
             losses_seen.append(loss.item())
             bar.update(len(batch))
@@ -437,7 +581,7 @@ def train(
             state["planned_epochs"] = int(min(config["epochs"], max(1, budget // max(state["elapsed"], 1e-6))))
             schedule["total_steps"] = state["planned_epochs"] * steps_per_epoch
             bar.total = state["planned_epochs"] * len(concepts)  # one pair per concept per epoch
-        _save_checkpoint(run_dir, model, loss_modules, optimizer, scheduler, state, config, tokenizer)
+        _save_checkpoint(run_dir, model, loss_modules, optimizer, scheduler, state, config, tokenizer, adversary_optimizer)
     bar.close()
 
     report: dict[str, Any] = {
@@ -473,12 +617,16 @@ def train(
     return report
 
 
-def _save_checkpoint(run_dir: Path, model, loss_modules, optimizer, scheduler, state, config, tokenizer) -> None:
+def _save_checkpoint(run_dir: Path, model, loss_modules, optimizer, scheduler, state, config, tokenizer,
+                     adversary_optimizer=None) -> None:
     tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
-    torch.save({
+    checkpoint = {
         "model": model.state_dict(), "losses": loss_modules.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "state": json.dumps(state), "config": _config_fingerprint(config),
-    }, tmp)
+    }
+    if adversary_optimizer is not None:
+        checkpoint["adversary_optimizer"] = adversary_optimizer.state_dict()
+    torch.save(checkpoint, tmp)
     tokenizer.save(str(run_dir / TOKENIZER_FILE))
     tmp.replace(run_dir / CHECKPOINT_FILE)
 
@@ -527,11 +675,68 @@ def evaluate_model(model: DualEncoder, tokenizer: Tokenizer, trainee: Trainee, r
     text_keys = list(labels)
     image_emb = embed_image_set(trainee)
     text_emb = embed_texts(model, tokenizer, [labels[k] for k in text_keys], device=trainee.device)
-    return evaluate_report(
+    report = evaluate_report(
         image_emb, text_emb, [row.concept for row in rows], text_keys,
         image_categories=[categories[row.concept] for row in rows], text_categories=[categories[k] for k in text_keys],
         plot_path=run_dir / "recall.png" if run_dir else None,
     )
+    if model.scorer is not None:
+        report[f"rerank@{RERANK_TOP_N}"] = evaluate_rerank(trainee, tokenizer, [labels[k] for k in text_keys], image_emb["global"],
+                                                           text_emb["global"], [row.concept for row in rows], text_keys)
+    return report
+
+
+# How many first-stage candidates the scorer re-ranks in evaluation (and, by default, in search).
+RERANK_TOP_N = 20
+
+
+@torch.no_grad()
+def evaluate_rerank(trainee: Trainee, tokenizer: Tokenizer, texts: list[str], image_global: np.ndarray, text_global: np.ndarray,
+                    image_keys: list[str], text_keys: list[str], top_n: int = RERANK_TOP_N, chunk: int = 4096) -> dict:
+    """Both directions' first stage (the `global` search) with its top N re-ranked by the model's scorer."""
+    from xmodal.training.evaluate import KS, ranks_in_scores, recall_summary, reranked_scores
+
+    model = trainee.model
+    model.eval()
+    scorer = model.scorer
+    n = len(trainee.images.rows)
+    image_side = [scorer.image_side(trainee.image_features(slice(i, i + 256))) for i in range(0, n, 256)]
+    image_side = {k: torch.cat([part[k] for part in image_side]) for k in image_side[0]}
+    text_side = [scorer.text_side(model.text.backbone(tokenize(tokenizer, texts[i:i + 256]).to(trainee.device)))
+                 for i in range(0, len(texts), 256)]
+    text_side = {k: torch.cat(_pad_tokens([part[k] for part in text_side]) if k in TOKEN_KEYS else [part[k] for part in text_side])
+                 for k in text_side[0]}
+
+    first = image_global @ text_global.T  # image i against text t
+
+    def rescore(image_rows: np.ndarray, text_rows: np.ndarray) -> np.ndarray:
+        images, texts_ = image_rows.reshape(-1), text_rows.reshape(-1)
+        first_scores = torch.from_numpy(first[images, texts_]).to(trainee.device)
+        images, texts_ = torch.from_numpy(images), torch.from_numpy(texts_)
+        scores = [scorer.score({k: v[images[i:i + chunk]] for k, v in image_side.items()},
+                               {k: v[texts_[i:i + chunk]] for k, v in text_side.items()},
+                               first_scores[i:i + chunk], pairwise=True)["fused"]
+                  for i in range(0, len(images), chunk)]
+        return torch.cat(scores).cpu().numpy().reshape(image_rows.shape)
+
+    i2t = reranked_scores(first, top_n, lambda rows, cols: rescore(rows, cols))
+    t2i = reranked_scores(first.T, top_n, lambda rows, cols: rescore(cols, rows))
+    image_key_ids, text_key_ids = np.array(image_keys), np.array(text_keys)
+    i2t_ranks = ranks_in_scores(i2t, image_key_ids[:, None] == text_key_ids[None, :])
+    t2i_ranks = ranks_in_scores(t2i, text_key_ids[:, None] == image_key_ids[None, :])
+    i2t_summary, t2i_summary = recall_summary(i2t_ranks), recall_summary(t2i_ranks)
+    return {"image_to_text": i2t_summary, "text_to_image": t2i_summary, "top_n": top_n,
+            "rsum": float(sum(i2t_summary[f"R@{k}"] + t2i_summary[f"R@{k}"] for k in KS))}
+
+
+# A scorer's per-token outputs ([B, L, ...]): chunks of texts padded to different lengths are
+# zero-padded to one before they are joined.
+TOKEN_KEYS = ("fragments", "mask")
+
+
+def _pad_tokens(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    length = max(chunk.shape[1] for chunk in chunks)
+    return [F.pad(chunk, (0, 0) * (chunk.dim() - 2) + (0, length - chunk.shape[1])) for chunk in chunks]
 
 
 def load_run(run_dir: str | Path) -> tuple[DualEncoder, Tokenizer, dict[str, Any]]:

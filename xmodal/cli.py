@@ -16,7 +16,12 @@ def default_manifest() -> Path:
     return settings.data_dir() / "emoji" / "manifest.jsonl"
 
 
-def default_run(recipe: str = "infonce") -> Path:
+def default_run(recipe: str | None = None) -> Path:
+    """A recipe's run folder, or without one the default model's (the one `make demo` trains)."""
+    if recipe is None:
+        from xmodal.demo import DEMO_RUN
+
+        return settings.data_dir() / "runs" / DEMO_RUN
     return settings.data_dir() / "runs" / recipe
 
 
@@ -68,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train(
         resolve_data(args.data), run, recipe=args.recipe, device=args.device, resume=not args.restart,
         minutes=args.minutes, epochs=args.epochs, batch_size=args.batch_size, text_encoder=args.text_encoder,
+        text_freeze=args.text_freeze, text_lr_scale=args.text_lr_scale,
     )
     print(f"run: {run}")
     return 0
@@ -238,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--text-encoder", help="text backbone instead of the recipe's own: minilm (pretrained all-MiniLM-L6-v2), glove_cnn, small_transformer, small_text_cnn")
+    train.add_argument("--text-freeze", help="how much of the text backbone trains: all (frozen: only the heads train), "
+                       "topK (MiniLM's top K layers; the lower ones frozen and cached), none (full fine-tuning); "
+                       "default auto: frozen when pretrained")
+    train.add_argument("--text-lr-scale", type=float, help="the text backbone's learning rate as a fraction of --lr's, e.g. 0.1 when fine-tuning")
     train.set_defaults(func=cmd_train)
 
     export = commands.add_parser("export", help="export a run to ONNX, write the card and the Triton model repository")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import csv
 import json
 import os
@@ -684,12 +685,12 @@ def start_server(repository: Path):
 
 
 @contextmanager
-def served(exported: Exported, workdir: Path, summary_: dict):
-    """A server on the repository `xmodal export` would write (FP32), ready, with an HTTP admin client;
-    stopped on leaving. Records Triton's version in the summary."""
+def served(exported: Exported, workdir: Path, summary_: dict, precision: str = "fp32"):
+    """A server on the repository `xmodal export` would write (FP32 unless told), ready, with an HTTP
+    admin client; stopped on leaving. Records Triton's version in the summary."""
     import tritonclient.http as httpclient
 
-    server = start_server(write_repository(exported, workdir / "repository"))
+    server = start_server(write_repository(exported, workdir / "repository", precision))
     admin = None
     try:
         server.wait_ready(timeout=300)
@@ -702,11 +703,16 @@ def served(exported: Exported, workdir: Path, summary_: dict):
         server.stop()
 
 
-def write_repository(exported: Exported, path: Path, **options) -> Path:
+def write_repository(exported: Exported, path: Path, precision: str = "fp32", **options) -> Path:
     from xmodal.export.repository import write_model_repository
 
-    return write_model_repository(path, exported.card, image_onnx=exported.fp32["image_encoder"],
-                                  text_onnx=exported.fp32["text_encoder"], tokenizer_json=exported.tokenizer_json,
+    from xmodal.card import fingerprint_files
+
+    files = exported.int8 if precision == "int8" else exported.fp32
+    # the card a repository serving these files carries (as ExportedModel.card_for writes it)
+    card = dataclasses.replace(exported.card, fingerprint=fingerprint_files([files["image_encoder"], files["text_encoder"]]))
+    return write_model_repository(path, card, image_onnx=files["image_encoder"],
+                                  text_onnx=files["text_encoder"], tokenizer_json=exported.tokenizer_json,
                                   max_batch_size=ITEMS, keep_previous=False, **options)
 
 
@@ -888,8 +894,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def run_latency_only(args: argparse.Namespace) -> dict:
-    """Only the one-query `embed_text` latency (section 3), for a run other than the default model's:
-    export without the INT8 gate, serve, measure, stop."""
+    """Only the one-query `embed_text` latency (section 3), for another run: export with the INT8 gate,
+    serve what `xmodal export --quantize int8` serves (INT8 when the gate accepts it, else FP32),
+    measure it beside in-process tokenise + ORT of the same files, stop."""
     from xmodal.cli import resolve_data
     from xmodal.training.tokenizer import load_tokenizer
 
@@ -901,13 +908,17 @@ def run_latency_only(args: argparse.Namespace) -> dict:
                                 "machine": machine()}
     workdir = Path(tempfile.mkdtemp(prefix="xmodal-serving-latency-"))
     try:
-        exported = export(args.run, workdir / "onnx", manifests, gate=False)
+        exported = export(args.run, workdir / "onnx", manifests, gate=True)
+        precision = "int8" if exported.int8_gate and exported.int8_gate["accepted"] else "fp32"
         tokenizer = load_tokenizer(exported.tokenizer_json)
         items = load_items(manifests[0], exported.card)
         summary_["card"] = {"name": exported.card.name, "fingerprint": exported.card.fingerprint,
                             "text_encoder": json.loads((args.run / "config.json").read_text())["text_encoder"]}
-        sessions = {encoder: ort_session(path, args.threads) for encoder, path in exported.fp32.items()}
-        with served(exported, workdir, summary_) as (server, admin):
+        summary_["precision"] = precision
+        summary_["int8_gate"] = exported.int8_gate
+        files = exported.int8 if precision == "int8" else exported.fp32
+        sessions = {encoder: ort_session(path, args.threads) for encoder, path in files.items()}
+        with served(exported, workdir, summary_, precision) as (server, admin):
             summary_["embed_text_query"] = bench_embed_text_latency(server, admin, items, tokenizer, exported.card,
                                                                     sessions, (QUICK if args.quick else FULL).latency_queries)
     finally:
@@ -1098,7 +1109,8 @@ def main() -> int:
         out = args.out or ROOT / "benchmarks" / "results" / f"serving-latency-{args.run.name}.json"
         out.write_text(json.dumps(summary_, indent=2) + "\n")
         query = summary_["embed_text_query"]
-        log(f"one embed_text query ({summary_['card']['text_encoder']}): p50 {query['latency']['p50_ms']:.2f} ms, "
+        log(f"one embed_text query ({summary_['card']['text_encoder']}, {summary_['precision']}): "
+            f"p50 {query['latency']['p50_ms']:.2f} ms, "
             f"p99 {query['latency']['p99_ms']:.2f} ms; in-process p50 {query['in_process_latency']['p50_ms']:.2f} ms, "
             f"p99 {query['in_process_latency']['p99_ms']:.2f} ms — {verdict(summary_['targets'][0]['pass'])}")
         log(f"results: {out}")

@@ -47,6 +47,10 @@ IMAGE_FP16_ONNX = "image_encoder.fp16.onnx"
 TEXT_FP16_ONNX = "text_encoder.fp16.onnx"
 
 
+# What `quantize` accepts: nothing, both encoders INT8, or the text encoder alone.
+QUANTIZE_CHOICES = (None, "int8", "int8-text")
+
+
 class ParityError(AssertionError):
     """ONNX Runtime and PyTorch disagree beyond the tolerance."""
 
@@ -54,7 +58,8 @@ class ParityError(AssertionError):
 @dataclass
 class Variant:
     """One precision of the exported pair: ``fp32`` (optimised, served by default),
-    ``fp32-portable`` (as exported), ``int8``, ``fp16``."""
+    ``fp32-portable`` (as exported), ``int8``, ``int8-text`` (the text encoder INT8, the image
+    encoder FP32), ``fp16``."""
 
     precision: str
     image_onnx: Path
@@ -77,13 +82,14 @@ class ExportedModel:
     def choose(self, target: str = "cpu", *, tensorrt: bool = False, precision: str | None = None) -> Variant:
         """The variant a repository for ``target`` serves, unless ``precision`` names one.
 
-        cpu: INT8 when it passed its gate, else the optimised FP32. gpu: the plain FP32
+        cpu: INT8 when it passed its gate (both encoders, else the text encoder alone), else the
+        optimised FP32. gpu: the plain FP32
         export with TensorRT (TensorRT builds its own FP16 engine and takes only standard
         operators), else FP16 (FP32 portable when FP16 was not made).
         """
         if precision is None:
             if target == "cpu":
-                precision = "int8" if "int8" in self.variants else "fp32"
+                precision = next((p for p in ("int8", "int8-text") if p in self.variants), "fp32")
             elif target == "gpu":
                 precision = "fp32-portable" if tensorrt or "fp16" not in self.variants else "fp16"
             else:
@@ -146,9 +152,12 @@ def export_run(
     is at most ``max_int8_recall_drop`` points below the FP32 model's; the numbers go into
     the card as ``evaluation.int8_gate`` either way. A refused INT8 model raises
     :class:`QuantizationRejected` after the FP32 export and its card are complete.
+    ``quantize="int8-text"`` quantises the text encoder alone (the image encoder stays FP32),
+    through the same gate: a query's latency is the text encoder's, while images are embedded
+    offline in batches, and the image encoder is where quantisation costs the most recall.
     """
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if quantize and manifests is None:
         raise ValueError("--quantize int8 needs the manifests the run was trained on (their test split "
@@ -206,12 +215,12 @@ def export_run(
             found["fp16"] = found_fp16
 
     gate = None
-    if quantize == "int8":
+    if quantize is not None:
         gate, int8_variant = _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer,
-                                           config, max_int8_recall_drop)
+                                           config, max_int8_recall_drop, text_only=quantize == "int8-text")
         if int8_variant is not None:
-            found["int8"] = int8_variant
-            onnx_info["int8"] = int8_variant.notes
+            found[quantize] = int8_variant
+            onnx_info[quantize] = int8_variant.notes
     onnx_info["variants"] = {key: {"fingerprint": v.fingerprint,
                                    "files": [v.image_onnx.name, v.text_onnx.name]} for key, v in found.items()}
 
@@ -286,8 +295,9 @@ def _fp16_variant(towers, raw: dict[str, Path], out_dir: Path) -> tuple[Variant 
     return variant, info
 
 
-def _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer, config, max_drop):
-    """Quantise, optimise, run the held-out set through FP32 and INT8: (gate record, variant or None)."""
+def _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer, config, max_drop, text_only=False):
+    """Quantise (both encoders, or the text encoder alone), optimise, run the held-out set through
+    FP32 and INT8: (gate record, variant or None)."""
     from xmodal.training.manifest import read_manifest
 
     manifests = [manifests] if isinstance(manifests, (str, Path)) else list(manifests)
@@ -296,9 +306,12 @@ def _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer
     if not rows:
         raise ValueError(f"no held-out rows (split 'test'{f', styles {styles}' if styles else ''}) in "
                          f"{', '.join(map(str, manifests))}: the INT8 gate has nothing to measure on")
+    quantized = ["text_encoder"] if text_only else list(towers)
     paths = {"image_encoder": out_dir / IMAGE_INT8_ONNX, "text_encoder": out_dir / TEXT_INT8_ONNX}
-    notes: dict[str, Any] = {}
-    for encoder in towers:
+    if text_only:
+        paths["image_encoder"] = served["image_encoder"]
+    notes: dict[str, Any] = {"quantized": quantized}
+    for encoder in quantized:
         unoptimised = out_dir / f".{encoder}.int8.unoptimised.onnx"
         try:
             notes[encoder] = variants.quantize_int8(raw[encoder], unoptimised)
@@ -312,21 +325,24 @@ def _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer
     gate = variants.int8_gate(recall["fp32"], recall["int8"], max_drop=max_drop)
     gate["images"] = images
     gate["styles"] = sorted({row.style for row in rows})
+    gate["quantized"] = quantized
     if not gate["accepted"]:
-        for path in paths.values():
-            path.unlink(missing_ok=True)
+        for encoder in quantized:
+            paths[encoder].unlink(missing_ok=True)
         return gate, None
     notes["graph_optimization"] = "ORT_ENABLE_EXTENDED after quantisation"
     # For the record, not the gate: dynamic INT8 is not always faster on a CPU.
     notes["latency_ms"] = {}
     for encoder, (_, input_name, inputs) in towers.items():
+        if encoder not in quantized:
+            continue
         feeds = {input_name: inputs.numpy()}
         notes["latency_ms"][encoder] = {
             "batch": int(inputs.shape[0]),
             "fp32": round(variants.latency_ms(served[encoder], feeds, repeats=5)["median_ms"], 3),
             "int8": round(variants.latency_ms(paths[encoder], feeds, repeats=5)["median_ms"], 3),
         }
-    return gate, Variant("int8", paths["image_encoder"], paths["text_encoder"],
+    return gate, Variant("int8-text" if text_only else "int8", paths["image_encoder"], paths["text_encoder"],
                          fingerprint_files(list(paths.values())), notes)
 
 

@@ -90,7 +90,8 @@ def quantize_int8(source: str | Path, target: str | Path, *, conv: bool = False)
     the FP32 convolution on this machine's CPU (see docs/serving.md), while MatMul/Gemm
     (heads, transformer layers) gain. With ``conv`` and a CPU provider that lacks a kernel
     for a quantised operator, it falls back to the other operators.
-    Returns what was done: ``{"weight_type": "QInt8", "op_types": [...] | "all"}``.
+    Weights get a scale per output channel.
+    Returns what was done: ``{"weight_type": "QInt8", "per_channel": True, "op_types": [...] | "all"}``.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -98,7 +99,9 @@ def quantize_int8(source: str | Path, target: str | Path, *, conv: bool = False)
     attempts: list[Sequence[str] | None] = ([None] if conv else []) + [NON_CONV_INT8_OPS]
     last_error: Exception | None = None
     for op_types_to_quantize in attempts:
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8,
+        # Per-channel scales: on the default model's MiniLM text encoder, per-tensor INT8 cost 1.95
+        # points of held-out image→text R@10 (refused by the gate), per-channel 0.05.
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=list(op_types_to_quantize) if op_types_to_quantize else None)
         try:
             ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
@@ -106,7 +109,7 @@ def quantize_int8(source: str | Path, target: str | Path, *, conv: bool = False)
             last_error = exc
             continue
         check(target)
-        return {"weight_type": "QInt8", "method": "dynamic",
+        return {"weight_type": "QInt8", "method": "dynamic", "per_channel": True,
                 "op_types": "all" if op_types_to_quantize is None else list(op_types_to_quantize)}
     raise RuntimeError(f"ONNX Runtime cannot run the INT8 model of {source}: {last_error}")
 
@@ -137,7 +140,8 @@ def describe_gate(gate: dict[str, Any]) -> str:
              f"(drop {gate['drop'][d]:+.2f})" for d in DIRECTIONS]
     verdict = "accepted" if gate["accepted"] else "refused"
     where = f" on {gate['images']} held-out images" if "images" in gate else ""
-    return (f"INT8 {verdict}{where}: " + "; ".join(parts)
+    which = f" ({' and '.join(gate['quantized'])})" if "quantized" in gate else ""
+    return (f"INT8 {verdict}{which}{where}: " + "; ".join(parts)
             + f"; the gate allows a drop of at most {gate['max_drop_points']:.2f} point(s) per direction")
 
 

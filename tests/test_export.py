@@ -168,7 +168,7 @@ def test_export_command_serves_the_int8_variant_as_a_new_version(run, tmp_path, 
     assert main(common + ["--out", str(tmp_path / "int8"), "--quantize", "int8", "--data", str(run["manifest"]),
                           "--version", "2", "--max-queue-delay-us", "100"]) == 0
     output = capsys.readouterr().out
-    assert "INT8 accepted on 8 held-out images" in output and "version 2 (int8, cpu)" in output
+    assert "INT8 accepted (image_encoder and text_encoder) on 8 held-out images" in output and "version 2 (int8, cpu)" in output
     card = ModelCard.load(repository)
     assert card.evaluation["onnx"]["precision"] == "int8" and card.evaluation["int8_gate"]["accepted"]
     assert card.fingerprint == fingerprint_files([tmp_path / "int8" / IMAGE_INT8_ONNX, tmp_path / "int8" / TEXT_INT8_ONNX])

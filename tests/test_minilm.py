@@ -351,6 +351,32 @@ def test_minilm_int8_goes_through_the_recall_gate(tiny_run, tiny_export) -> None
         variants.require_int8_gate(refused)
 
 
+def test_minilm_int8_text_quantizes_the_text_encoder_alone(tiny_run, tmp_path) -> None:
+    """`--quantize int8-text`: the query side INT8 (a MiniLM query costs 2-3x less), the image encoder FP32."""
+    from xmodal.card import ModelCard
+    from xmodal.export import variants
+    from xmodal.export.onnx import IMAGE_INT8_ONNX, IMAGE_ONNX, TEXT_INT8_ONNX, QuantizationRejected, export_run
+
+    out = tmp_path / "onnx"
+    try:
+        exported, refused = export_run(tiny_run["run"], out, manifests=[tiny_run["manifest"]], quantize="int8-text",
+                                       fp16=False), None
+    except QuantizationRejected as exc:
+        exported, refused = None, exc
+    gate = ModelCard.load(out).evaluation["int8_gate"]
+    assert gate["quantized"] == ["text_encoder"]
+    assert gate["accepted"] is all(gate["drop"][d] <= 1.0 for d in variants.DIRECTIONS)
+    assert not (out / IMAGE_INT8_ONNX).exists()  # the image encoder is never quantised
+    if gate["accepted"]:
+        chosen = exported.choose("cpu")
+        assert chosen.precision == "int8-text"
+        assert chosen.image_onnx == out / IMAGE_ONNX and chosen.text_onnx == out / TEXT_INT8_ONNX
+        assert set(chosen.notes["latency_ms"]) == {"text_encoder"}
+        assert exported.card_for(chosen).fingerprint not in (ModelCard.load(out).fingerprint,)
+    else:
+        assert "INT8 refused (text_encoder)" in str(refused) and not (out / TEXT_INT8_ONNX).exists()
+
+
 # --- served by the real tritonserver ---------------------------------------------------------
 
 

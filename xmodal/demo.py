@@ -65,7 +65,7 @@ def drop_demo_collection(milvus_uri: str) -> None:
 def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
     from xmodal.client import Client
     from xmodal.client.table import format_hits
-    from xmodal.export.onnx import export_run
+    from xmodal.export.onnx import QuantizationRejected, export_run
     from xmodal.export.repository import write_model_repository
     from xmodal.indexer import index_images
     from xmodal.server import TritonServer, free_port
@@ -89,12 +89,20 @@ def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
         budget = {"minutes": minutes} if minutes else {"epochs": DEMO_EPOCHS, "minutes": 600.0}
         report = train([manifest, *extra], run_dir, recipe=DEMO_RECIPE, resume=False, **DEMO_TEXT_TOWER, **budget)
     with stage("export", timings):
-        exported = export_run(run_dir, run_dir / "onnx")
+        # INT8 (per-channel, both encoders) when it keeps held-out R@10 within a point: it brings a
+        # MiniLM query to a 2-3 ms p50 here (benchmarks/serving.py --latency-only); else FP32.
+        try:
+            exported = export_run(run_dir, run_dir / "onnx", manifests=[manifest, *extra], quantize="int8")
+        except QuantizationRejected as refused:
+            print(f"{refused}; serving FP32")
+            exported = export_run(run_dir, run_dir / "onnx")
+        variant = exported.choose("cpu")
+        card = exported.card_for(variant)
         write_model_repository(
-            repository, exported.card, image_onnx=exported.image_onnx,
-            text_onnx=exported.text_onnx, tokenizer_json=exported.tokenizer_json,
+            repository, card, image_onnx=variant.image_onnx,
+            text_onnx=variant.text_onnx, tokenizer_json=exported.tokenizer_json,
         )
-        print(f"model {exported.card.name} fingerprint {exported.card.fingerprint}; parity {exported.parity}")
+        print(f"model {card.name} ({variant.precision}) fingerprint {card.fingerprint}; parity {exported.parity}")
 
     server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     with stage("serve", timings):

@@ -13,7 +13,8 @@ What it does, per model instance:
   ``onnxruntime.InferenceSession``: ``CUDAExecutionProvider`` first when ONNX Runtime has it
   and the instance is not ``KIND_CPU``, then the CPU provider. The config parameters
   ``intra_op_thread_count`` and ``inter_op_thread_count`` (the native backend's names) set
-  the thread pools when present.
+  the thread pools when present; ``allow_spinning`` ("0" or "1") whether idle intra-op
+  threads spin (ONNX Runtime's default) or sleep.
 - ``execute`` gathers every request's inputs by the config's input names, runs requests
   whose per-sample shapes and dtypes match as one concatenated ORT run (nothing is padded;
   mismatched requests run separately), splits the outputs back per request, and answers a
@@ -132,6 +133,9 @@ class TritonPythonModel:
             value = _parameter(config, key)
             if value is not None and int(value) > 0:
                 setattr(options, attribute, int(value))
+        spinning = _parameter(config, "allow_spinning")
+        if spinning is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning in ("0", "false") else "1")
 
         providers: list = ["CPUExecutionProvider"]
         if (args.get("model_instance_kind") != "CPU"

@@ -16,6 +16,8 @@ import platform
 import sys
 from pathlib import Path
 
+from xmodal.training.recipes import infonce_warmup
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # (name, recipe, overrides, what it shows)
@@ -24,7 +26,7 @@ VARIANTS = [
     ("vsepp", "vsepp", {}, "baseline: hardest-negative triplet, margin 0.2, after 30% InfoNCE warm-up"),
     # The same warm-up as vsepp, then HBTR in place of the plain hardest-negative triplet.
     ("hbtr", "vsepp", {"stages": [
-        {"name": "warmup", "fraction": 0.3, "losses": [{"loss": "infonce", "level": "global", "weight": 1.0}]},
+        infonce_warmup("global"),
         {"name": "hbtr", "fraction": 0.7, "losses": [
             {"loss": "hbtr", "level": "global", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.1}]},
     ]}, "vsepp with HBTR (hardest negative + the centroid term) in place of the triplet"),
@@ -33,7 +35,7 @@ VARIANTS = [
     # similarity to the negatives 0.001; 0% of anchors inside the margin), so hbtr equals vsepp.
     # A wide margin lets it act.
     ("hbtr_wide", "vsepp", {"stages": [
-        {"name": "warmup", "fraction": 0.3, "losses": [{"loss": "infonce", "level": "global", "weight": 1.0}]},
+        infonce_warmup("global"),
         {"name": "hbtr", "fraction": 0.7, "losses": [
             {"loss": "hbtr", "level": "global", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.5}]},
     ]}, "hbtr with centroid margin 0.5"),

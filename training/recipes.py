@@ -57,6 +57,12 @@ BASE: dict[str, Any] = {
     "seed": 0,
 }
 
+def infonce_warmup(*levels: str, fraction: float = 0.3) -> dict[str, Any]:
+    """The stage that first learns the space with InfoNCE at each level, before a recipe's own losses."""
+    return {"name": "warmup", "fraction": fraction,
+            "losses": [{"loss": "infonce", "level": level, "weight": 1.0} for level in levels]}
+
+
 RECIPES: dict[str, dict[str, Any]] = {
     "infonce": {},
     # Hardest negatives from freshly initialised heads collapse every pair to one point (the
@@ -67,7 +73,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # sharpens it (margin 0.2, as VSE++).
     "vsepp": {
         "stages": [
-            {"name": "warmup", "fraction": 0.3, "losses": [{"loss": "infonce", "level": "global", "weight": 1.0}]},
+            infonce_warmup("global"),
             {"name": "hardest", "fraction": 0.7, "losses": [
                 {"loss": "vsepp", "level": "global", "weight": 1.0, "margin": 0.2}]},
         ],
@@ -96,10 +102,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "levels": {"concept": "pooled", "exterior": "mid"},
         "fusion": {"concept": 0.5, "exterior": 0.5},
         "stages": [
-            {"name": "warmup", "fraction": 0.3, "losses": [
-                {"loss": "infonce", "level": "concept", "weight": 1.0},
-                {"loss": "infonce", "level": "exterior", "weight": 1.0},
-            ]},
+            infonce_warmup("concept", "exterior"),
             {"name": "main", "fraction": 0.7, "losses": [
                 {"loss": "hbtr", "level": "concept", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.1},
                 {"loss": "hbtr", "level": "exterior", "weight": 1.0, "margin": 0.2, "centroid_margin": 0.1},
@@ -117,10 +120,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "levels": {"instance": "pooled", "fragment": "fragments"},
         "fusion": {"instance": 0.5, "fragment": 0.5},
         "stages": [
-            {"name": "warmup", "fraction": 0.3, "losses": [
-                {"loss": "infonce", "level": "instance", "weight": 1.0},
-                {"loss": "infonce", "level": "fragment", "weight": 1.0},
-            ]},
+            infonce_warmup("instance", "fragment"),
             {"name": "main", "fraction": 0.7, "losses": [
                 {"loss": "ccl", "level": "instance", "weight": 1.0, "margin": 1.0, "categories": ["group", "subgroup"]},
                 {"loss": "ccl", "level": "fragment", "weight": 1.0, "margin": 1.0, "categories": ["group", "subgroup"]},

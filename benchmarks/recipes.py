@@ -244,6 +244,7 @@ def markdown(summary: dict) -> str:
         if claims:
             lines += [f"With the {label}:", "", *claims, ""]
     lines += default_model_lines(results)
+    lines += rerank_lines()
     queries = {name: result["sentence_queries"] for name, result in results.items() if "sentence_queries" in result}
     if queries:
         lines += ["## Sentence queries", "",
@@ -253,6 +254,16 @@ def markdown(summary: dict) -> str:
             lines += [f"| {name} | {'; '.join(answers.get(query, []))} |" for name, answers in queries.items()]
             lines.append("")
     return "\n".join(lines)
+
+
+def rerank_lines() -> list[str]:
+    """The served second stage's figures, from benchmarks/rerank.py's last run, if there is one."""
+    path = ROOT / "benchmarks" / "results" / "rerank.json"
+    if not path.exists():
+        return []
+    from rerank import markdown as rerank_markdown
+
+    return rerank_markdown(json.loads(path.read_text()))
 
 
 def default_model_lines(results: dict) -> list[str]:

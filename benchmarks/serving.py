@@ -20,7 +20,9 @@ Measured side by side in one process, on the same 64 images and captions of the 
 4. NVIDIA's ``perf_analyzer`` against the same server, when one is found (``--perf-analyzer``,
    else ``perf_analyzer`` on PATH or beside the Python); otherwise the reason is recorded.
 5. The ``instance_group`` sweep: repositories with ``instance_count`` and
-   ``preprocess_instance_count`` 1 and 2, each served at once, measured with 16 gRPC clients.
+   ``preprocess_instance_count`` 1 and 2, and 1/1 with every encoder's ONNX Runtime threads
+   sleeping when idle (``allow_spinning=False``; by default only the text encoder's do), each
+   served at once, measured with 16 gRPC clients.
 
 The run is exported again into a temporary directory with ``export_run`` (a full run also
 passes the INT8 variant through export's held-out gate; ``--quick`` quantises with the same
@@ -82,7 +84,8 @@ class Plan:
     min_requests: int  # ... and a single client at least this many requests (16 clients: one each)
     latency_queries: int
     int8_gate: bool
-    sweep_configs: tuple[tuple[int, int], ...]  # (instance_count, preprocess_instance_count)
+    # (instance_count, preprocess_instance_count, allow_spinning: None = the repository's defaults)
+    sweep_configs: tuple[tuple[int, int, bool | None], ...]
     sweep_rounds: int
     sweep_seconds: float
     perf_analyzer_cases: tuple[tuple[str, str, int, int], ...]  # (model, protocol, batch, concurrency)
@@ -94,7 +97,8 @@ class Plan:
 
 FULL = Plan(
     eager_rounds=3, eager_seconds=0.6, matrix_rounds=2, target_rounds=3, scenario_seconds=1.5, min_requests=3,
-    latency_queries=1000, int8_gate=True, sweep_configs=((1, 1), (2, 1), (1, 2), (2, 2)), sweep_rounds=3,
+    latency_queries=1000, int8_gate=True, sweep_configs=((1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 1, False)),
+    sweep_rounds=3,
     sweep_seconds=1.0,
     perf_analyzer_cases=(("embed_text", "grpc", 1, 1), ("embed_text", "http", 1, 1),
                          ("embed_text", "grpc", CLIENT_BATCH, 16), ("embed_image", "grpc", 1, 16)),
@@ -102,7 +106,7 @@ FULL = Plan(
 )
 QUICK = Plan(
     eager_rounds=1, eager_seconds=0.1, matrix_rounds=1, target_rounds=1, scenario_seconds=0.4, min_requests=1,
-    latency_queries=200, int8_gate=False, sweep_configs=((1, 1), (2, 2)), sweep_rounds=1, sweep_seconds=0.4,
+    latency_queries=200, int8_gate=False, sweep_configs=((1, 1, None), (2, 2, None), (1, 1, False)), sweep_rounds=1, sweep_seconds=0.4,
     perf_analyzer_cases=(("embed_text", "grpc", 1, 1),), perf_analyzer_window_ms=1000,
     # The slowest cases (16 clients x 32 images each, about 7 s apiece here) add nothing to a smoke run.
     matrix_skip=frozenset({"embed_image http c16 b32", "image_encoder grpc c16 b32", "text_encoder grpc c16 b32"}),
@@ -720,6 +724,11 @@ def sweep_scenarios(plan: Plan) -> list[Scenario]:
     return [Scenario(model, "grpc", 16, size) for model, size in plan.sweep_workloads]
 
 
+def sweep_label(instances: int, preprocess: int, spinning: bool | None) -> str:
+    """'1/1' (encoder / preprocessing instances), '+ sleep' or '+ spin' when every encoder's threads are set."""
+    return f"{instances}/{preprocess}" + ("" if spinning is None else " + spin" if spinning else " + sleep")
+
+
 def bench_instance_sweep(exported: Exported, workdir: Path, items: Items, tokenizer, plan: Plan,
                          default_groups: dict) -> dict:
     import tritonclient.http as httpclient
@@ -728,16 +737,17 @@ def bench_instance_sweep(exported: Exported, workdir: Path, items: Items, tokeni
 
     scenarios = sweep_scenarios(plan)
     payloads = {(s.model, s.size): request_payloads(s.model, s.size, items, tokenizer) for s in scenarios}
-    servers: dict[tuple[int, int], Any] = {}
-    rates: dict[tuple[int, int], dict[str, list[float]]] = {}
+    servers: dict[tuple[int, int, bool | None], Any] = {}
+    rates: dict[tuple[int, int, bool | None], dict[str, list[float]]] = {}
     groups = {}
     try:
         # All configurations are up at once, so each workload is measured on every one of them
         # within seconds; an idle server costs nothing.
-        for instances, preprocess in plan.sweep_configs:
-            repository = write_repository(exported, workdir / f"repository-i{instances}-p{preprocess}",
-                                          instance_count=instances, preprocess_instance_count=preprocess)
-            servers[(instances, preprocess)] = start_server(repository)
+        for instances, preprocess, spinning in plan.sweep_configs:
+            repository = write_repository(exported, workdir / f"repository-{sweep_label(instances, preprocess, spinning).replace('/', '-').replace(' ', '-')}",
+                                          instance_count=instances, preprocess_instance_count=preprocess,
+                                          allow_spinning=spinning)
+            servers[(instances, preprocess, spinning)] = start_server(repository)
         for config, server in servers.items():
             server.wait_ready(timeout=300)
             admin = httpclient.InferenceServerClient(server.url)
@@ -746,7 +756,7 @@ def bench_instance_sweep(exported: Exported, workdir: Path, items: Items, tokeni
             finally:
                 admin.close()
             rates[config] = {s.key: [] for s in scenarios}
-        log(f"  {len(servers)} servers ready: " + ", ".join(f"instances {i} / preprocess {p}" for i, p in servers))
+        log(f"  {len(servers)} servers ready: " + ", ".join(sweep_label(*config) for config in servers))
         configs = list(servers)
         for round_index in range(plan.sweep_rounds):
             for scenario in scenarios:
@@ -757,7 +767,7 @@ def bench_instance_sweep(exported: Exported, workdir: Path, items: Items, tokeni
                                    seconds=plan.sweep_seconds, min_requests=1)
                     rates[config][scenario.key].append(result["items_per_s"])
                 log(f"  sweep round {round_index + 1} {scenario.key}: " + ", ".join(
-                    f"{i}/{p} {rates[(i, p)][scenario.key][-1]:.1f}" for i, p in configs) + " items/s")
+                    f"{sweep_label(*config)} {rates[config][scenario.key][-1]:.1f}" for config in configs) + " items/s")
     finally:
         for server in servers.values():
             server.stop()
@@ -766,15 +776,17 @@ def bench_instance_sweep(exported: Exported, workdir: Path, items: Items, tokeni
     for config in configs:
         medians = {key: statistics.median(values) for key, values in rates[config].items()}
         relative = [medians[key] / statistics.median(rates[baseline][key]) for key in medians]
-        table[f"{config[0]}/{config[1]}"] = {
-            "instance_count": config[0], "preprocess_instance_count": config[1], "instance_groups": groups[config],
+        table[sweep_label(*config)] = {
+            "instance_count": config[0], "preprocess_instance_count": config[1], "allow_spinning": config[2],
+            "instance_groups": groups[config],
             "items_per_s": {key: summary(values, 1) for key, values in rates[config].items()},
             "vs_baseline": round(float(np.exp(np.mean(np.log(relative)))), 3),
         }
     best = max(table, key=lambda key: table[key]["vs_baseline"])
     per_workload = {s.key: max(table, key=lambda key: table[key]["items_per_s"][s.key]["median"]) for s in scenarios}
     # Within 5 % is within this machine's noise: then the fewer processes the better.
-    simplest = min(table, key=lambda key: (table[key]["instance_count"] + table[key]["preprocess_instance_count"]))
+    simplest = min(table, key=lambda key: (table[key]["instance_count"] + table[key]["preprocess_instance_count"]
+                                           + (table[key]["allow_spinning"] is not None)))
     noise = best != simplest and table[best]["vs_baseline"] < table[simplest]["vs_baseline"] * 1.05
     choice = simplest if noise else best
     if best == simplest:
@@ -787,11 +799,12 @@ def bench_instance_sweep(exported: Exported, workdir: Path, items: Items, tokeni
                f"(geometric mean over {len(scenarios)} workloads) over {simplest}")
     default_counts = {model: sum(g["count"] or 0 for g in groups_) for model, groups_ in default_groups.items()}
     return {
-        "configs": table, "baseline": f"{baseline[0]}/{baseline[1]}", "best_by_workload": per_workload,
+        "configs": table, "baseline": sweep_label(*baseline), "best_by_workload": per_workload,
         "best_overall": best,
         "recommendation": {
             "instance_count": table[choice]["instance_count"],
             "preprocess_instance_count": table[choice]["preprocess_instance_count"],
+            "allow_spinning": table[choice]["allow_spinning"],
             "why": why,
         },
         "default_without_instance_group": default_counts,
@@ -879,7 +892,7 @@ def run(args: argparse.Namespace) -> dict:
                 summary_["perf_analyzer"]["cases"] = run_perf_analyzer(binary, server, items, plan, workdir)
             stages["perf_analyzer"] = round(time.monotonic() - begin, 1)
 
-        log(f"[6/6] instance_group sweep: {', '.join(f'{i}/{p}' for i, p in plan.sweep_configs)} "
+        log(f"[6/6] instance_group sweep: {', '.join(sweep_label(*config) for config in plan.sweep_configs)} "
             f"(encoder / preprocessing instances)")
         begin = time.monotonic()
         summary_["instance_sweep"] = bench_instance_sweep(exported, workdir, items, tokenizer, plan, default_groups)
@@ -1063,6 +1076,8 @@ def markdown(summary_: dict) -> str:
               "defaults for the CPU target the server ran "
               + ", ".join(f"{model} {count}" for model, count in sweep["default_without_instance_group"].items())
               + " instance(s).", "",
+              "`+ sleep`: every encoder's idle ONNX Runtime threads sleep (`allow_spinning: \"0\"`); otherwise "
+              "the repository's defaults (the text encoder's sleep, the image encoder's spin).", "",
               "| encoder / preprocess instances | " + " | ".join(sweep["workloads"])
               + f" | geometric mean vs {sweep['baseline']} |",
               "| --- | " + " | ".join("---" for _ in sweep["workloads"]) + " | --- |"]
@@ -1070,8 +1085,10 @@ def markdown(summary_: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{config['items_per_s'][w]['median']:.1f}" for w in sweep["workloads"])
                      + f" | {config['vs_baseline']:.2f} |")
     recommendation = sweep["recommendation"]
+    spinning = recommendation.get("allow_spinning")
     lines += ["", f"Recommendation: `instance_count={recommendation['instance_count']}`, "
-                  f"`preprocess_instance_count={recommendation['preprocess_instance_count']}` ({recommendation['why']}).",
+                  f"`preprocess_instance_count={recommendation['preprocess_instance_count']}`"
+                  + ("" if spinning is None else f", `allow_spinning={spinning}`") + f" ({recommendation['why']}).",
               ""]
     return "\n".join(lines)
 

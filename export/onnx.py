@@ -32,7 +32,7 @@ from xmodal.export.variants import QuantizationRejected  # noqa: F401 - re-expor
 from xmodal.card import ImagePreprocessing, ModelCard, TokenizerSpec, fingerprint_files
 from xmodal.training.models import ServedTower, embedding_dims
 from xmodal.training.tokenizer import PAD_ID, max_length, vocab_hash
-from xmodal.training.train import EVAL_FILE, TOKENIZER_FILE, load_run
+from xmodal.training.train import EVAL_FILE, RERANK_TOP_N, TOKENIZER_FILE, load_run
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -224,6 +224,14 @@ def export_run(
     onnx_info["variants"] = {key: {"fingerprint": v.fingerprint,
                                    "files": [v.image_onnx.name, v.text_onnx.name]} for key, v in found.items()}
 
+    reranker = None
+    if model.scorer is not None:
+        from xmodal.export.reranker import export_reranker  # it imports this module's constants
+
+        reranker = export_reranker(model, config, out_dir)
+        reranker["fingerprint"] = fingerprint_files([out_dir / name for name in reranker["files"]])
+        reranker["top_n"] = RERANK_TOP_N
+
     tokenizer_path = out_dir / TOKENIZER_FILE
     shutil.copyfile(run_dir / TOKENIZER_FILE, tokenizer_path)
     card_evaluation: dict[str, Any] = {
@@ -251,6 +259,7 @@ def export_run(
             key: evaluation[key] for key in ("train_styles", "train_images", "test_styles", "test_images") if key in evaluation
         },
         evaluation=card_evaluation,
+        reranker=reranker,
     )
     card.save(out_dir)
     exported = ExportedModel(out_dir, card, served["image_encoder"], served["text_encoder"], tokenizer_path, parity,

@@ -10,6 +10,16 @@ Layout (``<v>`` is ``version``, ``<p>`` the version kept from before, if any)::
     embed_image/config.pbtxt, <p>/ <v>/card.json   ensemble IMAGE -> every embedding in the card
     embed_text/config.pbtxt,  <p>/ <v>/card.json   ensemble TEXT  -> every embedding in the card
 
+and, for a model with a pair scorer (the card's ``reranker``: CRAN, MCSM), its second stage::
+
+    rerank_image_side/config.pbtxt, <p>/ <v>/model.onnx   pixel_values -> image_<key> (what the side store keeps)
+    rerank/config.pbtxt, <p>/ <v>/model.onnx              input_ids, first_stage, image_<key> -> scores
+    embed_image_side/config.pbtxt, <p>/ <v>/card.json     ensemble IMAGE -> image_<key> (the indexer's)
+    rerank_text/config.pbtxt, <p>/ <v>/card.json          ensemble TEXT, first_stage, image_<key> -> scores
+
+``rerank`` and ``rerank_text`` take one query a request (``max_batch_size: 1``): the request's
+second axis is its N candidates, and requests with different N or L could not be batched anyway.
+
 Versions and roll-out. Writing version ``v`` into an existing repository keeps the version
 its ensembles pinned until now (``p``) beside it and drops older ones. The encoders and
 preprocessing models load both (``version_policy { specific { versions: [p, v] } }``), so a
@@ -70,8 +80,13 @@ IMAGE_PARAMETER = "xmodal_image"
 TEXT_PARAMETER = "xmodal_text"
 PARAMS_FILE = "params.json"  # per-version preprocessing parameters (read before the config's)
 WARMUP_DIR = "warmup"
+RERANK_IMAGE_SIDE = "rerank_image_side"
+RERANK = "rerank"
+EMBED_IMAGE_SIDE = "embed_image_side"
+RERANK_TEXT = "rerank_text"
 MODELS = (IMAGE_ENCODER, TEXT_ENCODER, PREPROCESS_IMAGE, PREPROCESS_TEXT, EMBED_IMAGE, EMBED_TEXT)
-ENSEMBLES = (EMBED_IMAGE, EMBED_TEXT)
+RERANK_MODELS = (RERANK_IMAGE_SIDE, RERANK, EMBED_IMAGE_SIDE, RERANK_TEXT)
+ENSEMBLES = (EMBED_IMAGE, EMBED_TEXT, EMBED_IMAGE_SIDE, RERANK_TEXT)
 TARGETS = ("cpu", "gpu")
 WARMUP_TEXT = "warm up"
 
@@ -267,18 +282,24 @@ def pinned_version(repository: Path) -> int | None:
 
 
 def repository_versions(repository: Path) -> dict[str, list[int]]:
-    """Every xmodal model's version directories on disk."""
+    """Every xmodal model's version directories on disk (the re-ranker's where it has one)."""
     found = {}
-    for model in MODELS:
+    for model in (*MODELS, *RERANK_MODELS):
         directory = Path(repository) / model
+        if model in RERANK_MODELS and not directory.is_dir():
+            continue
         found[model] = sorted(int(p.name) for p in directory.iterdir()
                               if p.is_dir() and p.name.isdigit()) if directory.is_dir() else []
     return found
 
 
 def _signature(card: ModelCard) -> dict:
-    return {"image_size": int(card.image.size),
-            "embeddings": {name: int(spec["dim"]) for name, spec in card.embeddings.items()}}
+    signature = {"image_size": int(card.image.size),
+                 "embeddings": {name: int(spec["dim"]) for name, spec in card.embeddings.items()}}
+    if card.reranker:
+        signature["reranker"] = {"kind": card.reranker["kind"],
+                                 "side": {name: spec["shape"] for name, spec in card.reranker["side"].items()}}
+    return signature
 
 
 def _previous_to_keep(out_dir: Path, card: ModelCard, version: int) -> tuple[int | None, ModelCard | None]:
@@ -321,6 +342,8 @@ def write_model_repository(
     tensorrt: bool = False,
     warmup: bool = True,
     keep_previous: bool = True,
+    reranker_dir: Path | None = None,
+    allow_spinning: bool | None = None,
 ) -> Path:
     """Write version ``version`` of the Triton model repository in ``out_dir``; return its path.
 
@@ -335,7 +358,11 @@ def write_model_repository(
     ``"gpu"``; ``instance_count`` sets the encoders' instances (KIND_CPU on cpu, default
     CPU_ENCODER_INSTANCES; KIND_GPU on gpu, default one per GPU), ``preprocess_instance_count`` the Python models' (always
     KIND_CPU); ``tensorrt`` (gpu only) adds the TensorRT accelerator at FP16;
-    ``max_queue_delay_microseconds`` is the encoders' dynamic-batching delay.
+    ``max_queue_delay_microseconds`` is the encoders' dynamic-batching delay. ``allow_spinning``
+    (cpu only) sets whether every encoder's idle ONNX Runtime threads spin (True) or sleep (False);
+    None keeps the measured defaults (:data:`TEXT_ENCODER_CPU_PARAMETERS`). A card with a
+    ``reranker`` adds its models, from the files the card names in ``reranker_dir`` (default: the
+    image encoder's directory, where ``export_run`` writes them).
     """
     out_dir = Path(out_dir).expanduser().resolve()
     image_onnx, text_onnx, tokenizer_json = Path(image_onnx), Path(text_onnx), Path(tokenizer_json)
@@ -363,6 +390,16 @@ def write_model_repository(
             raise ValueError(
                 f"the card's fingerprint {card.fingerprint} is not that of {image_onnx} and {text_onnx} "
                 f"({actual}); export the card from these files")
+    reranker_files: list[Path] = []
+    if card.reranker:
+        reranker_dir = Path(reranker_dir) if reranker_dir is not None else image_onnx.parent
+        reranker_files = [reranker_dir / name for name in card.reranker["files"]]
+        missing = [str(path) for path in reranker_files if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"the card's re-ranker files are missing: {missing} (pass reranker_dir)")
+        if verify_fingerprint and fingerprint_files(reranker_files) != card.reranker["fingerprint"]:
+            raise ValueError(f"the card's re-ranker fingerprint {card.reranker['fingerprint']} is not that of "
+                             f"{[str(p) for p in reranker_files]}; export the card from these files")
     templates = {
         PREPROCESS_IMAGE: TEMPLATES / PREPROCESS_IMAGE / "1" / "model.py",
         PREPROCESS_TEXT: TEMPLATES / PREPROCESS_TEXT / "1" / "model.py",
@@ -395,7 +432,7 @@ def write_model_repository(
     options = _Options(version=int(version), previous=previous, max_batch_size=int(max_batch_size), target=target,
                        instance_count=instance_count, preprocess_instance_count=preprocess_instance_count,
                        max_queue_delay_microseconds=max_queue_delay_microseconds, tensorrt=tensorrt,
-                       warmup=warmup)
+                       warmup=warmup, reranker_files=reranker_files, allow_spinning=allow_spinning)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -428,6 +465,16 @@ class _Options:
     max_queue_delay_microseconds: int | None
     tensorrt: bool
     warmup: bool
+    reranker_files: list[Path]
+    allow_spinning: bool | None = None
+
+    def encoder_parameters(self, defaults: dict[str, str]) -> dict[str, str] | None:
+        """The config parameters of an encoder on this target (``defaults``: the CPU target's)."""
+        if self.target != "cpu":
+            return None
+        if self.allow_spinning is None:
+            return defaults or None
+        return {**defaults, "allow_spinning": "1" if self.allow_spinning else "0"}
 
     @property
     def versions(self) -> list[int]:
@@ -444,7 +491,7 @@ def _link_or_copy(source: str, target: str) -> None:
 def _carry_version(source_repo: Path, target_repo: Path, version: int, card: ModelCard) -> None:
     """Copy (hard-link where possible) every model's ``<version>/`` directory; fill in what older writers left out."""
     v = str(version)
-    for model in MODELS:
+    for model in (*MODELS, *(RERANK_MODELS if card.reranker else ())):
         shutil.copytree(source_repo / model / v, target_repo / model / v, copy_function=_link_or_copy)
     # Written before per-version parameters existed: they came from the (shared) config.
     params = target_repo / PREPROCESS_IMAGE / v / PARAMS_FILE
@@ -455,6 +502,8 @@ def _carry_version(source_repo: Path, target_repo: Path, version: int, card: Mod
         params.write_text(_text_params(card) + "\n")
     for ensemble in ENSEMBLES:
         served = target_repo / ensemble / v / CARD_FILENAME
+        if not served.parent.is_dir():
+            continue  # the re-ranker's, for a model without one
         if not served.exists():
             served.write_text(card.to_json() + "\n")
 
@@ -512,7 +561,7 @@ def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, to
     target = model_dir(IMAGE_ENCODER, model_config(
         IMAGE_ENCODER, inputs=[("pixel_values", "TYPE_FP32", [3, size, size])],
         extra=encoder_extra + warmup(IMAGE_ENCODER, {"pixel_values": ("TYPE_FP32", [3, size, size], None)}),
-        **encoder))
+        parameters=options.encoder_parameters({}), **encoder))
     shutil.copyfile(image_onnx, target / "model.onnx")
 
     ids = _warmup_ids(tokenizer_json)
@@ -520,7 +569,7 @@ def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, to
     target = model_dir(TEXT_ENCODER, model_config(
         TEXT_ENCODER, inputs=[("input_ids", "TYPE_INT64", [-1])],
         extra=encoder_extra + warmup(TEXT_ENCODER, {"input_ids": ("TYPE_INT64", [len(ids)], ids_file)}),
-        parameters=TEXT_ENCODER_CPU_PARAMETERS if options.target == "cpu" else None, **encoder))
+        parameters=options.encoder_parameters(TEXT_ENCODER_CPU_PARAMETERS), **encoder))
     shutil.copyfile(text_onnx, target / "model.onnx")
 
     image_params = _image_params(card)
@@ -569,4 +618,54 @@ def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, to
         parameters={CARD_PARAMETER: card_json}))
     (target / CARD_FILENAME).write_text(served.to_json() + "\n")
 
+    if card.reranker:
+        _write_reranker(root, card, served, card_json, options, encoder=encoder, encoder_extra=encoder_extra,
+                        model_dir=model_dir, warmup=warmup)
     (root / CARD_FILENAME).write_text(served.to_json() + "\n")
+
+
+def _write_reranker(root: Path, card: ModelCard, served: ModelCard, card_json: str, options: _Options, *,
+                    encoder: dict, encoder_extra: str, model_dir, warmup) -> None:
+    """The pair scorer's models: its image side (batched like the encoders) and the re-ranker
+    (one query a request), each behind an ensemble that runs the card's preprocessing first."""
+    size = int(card.image.size)
+    image_side_onnx, rerank_onnx = options.reranker_files
+    side = [(name, "TYPE_FP32", [int(d) for d in spec["shape"]]) for name, spec in card.reranker["side"].items()]
+    side_passthrough = {name: name for name, _, _ in side}
+
+    target = model_dir(RERANK_IMAGE_SIDE, model_config(
+        RERANK_IMAGE_SIDE, inputs=[("pixel_values", "TYPE_FP32", [3, size, size])],
+        extra=encoder_extra + warmup(RERANK_IMAGE_SIDE, {"pixel_values": ("TYPE_FP32", [3, size, size], None)}),
+        parameters=options.encoder_parameters({}), **{**encoder, "outputs": side}))
+    shutil.copyfile(image_side_onnx, target / "model.onnx")
+
+    # One query a request: N candidates and L tokens vary, so requests never share a run.
+    candidates = [(name, dtype, [-1, *dims]) for name, dtype, dims in side]
+    target = model_dir(RERANK, model_config(
+        RERANK, backend="onnxruntime", max_batch_size=1, versions=options.versions,
+        inputs=[("input_ids", "TYPE_INT64", [-1]), ("first_stage", "TYPE_FP32", [-1]), *candidates],
+        outputs=[("scores", "TYPE_FP32", [-1])],
+        extra=encoder_extra, parameters=options.encoder_parameters(TEXT_ENCODER_CPU_PARAMETERS)))
+    shutil.copyfile(rerank_onnx, target / "model.onnx")
+
+    target = model_dir(EMBED_IMAGE_SIDE, model_config(
+        EMBED_IMAGE_SIDE, platform="ensemble", max_batch_size=options.max_batch_size, versions=[options.version],
+        inputs=[("IMAGE", "TYPE_STRING", [1])], outputs=side,
+        extra=_ensemble_steps([
+            (PREPROCESS_IMAGE, options.version, {"IMAGE": "IMAGE"}, {"pixel_values": "pixel_values"}),
+            (RERANK_IMAGE_SIDE, options.version, {"pixel_values": "pixel_values"}, side_passthrough),
+        ]),
+        parameters={CARD_PARAMETER: card_json}))
+    (target / CARD_FILENAME).write_text(served.to_json() + "\n")
+
+    target = model_dir(RERANK_TEXT, model_config(
+        RERANK_TEXT, platform="ensemble", max_batch_size=1, versions=[options.version],
+        inputs=[("TEXT", "TYPE_STRING", [1]), ("first_stage", "TYPE_FP32", [-1]), *candidates],
+        outputs=[("scores", "TYPE_FP32", [-1])],
+        extra=_ensemble_steps([
+            (PREPROCESS_TEXT, options.version, {"TEXT": "TEXT"}, {"input_ids": "input_ids"}),
+            (RERANK, options.version, {"input_ids": "input_ids", "first_stage": "first_stage", **side_passthrough},
+             {"scores": "scores"}),
+        ]),
+        parameters={CARD_PARAMETER: card_json}))
+    (target / CARD_FILENAME).write_text(served.to_json() + "\n")

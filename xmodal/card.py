@@ -49,6 +49,9 @@ class ModelCard:
     recipe: str
     training_data: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    # A pair scorer's second stage (CRAN, MCSM), or None: kind, files, fingerprint (of its two
+    # files: the side store refuses sides computed by another), side tensors' shapes, top_n.
+    reranker: dict[str, Any] | None = None
 
     @property
     def dim(self) -> int:

@@ -25,6 +25,7 @@ from xmodal import settings, store
 from xmodal.card import ModelCard
 from xmodal.client import triton
 from xmodal.client.hits import Hit
+from xmodal.client.rerank import Reranker, open_reranker, rerank_depth
 from xmodal.client.retry import DEFAULT_RETRY, Retry, describe, is_transient, unavailable
 from xmodal.client.sdk import (CAPTION_HINT, ImageLike, check_cards, check_levels, empty_levels, encode_images,
                                encode_texts, is_image_list, query_levels, query_vectors, raise_item_errors, run_search)
@@ -69,6 +70,7 @@ class AsyncClient:
         self._max_workers = max_workers
         self._triton: triton_aio.InferenceServerClient | None = None
         self._searcher: Searcher | None = None
+        self._reranker: Reranker | None = None
         self._batch: dict[str, int] = {}  # model -> max_batch_size (0: not batched)
         self.card: ModelCard | None = None
 
@@ -117,6 +119,12 @@ class AsyncClient:
     async def close(self) -> None:
         client, self._triton = self._triton, None
         searcher, self._searcher = self._searcher, None
+        reranker, self._reranker = self._reranker, None
+        if reranker is not None:
+            try:
+                await self._run(reranker.close)
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
         if client is not None:
             try:
                 await client.close()
@@ -226,11 +234,26 @@ class AsyncClient:
     # -- search ------------------------------------------------------------------------------
 
     async def search_text(self, query: str | Sequence[str], k: int = 5, *, filter: str | None = None,
-                          level_weights: Mapping[str, float] | None = None) -> list[Hit] | list[list[Hit]]:
-        """Images for a text: hits for one query, or a list of hit lists for a list of queries."""
+                          level_weights: Mapping[str, float] | None = None, rerank: bool = False,
+                          rerank_top: int | None = None) -> list[Hit] | list[list[Hit]]:
+        """Images for a text: hits for one query, or a list of hit lists for a list of queries.
+
+        ``rerank`` and ``rerank_top`` as in :meth:`Client.search_text`; the re-ranking requests
+        run in the executor's threads.
+        """
         weights = self._check_search(k, filter, level_weights)
+        if rerank and weights is not None:
+            raise ValueError("rerank=True re-ranks the fused global search; it takes no level_weights")
+        depth = rerank_depth(self._opened().card, k, rerank_top) if rerank else k
         vectors = await self.embed_text_levels(query, query_levels(weights))
-        return await self._search(self.collection, vectors, k, filter, weights, single=isinstance(query, str))
+        results = await self._search(self.collection, vectors, depth, filter, weights, single=False)
+        if rerank:
+            if self._reranker is None:
+                self._reranker = await self._run(open_reranker, self.triton_url, self.card, self.milvus_uri,
+                                                 self.collection, timeout=self.timeout, retry=self.retry)
+            texts = [query] if isinstance(query, str) else list(query)
+            results = [await self._run(self._reranker.rerank, text, hits, k) for text, hits in zip(texts, results)]
+        return results[0] if isinstance(query, str) else results
 
     async def search_image(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *, filter: str | None = None,
                            level_weights: Mapping[str, float] | None = None) -> list[Hit] | list[list[Hit]]:

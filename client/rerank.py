@@ -30,6 +30,33 @@ SIDE_MODEL, SIDE_INPUT = "embed_image_side", "IMAGE"
 SCORES = "scores"
 
 
+def rerank_depth(card: ModelCard, k: int, rerank_top: int | None) -> int:
+    """How many first-stage hits a re-ranked search of ``k`` asks for: ``rerank_top``, else the
+    card's ``top_n`` (what the model was evaluated with), at least ``k``."""
+    if not card.reranker:
+        raise ValueError(f"rerank=True needs a model with a re-ranker; {card.name} (recipe {card.recipe!r}) has none "
+                         "(the cran and mcsm recipes have one)")
+    if rerank_top is None:
+        return max(k, int(card.reranker.get("top_n") or k))
+    if isinstance(rerank_top, bool) or not isinstance(rerank_top, int) or rerank_top < k:
+        raise ValueError(f"rerank_top must be an integer at least k={k} (the first-stage hits re-ranked), "
+                         f"got {rerank_top!r}")
+    return rerank_top
+
+
+def open_reranker(url: str, card: ModelCard, milvus_uri: str, collection: str, *, timeout: float,
+                  retry: Retry) -> "Reranker":
+    """A Reranker on the side store of ``collection`` (SideStoreError naming the command that fills it)."""
+    from xmodal.sidestore import side_store_path
+
+    sides = SideStore(side_store_path(milvus_uri, collection), card.reranker)
+    try:
+        return Reranker(url, card, sides, timeout=timeout, retry=retry, own_sides=True)
+    except BaseException:
+        sides.close()
+        raise
+
+
 @dataclasses.dataclass(frozen=True)
 class RerankedHit(Hit):
     first_stage: float = 0.0  # the vector search's score; `score` is the re-ranker's
@@ -39,7 +66,7 @@ class Reranker:
     """Scores one text query against candidate images with the served re-ranker."""
 
     def __init__(self, url: str, card: ModelCard, sides: SideStore, *, timeout: float = 10.0,
-                 retry: Retry = DEFAULT_RETRY):
+                 retry: Retry = DEFAULT_RETRY, own_sides: bool = False):
         if not card.reranker:
             raise ValueError(f"model {card.name} has no re-ranker (recipe {card.recipe!r}; CRAN and MCSM have one)")
         self.card = card
@@ -48,9 +75,12 @@ class Reranker:
         self._caller = triton.Embedder(url, RERANK_MODEL, triton.TEXT_INPUT, timeout=timeout, retry=retry,
                                        outputs=(SCORES,))
         self.last_missing = 0
+        self._own_sides = own_sides
 
     def close(self) -> None:
         self._caller.close()
+        if self._own_sides:
+            self.sides.close()
 
     def scores(self, text: str, first_stage: np.ndarray, side: dict[str, np.ndarray]) -> np.ndarray:
         """The re-ranker's scores ``[N]`` of ``text`` against N candidates (their first-stage scores

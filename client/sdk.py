@@ -15,6 +15,7 @@ from xmodal import settings, store
 from xmodal.card import ModelCard
 from xmodal.client import triton
 from xmodal.client.hits import Hit
+from xmodal.client.rerank import Reranker, open_reranker, rerank_depth
 from xmodal.client.retry import DEFAULT_RETRY, Retry
 from xmodal.client.searcher import Searcher, check_k, check_level_weights
 
@@ -57,12 +58,22 @@ class Client:
     with a weighted ranker (docs/indexing.md, "Level weights", has the exact rule). Unknown
     levels, negative or non-numeric weights, and all-zero weights raise ``ValueError``.
 
-    ``consistency_level``: "Bounded" by default, chosen deliberately. milvus-lite 3.2.2
-    ignores the level (a write is visible to the next search, and every level costs the
-    same ≈3 ms); on a Milvus server "Strong" makes every search wait for the newest writes
-    (≈200 ms measured, DESIGN.md), while "Bounded" lags them by at most a few seconds,
-    which suits an index that a separate batch job fills. Pass "Strong" to read your own
-    writes on a server.
+    ``consistency_level``: "Bounded" by default, chosen deliberately; what a search sees
+    right after an insert (measured by benchmarks/query.py, docs/query-benchmark.md):
+
+    - milvus-lite 3.2.2 ignores the level: a row inserted by any client of the database is
+      seen by the very next search, at every level, and every level costs the same. Its
+      search is not cheap, though: it walks every row in Python on each call (≈15 ms at
+      20,000 rows, ≈70 ms at 100,000, growing with the rows), whatever the level or index.
+    - milvus-lite 2.5.1: the next search saw the new row at every level too (one probe per
+      level), at the same cost (≈1.7 ms at 100,000 rows).
+    - a Milvus server: "Strong" makes every search wait for the newest writes (≈200 ms
+      measured, DESIGN.md); "Bounded" may miss writes of the last few seconds, which suits
+      an index that a separate batch job fills. Pass "Strong" to read your own writes there.
+
+    The index type of each collection's vector fields is read once, when the collection is
+    opened; searches do not describe the index again (milvus-lite 3.2.2 counts its rows for
+    each describe_index: ≈70 ms at 100,000 rows).
     """
 
     def __init__(
@@ -84,7 +95,7 @@ class Client:
         self.timeout = timeout
         self.consistency_level = consistency_level
         self.retry = retry
-        self._searcher = self._image = self._text = None
+        self._searcher = self._image = self._text = self._reranker = None
         server = triton.connect(self.triton_url, timeout=timeout, retry=retry)
         try:
             self.card: ModelCard = triton.fetch_card(server, triton.IMAGE_MODEL)
@@ -109,7 +120,7 @@ class Client:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        for attribute in ("_searcher", "_image", "_text"):
+        for attribute in ("_searcher", "_image", "_text", "_reranker"):
             resource = getattr(self, attribute, None)
             setattr(self, attribute, None)
             if resource is not None:
@@ -171,11 +182,33 @@ class Client:
     # -- search ------------------------------------------------------------------------------
 
     def search_text(self, query: str | Sequence[str], k: int = 5, *, filter: str | None = None,
-                    level_weights: Mapping[str, float] | None = None) -> list[Hit] | list[list[Hit]]:
-        """Images for a text: hits for one query, or a list of hit lists for a list of queries."""
+                    level_weights: Mapping[str, float] | None = None, rerank: bool = False,
+                    rerank_top: int | None = None) -> list[Hit] | list[list[Hit]]:
+        """Images for a text: hits for one query, or a list of hit lists for a list of queries.
+
+        ``rerank=True`` (models with a re-ranker: the cran and mcsm recipes) re-orders the first
+        stage's best ``rerank_top`` hits (default: the card's ``top_n``, 20) with the served pair
+        scorer and returns the best ``k`` of them as ``RerankedHit`` (``score`` the re-ranker's,
+        ``first_stage`` the vector search's); see :mod:`xmodal.client.rerank`. It needs the
+        collection's side store (``xmodal index sides``).
+        """
         weights = self._check_search(k, filter, level_weights)
+        if rerank and weights is not None:
+            raise ValueError("rerank=True re-ranks the fused global search; it takes no level_weights")
+        depth = rerank_depth(self.card, k, rerank_top) if rerank else k
         vectors = self.embed_text_levels(query, query_levels(weights))
-        return self._search(self.collection, vectors, k, filter, weights, single=isinstance(query, str))
+        results = self._search(self.collection, vectors, depth, filter, weights, single=False)
+        if rerank:
+            reranker = self._open_reranker()
+            texts = [query] if isinstance(query, str) else list(query)
+            results = [reranker.rerank(text, hits, k) for text, hits in zip(texts, results)]
+        return results[0] if isinstance(query, str) else results
+
+    def _open_reranker(self) -> Reranker:
+        if self._reranker is None:
+            self._reranker = open_reranker(self.triton_url, self.card, self.milvus_uri, self.collection,
+                                           timeout=self.timeout, retry=self.retry)
+        return self._reranker
 
     def search_image(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *, filter: str | None = None,
                      level_weights: Mapping[str, float] | None = None) -> list[Hit] | list[list[Hit]]:

@@ -128,6 +128,7 @@ class Searcher:
         self._open_lock = threading.Lock()
         self._fields: dict[str, list[str]] = {}  # collection -> output fields
         self._vector_fields: dict[str, dict[str, int]] = {}  # collection -> vector field -> dim
+        self._index_types: dict[tuple[str, str], str] = {}  # (collection, vector field) -> index type
 
     def close(self) -> None:
         milvus, self._milvus = self._milvus, None
@@ -157,6 +158,8 @@ class Searcher:
             present = {f["name"] for f in milvus.describe_collection(name)["fields"]}
             wanted = store.CAPTION_OUTPUT_FIELDS if "caption" in present else store.IMAGE_OUTPUT_FIELDS
             self._vector_fields[name] = store.collection_vector_fields(milvus, name)
+            for field in self._vector_fields[name]:
+                self._index_types[(name, field)] = store.index_type(milvus, name, field)
             self._fields[name] = [f for f in wanted if f in present]
             return self._fields[name]
 
@@ -167,7 +170,7 @@ class Searcher:
         expression = store.normalize_filter(filter)
         output_fields = self.open(name)
         self._require_fields(name, [field])
-        params = store.search_params(self.milvus, name, self.card.metric, k, field)
+        params = self.search_params(name, k, field)
         results: list[list[Hit]] = []
         for start in range(0, len(vectors), SEARCH_CHUNK):
             chunk = vectors[start:start + SEARCH_CHUNK]
@@ -198,8 +201,7 @@ class Searcher:
         fields = {level: store.vector_field(level) for level in weights}
         self._require_fields(name, list(fields.values()))
         candidates = level_candidates(k)
-        params = {level: store.search_params(self.milvus, name, self.card.metric, candidates, field)
-                  for level, field in fields.items()}
+        params = {level: self.search_params(name, candidates, field) for level, field in fields.items()}
         # Milvus would map each level's similarity through arctan first (norm_score=True); the
         # levels' cosines already share one scale, and raw sums keep the score a cosine that
         # the fused "global" field's score can be compared with.
@@ -217,6 +219,11 @@ class Searcher:
             ))
             results.extend([Hit.from_milvus(hit) for hit in hits] for hits in found)
         return results
+
+    def search_params(self, name: str, k: int, field: str = store.VECTOR_FIELD) -> dict[str, Any]:
+        """The search parameters for `field`'s index, from the index type read when the collection
+        was opened (describing the index on every search cost milvus-lite 3.2.2 a scan of its rows)."""
+        return store.search_params(None, name, self.card.metric, k, field, index=self._index_types.get((name, field), ""))
 
     def _require_fields(self, name: str, fields: list[str]) -> None:
         present = self._vector_fields.get(name, {})

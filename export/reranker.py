@@ -125,7 +125,6 @@ def export_reranker(model: nn.Module, config: dict[str, Any], out_dir: str | Pat
     if getattr(model, "scorer", None) is None:
         raise ValueError(f"recipe {config.get('recipe')!r} has no pair scorer to export as a re-ranker")
     kind = config["scorer"]["kind"]
-    keys = _keys(kind)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # A CPU copy in eval mode: the caller's model (possibly mid-training, possibly on a GPU) is

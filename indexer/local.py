@@ -44,11 +44,15 @@ def _padded_length(longest: int, max_length: int | None) -> int:
 
 
 class LocalEmbedder(EmbedStage):
-    """The embedding stage in-process: `kind` "image" or "text" of the model repository."""
+    """The embedding stage in-process: `kind` "image" or "text" of the model repository.
+
+    `threads`: ONNX Runtime's intra-op threads (None: its default, one per core), e.g. 1 when
+    each of several actors should keep to one core.
+    """
 
     error_prefix = "local: "
 
-    def __init__(self, repository: str | Path, kind: str, dims: dict[str, int] | int):
+    def __init__(self, repository: str | Path, kind: str, dims: dict[str, int] | int, threads: int | None = None):
         import onnxruntime as ort
 
         super().__init__(dims)
@@ -72,6 +76,9 @@ class LocalEmbedder(EmbedStage):
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(root / encoder / version / "model.onnx"), sess_options=options,
                                             providers=providers)
 

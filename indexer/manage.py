@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from xmodal import store
+from xmodal import settings, store
 from xmodal.indexer import state
 
 
-def collection_stats(milvus_uri: str, collection: str) -> dict[str, Any]:
+def collection_stats(milvus_uri: str, collection: str, *, token: str | None = None) -> dict[str, Any]:
     """Rows, the model recorded with the collection, its vector index, dead letters and the
-    progress file's state. ValueError when the collection does not exist."""
-    client = store.connect(milvus_uri)
+    progress file's state. ValueError when the collection does not exist. `token` (else
+    $XMODAL_MILVUS_TOKEN) for a Milvus server."""
+    client = store.connect(milvus_uri, token=settings.milvus_token(token))
     try:
         model = store.collection_model(client, collection)  # raises, listing what exists, when missing
         store.ensure_loaded(client, collection)
@@ -70,14 +71,14 @@ def describe_progress(progress: dict[str, Any] | None) -> str:
             f"{progress.get('items')} items), model {progress.get('model')!r}; updated {progress.get('updated')}")
 
 
-def delete_collection(milvus_uri: str, collection: str) -> list[str]:
-    """Drop the collection and remove its progress and dead-letter files; what was removed.
+def delete_collection(milvus_uri: str, collection: str, *, token: str | None = None) -> list[str]:
+    """Drop the collection and remove its progress, dead-letter and side-store files; what was removed.
 
     Files without a collection are removed too (what a run left before its collection went).
     ValueError when there is nothing at all by that name.
     """
     removed = []
-    client = store.connect(milvus_uri)
+    client = store.connect(milvus_uri, token=settings.milvus_token(token))
     try:
         exists = client.has_collection(collection)
         message = None if exists else store.missing_collection_message(client, collection)
@@ -86,7 +87,11 @@ def delete_collection(milvus_uri: str, collection: str) -> list[str]:
             removed.append(f"collection {collection!r}")
     finally:
         client.close()
-    for path in (state.progress_path(milvus_uri, collection), state.deadletter_path(milvus_uri, collection)):
+    from xmodal.sidestore import side_store_path
+
+    sides = side_store_path(milvus_uri, collection)
+    for path in (state.progress_path(milvus_uri, collection), state.deadletter_path(milvus_uri, collection),
+                 sides, Path(f"{sides}-wal"), Path(f"{sides}-shm")):
         if Path(path).exists():
             path.unlink()
             removed.append(str(path))

@@ -1,22 +1,22 @@
-"""Assembly: manifest -> Ray Data (read, embed in an actor pool) -> one writer into Milvus.
+"""Assembly: manifest -> Ray Data (read, embed in an actor pool) -> writer(s) into Milvus.
 
-The driver is the only writer: milvus-lite is an in-process database that one process
-locks, and ``upsert`` on content-hash keys makes re-runs idempotent. The input is cut into
-shards of consecutive items; the progress file records the finished ones, so a killed run
-started again skips them (docs/indexing.md).
+The manifest is scanned once by the driver (item count, hash, where each shard starts) and
+read by Ray tasks, one per shard still to do (``sources.dataset``): memory does not grow
+with the corpus. With milvus-lite (an in-process database one process locks) the driver is
+the only writer; with a Milvus server a pool of writer actors upserts (``write.py``).
+``upsert`` on content-hash keys makes re-runs idempotent. The progress file records the
+finished shards, so a killed run started again skips them (docs/indexing.md).
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable
+from typing import Any, Callable, Collection
 
 import numpy as np
 
@@ -24,9 +24,12 @@ from xmodal import settings, store
 from xmodal.card import ModelCard
 from xmodal.client import triton
 from xmodal.indexer import DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH, sources, state
-from xmodal.indexer.embed import TritonEmbedder, vector_column
+from xmodal.indexer.embed import TritonEmbedder
 from xmodal.indexer.state import deadletter_path, progress_path  # noqa: F401 - re-exported by xmodal.indexer
-from xmodal.training.manifest import read_manifest
+from xmodal.indexer.write import ROW_BUILDERS, MilvusWriteStage, records
+
+# Writer actors for a Milvus server when not told (milvus-lite always has one writer: the driver).
+DEFAULT_SERVER_WRITERS = 2
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +40,11 @@ class IndexReport:
     model: str
     fingerprint: str
     items_read: int  # items in the input (for captions: every caption, repeats included)
-    rows_written: int  # distinct rows (primary keys) upserted by this run
+    rows_written: int  # rows upserted by this run: distinct keys per shard (a key in two shards counts twice)
     dead_letters: int  # letters on file for the whole input, those of shards resumed past included
     seconds: float  # wall time of this run, start-up included
     deadletter_path: str | None = None
-    duplicates: int = 0  # items of this run whose content equals an earlier item's: they share its row
+    duplicates: int = 0  # items whose content equals an earlier item's of the same shard: they share its row
     shards: int = 0
     shards_skipped: int = 0  # finished by an earlier run that was cut short
     items_skipped: int = 0  # the items of those shards
@@ -51,6 +54,8 @@ class IndexReport:
     # write: upserts and flushes), summed over workers, and the items (rows) each handled
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_items: dict[str, int] = field(default_factory=dict)
+    scan_seconds: float = 0.0  # the driver's pass over the manifest (count, hash, shard offsets)
+    startup_seconds: float = 0.0  # from the start until the first embedded batch was back (Ray, actors, models)
 
     @property
     def items_processed(self) -> int:
@@ -127,13 +132,18 @@ def _fetch_card(triton_url: str, model: str, timeout: float) -> ModelCard:
 
 
 class _Writer:
-    """Rows into Milvus in upserts of up to `batch_rows`; after each upsert, the shards whose
-    items have all come back are recorded in the progress file.
+    """Rows into milvus-lite in upserts of up to `batch_rows`; after each upsert, the shards
+    whose items have all come back are recorded in the progress file.
 
     A row waits in `pending` until the next upsert, so a shard is recorded only once its
     rows are acknowledged. milvus-lite lives in this process and dies with it, so there the
-    upserts are also flushed before a shard is recorded; a Milvus server has them in its log
-    once it acknowledges them (a flush per shard would only make small segments).
+    upserts are also flushed before a shard is recorded. With a Milvus server the rows are
+    upserted by the writer actors before their items come back (`rows` None here): this
+    keeps the books only, and records a shard as soon as all its items are back (a server
+    has acknowledged rows in its log; a flush per shard would only make small segments).
+
+    Memory is bounded: `pending` holds at most `batch_rows` rows and `shard_keys` the keys of
+    the shards still in flight (a shard is dropped from it when its last item is back).
     """
 
     def __init__(self, client, collection: str, progress: state.Progress, *, batch_rows: int, flush: bool):
@@ -143,24 +153,34 @@ class _Writer:
         self.batch_rows = batch_rows
         self.flush = flush
         self.pending: dict[str, dict[str, Any]] = {}  # one row a key: an upsert may not repeat one
-        self.written: set[str] = set()
+        self.shard_keys: dict[int, set[str]] = {}  # the keys seen so far in each shard in flight
         self.done: set[int] = set()  # shards complete since the last upsert
+        self.rows = 0  # distinct keys per shard: the rows this run upserted
         self.rows_sent = 0
         self.seconds = 0.0
 
-    def add(self, key: str, row: dict[str, Any]) -> bool:
-        """Queue a row; True when its key was seen before in this run (a duplicate)."""
-        seen = key in self.written or key in self.pending
-        self.pending[key] = row
-        if len(self.pending) >= self.batch_rows:
-            self.write()
+    def add(self, shard: int, key: str, row: dict[str, Any] | None) -> bool:
+        """Count (and with `row`, queue) an item's row; True when its key came before in its shard."""
+        keys = self.shard_keys.setdefault(shard, set())
+        seen = key in keys
+        if not seen:
+            keys.add(key)
+            self.rows += 1
+        if row is not None:
+            self.pending.pop(key, None)  # the later item of a key wins, as a later upsert would
+            self.pending[key] = row
+            if len(self.pending) >= self.batch_rows:
+                self.write()
         return seen
+
+    def shard_done(self, shard: int) -> None:
+        self.shard_keys.pop(shard, None)
+        self.done.add(shard)
 
     def write(self) -> None:
         started = time.perf_counter()
         if self.pending:
             self.client.upsert(self.collection, list(self.pending.values()))
-            self.written.update(self.pending)
             self.rows_sent += len(self.pending)
             self.pending = {}
         if self.done:
@@ -172,18 +192,22 @@ class _Writer:
         self.seconds += time.perf_counter() - started
 
 
-def _run(*, items: list[dict[str, Any]], items_read: int, input_identity: dict[str, Any], prepare: Callable | None,
-         model: str, input_name: str, kind: str, to_row: Callable[[dict[str, Any]], dict[str, Any]],
-         to_deadletter: Callable[[dict[str, Any]], dict[str, Any]], triton_url: str | None,
-         model_repository: str | os.PathLike[str] | None, milvus_uri: str | None,
-         collection: str, batch_size: int, embed_workers: int, shard_size: int, write_batch: int, restart: bool,
-         ray_address: str | None, progress: bool, timeout: float, started: float,
-         driver_read_seconds: float = 0.0) -> IndexReport:
-    for name, value in (("batch_size", batch_size), ("embed_workers", embed_workers),
-                        ("shard_size", shard_size), ("write_batch", write_batch)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Callable | None,
+         model: str, input_name: str, kind: str, to_deadletter: Callable[[dict[str, Any]], dict[str, Any]],
+         triton_url: str | None, model_repository: str | os.PathLike[str] | None, milvus_uri: str | None,
+         milvus_token: str | None, writers: int | None, collection: str, batch_size: int, embed_workers: int,
+         embed_threads: int | None, write_batch: int, restart: bool, ray_address: str | None, progress: bool,
+         timeout: float, started: float, scan_seconds: float) -> IndexReport:
     milvus_uri = str(milvus_uri or settings.default_milvus_uri())
+    token = settings.milvus_token(milvus_token)
+    local_db = store.is_local_uri(milvus_uri)
+    if writers is None:
+        writers = 1 if local_db else DEFAULT_SERVER_WRITERS
+    if writers < 1:
+        raise ValueError(f"writers must be at least 1, got {writers}")
+    if local_db and writers > 1:
+        raise ValueError(f"milvus-lite ({milvus_uri}) is a database one process holds: it takes one writer, "
+                         f"not {writers}; use a Milvus server URI for parallel writers")
     if (triton_url is None) == (model_repository is None):
         raise ValueError("give either triton_url (embed with a Triton server) or model_repository "
                          "(embed in-process with ONNX Runtime, no server), not both or neither")
@@ -203,26 +227,30 @@ def _run(*, items: list[dict[str, Any]], items_read: int, input_identity: dict[s
         else:
             logger.info(message)
 
+    shard_size = plan.shard_size
     shard_of = lambda number: number // shard_size  # noqa: E731 - items are numbered in input order
-    shards = math.ceil(len(items) / shard_size)
-    identity = {**input_identity, "items": len(items), "items_sha256": state.items_sha256(items),
+    shards = len(plan.shards)
+    identity = {**input_identity, "items": plan.items, "items_sha256": plan.items_sha256,
                 "model": card.name, "fingerprint": card.fingerprint, "shard_size": shard_size}
-    stage_seconds = {"read": driver_read_seconds, "embed": 0.0, "write": 0.0}
+    stage_seconds = {"read": 0.0, "embed": 0.0, "write": 0.0}
     stage_items = {"read": 0, "embed": 0, "write": 0}
     duplicates = 0
+    first_batch_at = 0.0
     ray_started = False
     bar = client = dead = None
+    todo: list[sources.Shard] = []
     try:
-        if items:
+        if plan.items:
             # Ray first: started while this process has no gRPC threads (pymilvus and
             # milvus-lite bring them), its forks make grpcio print no fork warnings.
             ray_started = start_ray(ray_address)
-        client = store.connect(milvus_uri)
+        client = store.connect(milvus_uri, token=token)
         created = store.ensure_collection(client, collection, card, kind=kind)
-        if not items:  # nothing selected: the files of earlier runs stay as they are
+        if not plan.items:  # nothing selected: the files of earlier runs stay as they are
             return _finish(IndexReport(collection=collection, model=card.name, fingerprint=card.fingerprint,
-                                       items_read=items_read, rows_written=0, dead_letters=0,
-                                       seconds=time.perf_counter() - started), progress)
+                                       items_read=0, rows_written=0, dead_letters=0,
+                                       seconds=time.perf_counter() - started, scan_seconds=round(scan_seconds, 6)),
+                           progress)
         run_progress, fresh_start = state.continue_or_start(
             state.progress_path(milvus_uri, collection), identity, shards, collection_created=created,
             restart=restart)
@@ -232,23 +260,33 @@ def _run(*, items: list[dict[str, Any]], items_read: int, input_identity: dict[s
         dead = state.DeadLetters(
             state.deadletter_path(milvus_uri, collection),
             keep_items=(lambda n: n is not None and shard_of(n) in finished_before) if finished_before else None)
-        todo = [item for item in items if shard_of(item["item"]) not in finished_before]
+        todo = [shard for shard in plan.shards if shard.number not in finished_before]
+        items_todo = sum(shard.items for shard in todo)
         if finished_before:
             say(f"resuming: {len(finished_before)} of {shards} shards were finished by an earlier run "
-                f"and are skipped; {len(todo)} items to go")
+                f"and are skipped; {items_todo} items to go")
         run_progress.save()
-        writer = _Writer(client, collection, run_progress, batch_rows=write_batch, flush=store.is_local_uri(milvus_uri))
+        writer = _Writer(client, collection, run_progress, batch_rows=write_batch, flush=local_db)
         if todo:
             import ray.data
             from tqdm import tqdm
 
-            left = Counter(shard_of(item["item"]) for item in todo)
-            ds = sources.dataset(todo, batch_size=batch_size, parallelism=embed_workers)
+            # In input order: a key met in several shards gets the row of its last item, with
+            # a resumed run as with an uninterrupted one (shards also finish in order).
+            ray.data.DataContext.get_current().execution_options.preserve_order = True
+            left = {shard.number: shard.emitted for shard in todo}  # items still out, per shard
+            unsent = {shard.number: shard.items - shard.emitted for shard in todo}  # repeated captions
+            ds = sources.dataset(plan.spec, todo, block_rows=2 * batch_size)
             if prepare is not None:
                 ds = ds.map_batches(prepare, batch_size=batch_size, batch_format="numpy")
+            # Ray Data gathers a task's output into blocks of up to 128 MiB: a whole shard would
+            # go to one embedding actor. Blocks of about two batches (a streaming repartition)
+            # let the actors share a shard, and reach the driver as they are done.
+            ds = ds.repartition(target_num_rows_per_block=2 * batch_size)
             if model_repository is not None:
                 # The actors compute: up to a CPU each, the rest of the local Ray left to the readers.
-                stage, stage_args, cpus = (local.LocalEmbedder, (str(model_repository), kind_of_input[kind], dims),
+                stage, stage_args, cpus = (local.LocalEmbedder,
+                                           (str(model_repository), kind_of_input[kind], dims, embed_threads),
                                            min(1.0, 1.0 / embed_workers))
             else:
                 # The actors mostly wait on Triton: a fraction of a CPU each leaves the local
@@ -259,24 +297,44 @@ def _run(*, items: list[dict[str, Any]], items_read: int, input_identity: dict[s
                 stage, batch_size=batch_size, batch_format="numpy", fn_constructor_args=stage_args,
                 compute=ray.data.ActorPoolStrategy(size=embed_workers), num_cpus=cpus,
             )
-            bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="item", desc=f"index {collection}",
+            if not local_db:
+                # A Milvus server: the rows are upserted by a pool of writer actors, in batches
+                # of write_batch rows; only the small columns come back to the driver.
+                ds = ds.map_batches(
+                    MilvusWriteStage, batch_size=write_batch, batch_format="numpy",
+                    fn_constructor_args=(milvus_uri, token, collection, kind, list(dims), max(timeout, 60.0)),
+                    compute=ray.data.ActorPoolStrategy(size=writers), num_cpus=min(0.25, 1.0 / writers),
+                )
+            build_row = ROW_BUILDERS[kind]
+            bar = tqdm(total=plan.items, initial=plan.items - items_todo, unit="item", desc=f"index {collection}",
                        disable=not progress, file=sys.stderr, dynamic_ncols=True)
-            for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-                if "read_seconds" in batch:
-                    stage_seconds["read"] += float(batch["read_seconds"].sum())
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if not first_batch_at:
+                    first_batch_at = time.perf_counter()
+                n = len(batch["item"])
+                stage_seconds["read"] += float(batch["read_seconds"].sum()) if "read_seconds" in batch else 0.0
                 stage_seconds["embed"] += float(batch["embed_seconds"].sum())
                 stage_items["embed"] += int(np.count_nonzero(batch["embed_seconds"]))
-                for record, vectors in _records(batch, dims):
+                if "write_seconds" in batch:
+                    stage_seconds["write"] += float(batch["write_seconds"].sum())
+                    writer.rows_sent += int(round(float(batch["rows_upserted"].sum())))
+                done_items = n
+                for record, vectors in records(batch, dims):
+                    shard = shard_of(record["item"])
                     if record["error"]:
                         dead.write({"item": record["item"], **to_deadletter(record)})
                     else:
-                        duplicates += writer.add(record["id"], {**to_row(record), **store.vector_values(vectors)})
-                    shard = shard_of(record["item"])
+                        row = {**build_row(record), **store.vector_values(vectors)} if local_db else None
+                        duplicates += writer.add(shard, record["id"], row)
                     left[shard] -= 1
                     if not left[shard]:
-                        writer.done.add(shard)
-                bar.update(len(batch["item"]))
-                bar.set_postfix(written=len(writer.written) + len(writer.pending), dead=dead.count, refresh=False)
+                        del left[shard]
+                        writer.shard_done(shard)
+                        done_items += unsent.pop(shard)
+                if not local_db:
+                    writer.write()  # these rows are acknowledged: record the shards they finished
+                bar.update(done_items)
+                bar.set_postfix(written=writer.rows, dead=dead.count, refresh=False)
         writer.write()
         client.flush(collection)
         run_progress.complete = True
@@ -292,15 +350,17 @@ def _run(*, items: list[dict[str, Any]], items_read: int, input_identity: dict[s
             import ray
 
             ray.shutdown()
-    stage_seconds["write"] = writer.seconds
-    stage_items["read"] = len(todo)
+    if local_db:
+        stage_seconds["write"] = writer.seconds
+    stage_items["read"] = sum(shard.emitted for shard in todo)
     stage_items["write"] = writer.rows_sent
     report = IndexReport(
-        collection=collection, model=card.name, fingerprint=card.fingerprint, items_read=items_read,
-        rows_written=len(writer.written), dead_letters=dead.count, seconds=time.perf_counter() - started,
+        collection=collection, model=card.name, fingerprint=card.fingerprint, items_read=plan.items,
+        rows_written=writer.rows, dead_letters=dead.count, seconds=time.perf_counter() - started,
         deadletter_path=str(dead.path) if dead.count else None, duplicates=duplicates, shards=shards,
-        shards_skipped=len(finished_before), items_skipped=len(items) - len(todo),
-        progress_path=str(run_progress.path), fresh_start=fresh_start,
+        shards_skipped=len(finished_before), items_skipped=plan.items - items_todo,
+        progress_path=str(run_progress.path), fresh_start=fresh_start, scan_seconds=round(scan_seconds, 6),
+        startup_seconds=round(first_batch_at - started, 6) if first_batch_at else 0.0,
         stage_seconds={k: round(v, 6) for k, v in stage_seconds.items()}, stage_items=stage_items,
     )
     return _finish(report, progress)
@@ -316,26 +376,14 @@ def _finish(report: IndexReport, progress: bool) -> IndexReport:
     return report
 
 
-def _records(batch: dict[str, np.ndarray],
-             levels: Iterable[str]) -> Iterable[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-    """(the item's scalar columns, its vector by level) for each item of an embedded batch."""
-    columns = {level: vector_column(level) for level in levels}
-    keys = [k for k in batch if k not in columns.values()]
-    for i in range(len(batch["item"])):
-        yield {k: _plain(batch[k][i]) for k in keys}, {level: batch[column][i] for level, column in columns.items()}
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _read_rows(manifest: str | os.PathLike[str], split: str | None, styles: Collection[str] | str | None,
-               limit: int | None) -> list:
-    try:
-        return read_manifest(manifest, split=split, styles=styles, limit=limit)
-    except UnicodeDecodeError as exc:
-        # its own message names neither the file nor that the file is to blame
-        raise ValueError(f"manifest {manifest} is not UTF-8 text: {exc}") from None
+def _scan(kind: str, manifest: str | os.PathLike[str], split: str | None, styles: Collection[str] | str | None,
+          limit: int | None, shard_size: int, **sizes: int) -> tuple[sources.InputPlan, float]:
+    for name, value in (("shard_size", shard_size), *sizes.items()):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    started = time.perf_counter()
+    plan = sources.scan(manifest, kind=kind, split=split, styles=styles, limit=limit, shard_size=shard_size)
+    return plan, time.perf_counter() - started
 
 
 def _input_identity(kind: str, manifest: str | os.PathLike[str], split: str | None,
@@ -347,18 +395,28 @@ def _input_identity(kind: str, manifest: str | os.PathLike[str], split: str | No
             "styles": sorted(styles) if styles is not None else None, "limit": limit}
 
 
+def _letter(record: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """The dead letter's fields; an item whose text Arrow could not carry brings it in `letter`."""
+    if record.get("letter"):
+        fields.update(json.loads(record["letter"]))
+    return fields
+
+
 def index_images(
     manifest: str | os.PathLike[str],
     *,
     triton_url: str | None = None,
     model_repository: str | os.PathLike[str] | None = None,
     milvus_uri: str | None = None,
+    milvus_token: str | None = None,
     collection: str = settings.IMAGE_COLLECTION,
     split: str | None = "test",
     styles: Collection[str] | str | None = None,
     limit: int | None = None,
     batch_size: int = 32,
     embed_workers: int = 1,
+    embed_threads: int | None = None,
+    writers: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     write_batch: int = DEFAULT_WRITE_BATCH,
     restart: bool = False,
@@ -372,30 +430,33 @@ def index_images(
     instead, in-process with ONNX Runtime from that repository (``xmodal index --local``,
     ``xmodal.indexer.local``): the same preprocessing and encoders, the same rows.
 
-    Keys are content hashes, so re-running writes the same rows again (no duplicates), and
-    identical image files become one row. Unreadable files and images the server rejects go
+    The manifest is streamed: one pass in the driver finds the shards, Ray tasks read them
+    (memory does not grow with the corpus). Keys are content hashes, so re-running writes
+    the same rows again (no duplicates), and identical image files become one row (with the
+    path and captions of the last of them in the manifest). Unreadable files and images the server rejects go
     to the dead-letter file (see :func:`deadletter_path`) and the run goes on. A run that
     was cut short continues where it stopped when started again with the same input and
     model: the shards (`shard_size` items) it finished are skipped (`restart` ignores them).
+
+    `milvus_token` (else $XMODAL_MILVUS_TOKEN) authenticates to a Milvus server; with a
+    server, `writers` actors upsert in parallel (default 2; milvus-lite takes one, the
+    driver). `embed_threads` sets ONNX Runtime's intra-op threads per actor with a
+    `model_repository` (default: ONNX Runtime's choice).
     """
     started = time.perf_counter()
-    rows = _read_rows(manifest, split, styles, limit)
-    items = sources.image_items(rows)
-
-    def to_row(record: dict[str, Any]) -> dict[str, Any]:
-        return {"id": record["id"], "image": record["path"],
-                "captions": json.loads(record["captions"]), "concept": record["concept"],
-                "style": record["style"]}
+    plan, scan_seconds = _scan("image", manifest, split, styles, limit, shard_size, batch_size=batch_size,
+                               embed_workers=embed_workers, write_batch=write_batch)
 
     def to_deadletter(record: dict[str, Any]) -> dict[str, Any]:
-        return {"path": record["path"], "reason": record["error"], "collection": collection}
+        return _letter(record, {"path": record["path"], "reason": record["error"], "collection": collection})
 
-    return _run(items=items, items_read=len(items), input_identity=_input_identity("image", manifest, split, styles, limit),
+    return _run(plan=plan, input_identity=_input_identity("image", manifest, split, styles, limit),
                 prepare=sources.read_images, model=triton.IMAGE_MODEL, input_name=triton.IMAGE_INPUT, kind="image",
-                to_row=to_row, to_deadletter=to_deadletter, triton_url=triton_url, model_repository=model_repository,
-                milvus_uri=milvus_uri, collection=collection, batch_size=batch_size, embed_workers=embed_workers,
-                shard_size=shard_size, write_batch=write_batch, restart=restart, ray_address=ray_address,
-                progress=progress, timeout=timeout, started=started)
+                to_deadletter=to_deadletter, triton_url=triton_url, model_repository=model_repository,
+                milvus_uri=milvus_uri, milvus_token=milvus_token, writers=writers, collection=collection,
+                batch_size=batch_size, embed_workers=embed_workers, embed_threads=embed_threads,
+                write_batch=write_batch, restart=restart, ray_address=ray_address, progress=progress,
+                timeout=timeout, started=started, scan_seconds=scan_seconds)
 
 
 def index_captions(
@@ -404,12 +465,15 @@ def index_captions(
     triton_url: str | None = None,
     model_repository: str | os.PathLike[str] | None = None,
     milvus_uri: str | None = None,
+    milvus_token: str | None = None,
     collection: str = settings.CAPTION_COLLECTION,
     split: str | None = "test",
     styles: Collection[str] | str | None = None,
     limit: int | None = None,
     batch_size: int = 32,
     embed_workers: int = 1,
+    embed_threads: int | None = None,
+    writers: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     write_batch: int = DEFAULT_WRITE_BATCH,
     restart: bool = False,
@@ -420,28 +484,24 @@ def index_captions(
     """Embed the manifest's captions with ``embed_text`` into the caption collection.
 
     One row per distinct caption text (its hash is the key); the row keeps the concept,
-    style and image of the first manifest row that has it. ``items_read`` counts captions.
+    style and image of the last manifest row that has it. The items are the captions, repeats
+    included (``items_read`` counts them); a shard sends each distinct text of it once, and
+    a text repeated in later shards is embedded and upserted again, to the same row.
     Empty captions and text Milvus cannot store (not UTF-8, too long) go to the dead-letter
     file. Resumes as :func:`index_images` does.
     """
     started = time.perf_counter()
-    rows = _read_rows(manifest, split, styles, limit)
-    read_started = time.perf_counter()
-    items, read = sources.caption_items(rows)
-    read_seconds = time.perf_counter() - read_started
-
-    def to_row(record: dict[str, Any]) -> dict[str, Any]:
-        return {"id": record["id"], "caption": record["caption"],
-                "concept": record["concept"], "style": record["style"], "image": record["image"]}
+    plan, scan_seconds = _scan("caption", manifest, split, styles, limit, shard_size, batch_size=batch_size,
+                               embed_workers=embed_workers, write_batch=write_batch)
 
     def to_deadletter(record: dict[str, Any]) -> dict[str, Any]:
-        return {"caption": record["caption"], "image": record["image"], "reason": record["error"],
-                "collection": collection}
+        return _letter(record, {"caption": record["caption"], "image": record["image"], "reason": record["error"],
+                                "collection": collection})
 
-    return _run(items=items, items_read=read, input_identity=_input_identity("caption", manifest, split, styles, limit),
-                prepare=None, model=triton.TEXT_MODEL, input_name=triton.TEXT_INPUT, kind="caption", to_row=to_row,
+    return _run(plan=plan, input_identity=_input_identity("caption", manifest, split, styles, limit),
+                prepare=None, model=triton.TEXT_MODEL, input_name=triton.TEXT_INPUT, kind="caption",
                 to_deadletter=to_deadletter, triton_url=triton_url, model_repository=model_repository,
-                milvus_uri=milvus_uri, collection=collection,
-                batch_size=batch_size, embed_workers=embed_workers, shard_size=shard_size, write_batch=write_batch,
-                restart=restart, ray_address=ray_address, progress=progress, timeout=timeout, started=started,
-                driver_read_seconds=read_seconds)
+                milvus_uri=milvus_uri, milvus_token=milvus_token, writers=writers, collection=collection,
+                batch_size=batch_size, embed_workers=embed_workers, embed_threads=embed_threads,
+                write_batch=write_batch, restart=restart, ray_address=ray_address, progress=progress,
+                timeout=timeout, started=started, scan_seconds=scan_seconds)

@@ -81,7 +81,7 @@ def index_sides(*, triton_url: str, milvus_uri: str | None = None, collection: s
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     names = list(card.reranker["side"])
     shapes = {name: tuple(spec["shape"]) for name, spec in card.reranker["side"].items()}
-    milvus = store.connect(milvus_uri, token=token)
+    milvus = store.connect(milvus_uri, token=settings.milvus_token(token))
     embedder = triton.Embedder(triton_url, SIDE_MODEL, SIDE_INPUT, timeout=max(timeout, 60.0), outputs=names,
                                batch_limit=batch_size)
     sides = SideStore(path, card.reranker, create=True)

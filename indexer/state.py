@@ -6,14 +6,14 @@ Both sit beside a milvus-lite database (``<db>.<collection>.progress.json``,
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from xmodal import settings, store
+from xmodal.sidestore import beside_collection
 from xmodal.training.emoji import write_atomic
 
 PROGRESS_FORMAT = 1
@@ -22,35 +22,18 @@ IDENTITY_KEYS = ("kind", "manifest", "split", "styles", "limit", "items", "items
                  "fingerprint", "shard_size")
 
 
-def _beside(milvus_uri: str, collection: str, suffix: str) -> Path:
-    if store.is_local_uri(milvus_uri):
-        db = Path(milvus_uri).expanduser()
-        return db.with_name(f"{db.name}.{collection}.{suffix}")
-    return settings.data_dir() / f"{collection}.{suffix}"
-
-
 def deadletter_path(milvus_uri: str, collection: str) -> Path:
     """``<db>.<collection>.deadletter.jsonl`` beside a milvus-lite database, else in the data dir."""
-    return _beside(milvus_uri, collection, "deadletter.jsonl")
+    return beside_collection(milvus_uri, collection, "deadletter.jsonl")
 
 
 def progress_path(milvus_uri: str, collection: str) -> Path:
     """``<db>.<collection>.progress.json`` beside a milvus-lite database, else in the data dir."""
-    return _beside(milvus_uri, collection, "progress.json")
+    return beside_collection(milvus_uri, collection, "progress.json")
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def items_sha256(items: Iterable[dict[str, Any]]) -> str:
-    """A hash of the item list in order; the bytes of caption items are covered by their id."""
-    digest = hashlib.sha256()
-    for item in items:
-        described = {k: v for k, v in item.items() if k != "data"}
-        # ensure_ascii: a caption with a lone surrogate must hash, not raise
-        digest.update(json.dumps(described, sort_keys=True).encode("ascii") + b"\n")
-    return digest.hexdigest()
 
 
 @dataclass
@@ -150,11 +133,21 @@ class DeadLetters:
         if keep_items is None:
             path.unlink(missing_ok=True)
             return
-        kept = [line for line in _lines(path) if keep_items(_item_number(line))]
-        self.count = len(kept)
-        if kept:
-            write_atomic(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+        # streamed line by line into a file beside, then renamed: memory does not grow with the letters
+        temporary = path.with_name(path.name + ".tmp")
+        try:
+            with path.open(encoding="utf-8") as lines, temporary.open("w", encoding="utf-8") as kept:
+                for line in lines:
+                    if line.strip() and keep_items(_item_number(line)):
+                        kept.write(line.rstrip("\n") + "\n")
+                        self.count += 1
+        except FileNotFoundError:
+            temporary.unlink(missing_ok=True)
+            return
+        if self.count:
+            os.replace(temporary, path)
         else:
+            temporary.unlink()
             path.unlink(missing_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -172,12 +165,6 @@ class DeadLetters:
             self._handle = None
 
 
-def _lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    return [line for line in text.splitlines() if line.strip()]
 
 
 def _item_number(line: str) -> int | None:
@@ -189,4 +176,8 @@ def _item_number(line: str) -> int | None:
 
 
 def count_deadletters(path: Path) -> int:
-    return len(_lines(path))
+    try:
+        with path.open(encoding="utf-8") as lines:
+            return sum(1 for line in lines if line.strip())
+    except FileNotFoundError:
+        return 0

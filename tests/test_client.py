@@ -150,6 +150,20 @@ def test_format_hits(client, stack):
     assert format_hits([]) == "(no results)"
 
 
+def test_searches_do_not_describe_the_index_each_time(client, stack, monkeypatch):
+    """The index type is read once when a collection is opened: milvus-lite 3.2.2 scans its rows
+    for every describe_index (benchmarks/query.py)."""
+    expected = client.search_text("a red face", k=3)
+    milvus = client.searcher.milvus
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("describe_index called during a search")
+    monkeypatch.setattr(milvus, "describe_index", refuse)
+    assert client.search_text("a red face", k=3) == expected
+    assert client.searcher.search_params(client.collection, 3) == store.search_params(
+        None, client.collection, client.card.metric, 3, index=store.DEFAULT_INDEX_TYPE)
+
+
 def test_import_loads_neither_torch_nor_ray():
     code = ("import sys, xmodal.client; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray'}); "

@@ -186,3 +186,77 @@ def test_the_store_refuses_another_rerankers_sides(served, tmp_path) -> None:
     with SideStore(path, reranker) as store:
         with pytest.raises(ValueError, match="image_relation"):
             store.put(["x"], {"image_fragments": np.zeros((1, 4, 128)), "image_mask": np.zeros((1, 4))})
+
+
+def test_client_search_text_reranks_and_async_agrees(served) -> None:
+    import asyncio
+    import dataclasses
+
+    from xmodal.client import AsyncClient
+    from xmodal.client.rerank import RerankedHit, rerank_depth
+
+    url, milvus_uri = served["server"].url, served["milvus_uri"]
+    with Client(url, milvus_uri, caption_collection=None) as client, _store(served) as store:
+        first = client.search_text(QUERY, k=12)
+        reranker = Reranker(url, client.card, store)
+        try:
+            expected = reranker.rerank(QUERY, first, k=5)
+        finally:
+            reranker.close()
+        hits = client.search_text(QUERY, k=5, rerank=True, rerank_top=12)
+        assert all(isinstance(h, RerankedHit) for h in hits)
+        assert [(h.id, round(h.score, 5)) for h in hits] == [(h.id, round(h.score, 5)) for h in expected]
+        batch = client.search_text([QUERY, "red heart"], k=3, rerank=True, rerank_top=12)
+        assert [h.id for h in batch[0]] == [h.id for h in expected[:3]] and len(batch[1]) == 3
+        assert len(client.search_text(QUERY, k=3, rerank=True)) == 3  # the card's top_n (20) first-stage hits
+        with pytest.raises(ValueError, match="rerank_top must be an integer at least k=5"):
+            client.search_text(QUERY, k=5, rerank=True, rerank_top=4)
+        with pytest.raises(ValueError, match="no level_weights"):
+            client.search_text(QUERY, k=5, rerank=True, level_weights={"global": 1.0})
+        with pytest.raises(ValueError, match="has none"):
+            rerank_depth(dataclasses.replace(client.card, reranker=None), 5, None)
+
+    async def search():
+        async with AsyncClient(url, milvus_uri, caption_collection=None) as aclient:
+            return await aclient.search_text(QUERY, k=5, rerank=True, rerank_top=12)
+
+    assert [h.id for h in asyncio.run(search())] == [h.id for h in expected]
+
+
+def test_rerank_without_a_side_store_says_how_to_fill_it(served, tmp_path) -> None:
+    import shutil
+
+    db = tmp_path / "copy.db"  # the same collection, without its side store beside it
+    shutil.copytree(served["milvus_uri"], db)
+    with Client(served["server"].url, str(db), caption_collection=None) as client:
+        with pytest.raises(SideStoreError, match="xmodal index sides"):
+            client.search_text(QUERY, k=5, rerank=True)
+
+
+def test_the_cli_fills_the_sides_and_reranks(served) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from xmodal.store import release_local
+
+    url, milvus_uri = served["server"].url, served["milvus_uri"]
+    release_local(milvus_uri)  # milvus-lite admits one process at a time
+    base = [sys.executable, "-m", "xmodal.cli"]
+    sides = subprocess.run(base + ["index", "sides", "--triton-url", url, "--milvus-uri", milvus_uri, "--json"],
+                           capture_output=True, text=True, timeout=180)
+    assert sides.returncode == 0, sides.stderr
+    report = json.loads(sides.stdout)
+    assert report["computed"] == 0 and report["present"] == report["rows"] > 0
+    search = subprocess.run(base + ["search", QUERY, "-k", "3", "--rerank", "--rerank-top", "10", "--json",
+                                    "--triton-url", url, "--milvus-uri", milvus_uri],
+                            capture_output=True, text=True, timeout=180)
+    assert search.returncode == 0, search.stderr
+    hits = json.loads(search.stdout)
+    assert len(hits) == 3 and {"score", "first_stage"} <= set(hits[0])
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    refused = subprocess.run(base + ["search", "--image", str(read_manifest(served["manifest"])[0].image), "--rerank",
+                                     "--triton-url", url, "--milvus-uri", milvus_uri],
+                             capture_output=True, text=True, timeout=180)
+    assert refused.returncode != 0 and "give a text query" in refused.stderr
+    assert "Traceback" not in refused.stderr

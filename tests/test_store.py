@@ -132,6 +132,18 @@ def test_upsert_is_idempotent_and_captions_round_trip(client):
     assert store.decode_captions(found[0]["entity"]["captions"]) == rows[2]["captions"]
 
 
+def test_search_params_follow_the_index_type(client):
+    assert store.search_params(None, "c", "IP", 5, index="HNSW") == {"metric_type": "IP",
+                                                                      "params": {"ef": store.DEFAULT_EF}}
+    assert store.search_params(None, "c", "IP", 500, index="HNSW")["params"] == {"ef": 500}
+    assert store.search_params(None, "c", "IP", 5, index="IVF_FLAT")["params"] == {"nprobe": store.DEFAULT_NPROBE}
+    assert store.search_params(None, "c", "COSINE", 5, index="")["params"] == {}
+    store.ensure_collection(client, "images", card())
+    assert store.index_type(client, "images") == store.DEFAULT_INDEX_TYPE
+    assert store.index_type(client, "no_such_collection") == ""
+    assert store.search_params(client, "images", "IP", 5) == store.search_params(None, "images", "IP", 5, index="HNSW")
+
+
 def test_caption_collection(client):
     assert store.ensure_collection(client, "captions", card(), kind="caption")
     fields = {f["name"] for f in client.describe_collection("captions")["fields"]}

@@ -126,21 +126,49 @@ def cmd_index(args: argparse.Namespace) -> int:
                              "Triton server at --triton-url embeds")
         where = dict(triton_url=args.triton_url)
     report = index(
-        args.manifest or default_manifest(), **where, milvus_uri=args.milvus_uri,
+        args.manifest or default_manifest(), **where, milvus_uri=args.milvus_uri, milvus_token=args.milvus_token,
         collection=collection, split=None if args.split == "all" else args.split,
-        batch_size=args.batch_size, embed_workers=args.workers, shard_size=args.shard_size,
+        batch_size=args.batch_size, embed_workers=args.workers, embed_threads=args.embed_threads,
+        writers=args.writers, shard_size=args.shard_size,
         write_batch=args.write_batch, restart=args.restart, ray_address=args.address,
     )
+    sides = None
+    if not args.captions and not args.local and _serves_reranker(args.triton_url):
+        # A model with a re-ranker: its side of every image, for search_text(rerank=True).
+        from xmodal.indexer.sides import index_sides
+
+        sides = index_sides(triton_url=args.triton_url, milvus_uri=args.milvus_uri, collection=collection,
+                            batch_size=args.batch_size, token=args.milvus_token)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps({**report.to_dict(), **({"sides": sides.to_dict()} if sides else {})}, indent=2))
     # failure: items went through the pipeline and none of them became a row
     return 1 if report.items_processed and not report.rows_written else 0
+
+
+def _serves_reranker(triton_url: str) -> bool:
+    from xmodal.client import triton
+
+    client = triton.connect(triton_url, models=(triton.IMAGE_MODEL,))
+    try:
+        return bool(triton.fetch_card(client, triton.IMAGE_MODEL).reranker)
+    finally:
+        client.close()
+
+
+def cmd_index_sides(args: argparse.Namespace) -> int:
+    from xmodal.indexer.sides import index_sides
+
+    report = index_sides(triton_url=args.triton_url, milvus_uri=args.milvus_uri, collection=args.collection,
+                         batch_size=args.batch_size, restart=args.restart, token=args.milvus_token)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    return 1 if report.failed and not report.computed and not report.present else 0
 
 
 def cmd_index_stats(args: argparse.Namespace) -> int:
     from xmodal.indexer.manage import collection_stats, format_stats
 
-    stats = collection_stats(args.milvus_uri, args.collection)
+    stats = collection_stats(args.milvus_uri, args.collection, token=args.milvus_token)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
@@ -151,7 +179,7 @@ def cmd_index_delete(args: argparse.Namespace) -> int:
                          "add --yes to do it")
     from xmodal.indexer.manage import delete_collection
 
-    for what in delete_collection(args.milvus_uri, args.collection):
+    for what in delete_collection(args.milvus_uri, args.collection, token=args.milvus_token):
         print(f"removed {what}")
     return 0
 
@@ -183,9 +211,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.captions and args.image is None:
         raise ValueError("--captions searches captions for an image: give --image PATH")
     options = dict(k=args.k, filter=args.filter, level_weights=parse_level_weights(args.level_weights))
+    if (args.rerank or args.rerank_top is not None) and args.text is None:
+        raise ValueError("--rerank re-ranks a text query's images: give a text query")
     with Client(args.triton_url, args.milvus_uri, args.collection) as client:
         if args.text is not None:
-            hits = client.search_text(args.text, **options)
+            rerank = dict(rerank=True, rerank_top=args.rerank_top) if args.rerank or args.rerank_top else {}
+            hits = client.search_text(args.text, **options, **rerank)
         elif args.captions:
             hits = client.search_captions(args.image, **options)
         else:
@@ -274,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=settings.METRICS_PORT)
     serve.set_defaults(func=cmd_serve)
 
+    milvus_token_help = ("token for a Milvus server (user:password or an API key); default $XMODAL_MILVUS_TOKEN. "
+                         "Prefer the variable: a command line is visible to other users")
     index = commands.add_parser(
         "index", help="embed a manifest's images (or captions) through Triton into Milvus; stats, delete",
         description="Embed a manifest's images (or captions) through Triton into Milvus. A run that was cut "
@@ -287,10 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="embed in-process with ONNX Runtime from the model repository, no Triton server")
     index.add_argument("--model-repository", type=Path,
                        help="with --local: the repository to run (default xmodal-data/model_repository)")
-    index.add_argument("--milvus-uri", default=None)
+    index.add_argument("--milvus-uri", default=None, help="a milvus-lite .db path (default xmodal-data/xmodal.db) "
+                       "or a Milvus server, http://HOST:19530")
+    index.add_argument("--milvus-token", default=None, help=milvus_token_help)
     index.add_argument("--collection", help=f"default {settings.IMAGE_COLLECTION}, or {settings.CAPTION_COLLECTION} with --captions")
     index.add_argument("--batch-size", type=int, default=32)
     index.add_argument("--workers", type=int, default=1, help="embedding actors")
+    index.add_argument("--embed-threads", type=int, default=None,
+                       help="with --local: ONNX Runtime threads per embedding actor (default: its own choice)")
+    index.add_argument("--writers", type=int, default=None,
+                       help="writer actors for a Milvus server URI (default 2); milvus-lite has one, the driver")
     index.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"items per shard, the unit a killed run resumes from (default {DEFAULT_SHARD_SIZE})")
     index.add_argument("--write-batch", type=int, default=DEFAULT_WRITE_BATCH, help=f"rows per upsert into Milvus (default {DEFAULT_WRITE_BATCH})")
     index.add_argument("--restart", action="store_true", help="ignore the progress of a run that was cut short and index everything")
@@ -298,12 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--address", help="join an existing Ray cluster (default: a local one)")
     index.set_defaults(func=cmd_index)
     # Optional sub-commands: plain `xmodal index` still runs the indexer.
-    index_commands = index.add_subparsers(dest="index_command", metavar="{stats,delete}")
+    index_commands = index.add_subparsers(dest="index_command", metavar="{stats,delete,sides}")
     stats = index_commands.add_parser("stats", help="rows, model, index, dead letters and progress of a collection")
-    delete = index_commands.add_parser("delete", help="drop a collection and its progress and dead-letter files")
-    for sub in (stats, delete):
+    delete = index_commands.add_parser("delete", help="drop a collection and its progress, dead-letter and side files")
+    sides = index_commands.add_parser(
+        "sides", help="the served re-ranker's side of every indexed image that has none (xmodal index runs it "
+        "for a model with a re-ranker)")
+    for sub in (stats, delete, sides):
         sub.add_argument("--milvus-uri", default=None)
+        sub.add_argument("--milvus-token", default=None, help=milvus_token_help)
         sub.add_argument("--collection", default=settings.IMAGE_COLLECTION)
+    sides.add_argument("--triton-url", default=settings.default_triton_url())
+    sides.add_argument("--batch-size", type=int, default=32)
+    sides.add_argument("--restart", action="store_true", help="remove the side store first (a new re-ranker)")
+    sides.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    sides.set_defaults(func=cmd_index_sides)
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
     stats.set_defaults(func=cmd_index_stats)
     delete.add_argument("--yes", action="store_true", help="really drop it")
@@ -317,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--triton-url", default=settings.default_triton_url())
     search.add_argument("--milvus-uri", default=None)
     search.add_argument("--collection", default=settings.IMAGE_COLLECTION)
+    search.add_argument("--rerank", action="store_true", help="re-rank the first stage's top hits with the served "
+                        "pair scorer (models with a re-ranker: cran, mcsm)")
+    search.add_argument("--rerank-top", type=int, help="first-stage hits to re-rank (default: the model card's, 20)")
     search.add_argument("--filter", help='a Milvus boolean expression on the scalar fields, e.g. \'style == "openmoji"\'')
     search.add_argument("--captions", action="store_true", help="with --image: captions for the image (the caption collection)")
     search.add_argument("--level-weights", metavar="LEVEL=W,...",

@@ -13,6 +13,11 @@ IMAGE_COLLECTION = "xmodal_images"
 CAPTION_COLLECTION = "xmodal_captions"
 
 
+def milvus_token(token: str | None = None) -> str | None:
+    """The Milvus server token: `token`, else ``$XMODAL_MILVUS_TOKEN``, else None. Never printed."""
+    return token or os.environ.get("XMODAL_MILVUS_TOKEN") or None
+
+
 def data_dir() -> Path:
     """The cache for fetched corpora, runs, the model repository and milvus-lite: ``$XMODAL_DATA`` or ``./xmodal-data``."""
     return Path(os.environ.get("XMODAL_DATA", "xmodal-data"))

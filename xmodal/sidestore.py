@@ -37,9 +37,9 @@ FORMAT = 1
 
 def beside_collection(milvus_uri: str, collection: str, suffix: str) -> Path:
     """``<db>.<collection>.<suffix>`` beside a milvus-lite database, else in the data directory."""
-    from urllib.parse import urlparse
+    from xmodal.store import is_local_uri
 
-    if urlparse(str(milvus_uri)).scheme.lower() not in ("http", "https", "tcp", "grpc", "unix"):
+    if is_local_uri(milvus_uri):
         db = Path(milvus_uri).expanduser()
         return db.with_name(f"{db.name}.{collection}.{suffix}")
     return settings.data_dir() / f"{collection}.{suffix}"

@@ -51,6 +51,9 @@ CAPTION_SCALAR_FIELDS = ("id", *CAPTION_OUTPUT_FIELDS)
 DEFAULT_INDEX_TYPE = "HNSW"
 DEFAULT_INDEX_PARAMS = {"M": 16, "efConstruction": 200}
 DEFAULT_EF = 64
+# IVF indexes (IVF_FLAT is what milvus-lite 2.5 and a Milvus server offer besides HNSW): the lists
+# probed per search; benchmarks/query.py measures recall@10 and latency against it.
+DEFAULT_NPROBE = 16
 
 
 def is_local_uri(uri: str | Path) -> bool:
@@ -244,15 +247,31 @@ def missing_collection_message(client: MilvusClient, name: str) -> str:
     return f"collection {name!r} does not exist (existing collections: {listed}); index some data first"
 
 
-def search_params(client: MilvusClient, name: str, metric: str, k: int, field: str = VECTOR_FIELD) -> dict[str, Any]:
-    """Search parameters for the index of the collection's vector `field`."""
-    params: dict[str, Any] = {}
+def index_type(client: MilvusClient, name: str, field: str = VECTOR_FIELD) -> str:
+    """The index type of the collection's vector `field` ("" when none is described).
+
+    One ``describe_index`` call: milvus-lite 3.2.2 counts the live rows for it (O(rows), ≈30 ms
+    at 100,000 rows, benchmarks/query.py), so callers that search often ask once and keep it.
+    """
     try:
-        index_type = client.describe_index(name, field).get("index_type", "")
+        return str((client.describe_index(name, field) or {}).get("index_type", "") or "")
     except Exception:  # no index described: search with defaults
-        index_type = ""
-    if index_type.upper().startswith("HNSW"):
+        return ""
+
+
+def search_params(client: MilvusClient | None, name: str, metric: str, k: int, field: str = VECTOR_FIELD, *,
+                  index: str | None = None) -> dict[str, Any]:
+    """Search parameters for the index of the collection's vector `field`.
+
+    `index`: its index type when the caller knows it (``index_type``); else it is described.
+    HNSW searches with ``ef = max(DEFAULT_EF, k)``, IVF indexes with ``nprobe = DEFAULT_NPROBE``.
+    """
+    kind = (index if index is not None else index_type(client, name, field)).upper()
+    params: dict[str, Any] = {}
+    if kind.startswith("HNSW"):
         params["ef"] = max(DEFAULT_EF, k)
+    elif kind.startswith("IVF"):
+        params["nprobe"] = DEFAULT_NPROBE
     return {"metric_type": metric, "params": params}
 
 

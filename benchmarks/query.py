@@ -1,0 +1,741 @@
+"""Query speed: text -> image latency and QPS, and where the vector store's time goes (issue 7 item 6;
+issue 6 item 8's milvus-lite insert rate and recall@10 come from the same run).
+
+    .venv/bin/python benchmarks/query.py [--sizes 100000,1000000] [--lite25-python /tmp/mlv25/bin/python]
+                                         [--rebuild] [--no-triton] [--quick]
+
+On one synthetic corpus per size (clustered unit vectors of the served model's dimension: a
+mixture of gaussians around 1,000 random centres, normalised; queries are corpus points plus
+noise, normalised), side by side in one process:
+
+1. numpy exact search (matmul + argpartition), the floor: p50/p99 for one query, QPS with 1 and
+   8 client threads, and the ground truth for recall@10.
+2. milvus-lite 3.2.2 (the pinned one; pure Python, in-process gRPC server) and milvus-lite
+   2.5.1 (the C++ engine; its server binary runs under another interpreter, ``--lite25-python``,
+   whose milvus-lite 2.5.1 starts it on a unix socket; this interpreter's pymilvus talks to it).
+   Both collections are created with ``xmodal.store`` and the served card, so the real
+   ``Client`` can search them. Per store: insert rate, flush and index build time, recall@10 of
+   the ANN index against exact search, p50/p99 of one query, QPS with 1 and 8 clients, and the
+   breakdown (consistency levels, output fields, search params, the client's per-search
+   ``describe_index`` call that it used to make, batches of queries, and for 3.2.2 the engine
+   called in-process without gRPC, with a profile of where that time goes).
+3. Visibility: a row inserted and searched for at once, per consistency level.
+4. Triton: the ``embed_text`` latency through the SDK's embedder, and true end-to-end
+   ``Client.search_text`` (text -> Triton -> Milvus -> hits) against each store's collection.
+
+Headline latencies are measured in rounds, the stores and numpy alternating, and reported as
+the median over rounds (the machine is small and shared). Built databases are kept under
+``/tmp/xmodal-query-bench`` and reused (``--rebuild`` builds them again).
+Writes ``benchmarks/results/query.json`` (``query-quick.json`` with ``--quick``) and
+``docs/query-benchmark.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import contextlib
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # noqa: E402 - run from a checkout
+from xmodal.settings import IMAGE_COLLECTION as COLLECTION  # noqa: E402 - the Client's default collection
+CACHE = Path("/tmp/xmodal-query-bench")
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "query-benchmark.md"
+K = 10
+CENTRES = 1000
+TARGET_P50_MS = 15.0
+TARGET_P99_MS = 40.0
+TARGET_RECALL = 0.95
+# docs/query-benchmark.md: the text above this line is written by hand and kept; below it, regenerated.
+GENERATED = "<!-- everything below is written by benchmarks/query.py -->"
+# pymilvus 3.0.2 -> milvus-lite 2.5.1 takes ~1 s for 5,000 rows and ~110 s for 10,000 (measured here)
+INSERT_BATCH = 2_000
+QUERY_TEXTS = ["red apple", "a smiling face", "cat", "dog with eyes", "green star", "blue heart",
+               "a yellow rectangle", "car", "tree in autumn", "sun behind a cloud", "pizza", "rocket"]
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def distribution(seconds: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(seconds, dtype=np.float64) * 1000
+    return {"n": int(ms.size), "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p90_ms": round(float(np.percentile(ms, 90)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "mean_ms": round(float(ms.mean()), 3)}
+
+
+# -- corpus ---------------------------------------------------------------------------------------
+
+def corpus(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """n clustered unit vectors [n, dim] float32 (cached as .npy, memory-mapped)."""
+    path = CACHE / f"corpus-{n}-{dim}-{seed}.npy"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(seed)
+        centres = rng.standard_normal((CENTRES, dim)).astype(np.float32)
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        out = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float32, shape=(n, dim))
+        for start in range(0, n, 100_000):
+            m = min(n, start + 100_000) - start
+            labels = rng.integers(0, CENTRES, m)
+            x = centres[labels] + rng.standard_normal((m, dim)).astype(np.float32) * (0.6 / np.sqrt(dim))
+            out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        out.flush()
+        del out
+        path.with_suffix(".tmp.npy").rename(path)
+    return np.load(path, mmap_mode="r")
+
+
+def make_queries(x: np.ndarray, count: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(x), count, replace=False))
+    q = np.asarray(x[rows]) + rng.standard_normal((count, x.shape[1])).astype(np.float32) * (0.3 / np.sqrt(x.shape[1]))
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def numpy_search(x: np.ndarray, q: np.ndarray, k: int = K) -> np.ndarray:
+    """Exact top-k ids by inner product, best first."""
+    scores = q @ x.T if q.ndim == 2 else (x @ q)[None]
+    top = np.argpartition(-scores, k, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+    return np.take_along_axis(top, order, axis=1)
+
+
+def exact(x: np.ndarray, q: np.ndarray, k: int = K) -> np.ndarray:
+    out = []
+    for start in range(0, len(q), 64):
+        best_scores = None
+        best_ids = None
+        for lo in range(0, len(x), 200_000):
+            block = np.asarray(x[lo:lo + 200_000])
+            scores = q[start:start + 64] @ block.T
+            ids = np.argpartition(-scores, k, axis=1)[:, :k]
+            s = np.take_along_axis(scores, ids, axis=1)
+            ids = ids + lo
+            if best_scores is None:
+                best_scores, best_ids = s, ids
+            else:
+                cs, ci = np.concatenate([best_scores, s], 1), np.concatenate([best_ids, ids], 1)
+                top = np.argsort(-cs, axis=1)[:, :k]
+                best_scores, best_ids = np.take_along_axis(cs, top, 1), np.take_along_axis(ci, top, 1)
+        order = np.argsort(-best_scores, axis=1)
+        out.append(np.take_along_axis(best_ids, order, axis=1))
+    return np.concatenate(out)
+
+
+def row_id(i: int) -> str:
+    return f"{i:032x}"
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+def time_each(call: Callable[[int], Any], count: int, *, max_seconds: float, min_calls: int = 5) -> list[float]:
+    """Durations of call(i) for i in 0..count-1, stopping after max_seconds (at least min_calls)."""
+    times: list[float] = []
+    started = time.perf_counter()
+    for i in range(count):
+        begin = time.perf_counter()
+        call(i)
+        times.append(time.perf_counter() - begin)
+        if len(times) >= min_calls and time.perf_counter() - started > max_seconds:
+            break
+    return times
+
+
+def throughput(make_call: Callable[[], Callable[[int], Any]], clients: int, count: int, *,
+               seconds: float) -> dict[str, Any]:
+    """QPS and latency with `clients` threads, each with its own call (connection), for ~`seconds`."""
+    calls = [make_call() for _ in range(clients)]
+    calls[0](0)  # warm
+    stop = threading.Event()
+    lat: list[list[float]] = [[] for _ in range(clients)]
+
+    def worker(c: int) -> None:
+        i = c
+        while not stop.is_set():
+            begin = time.perf_counter()
+            calls[c](i % count)
+            lat[c].append(time.perf_counter() - begin)
+            i += clients
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    done = [s for per in lat for s in per]
+    return {"clients": clients, "queries": len(done), "seconds": round(elapsed, 2),
+            "qps": round(len(done) / elapsed, 2), **distribution(done)}
+
+
+# -- stores ---------------------------------------------------------------------------------------
+
+class Lite25Server:
+    """milvus-lite 2.5.1's server binary on a unix socket, started by another interpreter."""
+
+    def __init__(self, python: str, db: Path) -> None:
+        code = ("import sys, warnings; warnings.simplefilter('ignore')\n"
+                "from importlib.metadata import version\n"
+                "from milvus_lite.server_manager import server_manager_instance as m\n"
+                f"uri = m.start_and_get_uri({str(db)!r})\n"
+                "print(uri, version('milvus-lite'), version('pymilvus'), flush=True)\n"
+                "sys.stdin.read()\n"
+                "m.release_all()\n")
+        self.process = subprocess.Popen([python, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
+        line = self.process.stdout.readline().split()
+        if not line or not line[0].startswith("unix:"):
+            self.close()
+            raise RuntimeError(f"milvus-lite 2.5 server did not start under {python}: {line}")
+        self.uri, self.version, self.pymilvus = line
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def build_collection(milvus, card, x: np.ndarray, index_type: str, index_params: dict) -> dict:
+    from xmodal import store
+
+    store.ensure_collection(milvus, COLLECTION, card, index_type=index_type, index_params=index_params)
+    started = time.perf_counter()
+    for start in range(0, len(x), INSERT_BATCH):
+        block = np.asarray(x[start:start + INSERT_BATCH])
+        rows = [{"id": row_id(start + j), "global": v, "image": f"/synthetic/{start + j}.png",
+                 "captions": [], "concept": f"c{(start + j) % CENTRES}", "style": "synthetic"}
+                for j, v in enumerate(block.tolist())]
+        milvus.insert(COLLECTION, rows)
+        if (start // INSERT_BATCH) % 10 == 9:
+            log(f"    inserted {start + len(block)} rows, {time.perf_counter() - started:.0f} s")
+    insert_s = time.perf_counter() - started
+    begin = time.perf_counter()
+    milvus.flush(COLLECTION)
+    flush_s = time.perf_counter() - begin
+    return {"rows": len(x), "insert_s": round(insert_s, 2), "insert_rows_per_s": round(len(x) / insert_s, 1),
+            "flush_s": round(flush_s, 2)}
+
+
+def lite3_collection(path: Path):
+    """milvus-lite 3.2.2's engine object for the collection (it runs in this process)."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    _, db, _ = server_manager_instance._servers[str(path.resolve())]  # noqa: SLF001
+    return db.get_collection(COLLECTION)
+
+
+def lite3_wait_indexed(path: Path, timeout: float) -> dict:
+    """Wait for milvus-lite 3.2.2's background index build; what share of rows sits in indexed segments."""
+    col = lite3_collection(path)
+    begin = time.perf_counter()
+    with contextlib.suppress(Exception):
+        col._wait_for_bg(timeout=timeout)  # noqa: SLF001
+    segments = list(col._segment_cache.values())  # noqa: SLF001
+    indexed = sum(s.num_rows for s in segments if s.indexes.get("global") is not None)
+    total = sum(s.num_rows for s in segments)
+    return {"wait_s": round(time.perf_counter() - begin, 2), "segments": len(segments),
+            "rows_in_indexed_segments": int(indexed), "rows_in_segments": int(total),
+            "index_classes": sorted({type(s.indexes.get("global")).__name__ for s in segments})}
+
+
+def open_store(kind: str, n: int, args, card, x: np.ndarray) -> dict:
+    """Connect (building the collection when not cached); {'uri', 'milvus', 'build', ...}."""
+    from pymilvus import MilvusClient
+
+    from xmodal import store
+
+    if kind == "lite3" and args.lite3_index.upper() == "HNSW":
+        index_type, index_params = store.DEFAULT_INDEX_TYPE, dict(store.DEFAULT_INDEX_PARAMS)
+    elif kind == "lite3":
+        index_type, index_params = args.lite3_index.upper(), {"nlist": args.nlist}
+    else:
+        index_type, index_params = "IVF_FLAT", {"nlist": args.nlist}
+    db = CACHE / f"{kind}-{index_type.lower()}-{n}-{x.shape[1]}.db"
+    marker = db.with_suffix(".build.json")
+    if args.rebuild or not marker.exists():
+        if db.is_dir():
+            shutil.rmtree(db)
+        elif db.exists():
+            db.unlink()
+        marker.unlink(missing_ok=True)
+    info: dict[str, Any] = {"kind": kind, "db": str(db), "index_type": index_type, "index_params": index_params}
+    if kind == "lite25":
+        server = Lite25Server(args.lite25_python, db)
+        info.update(uri=server.uri, server=server, versions={"milvus-lite": server.version,
+                                                               "pymilvus (server side)": server.pymilvus})
+    else:
+        from importlib.metadata import version
+        info.update(uri=str(db), server=None, versions={"milvus-lite": version("milvus-lite")})
+    milvus = MilvusClient(uri=info["uri"])
+    info["milvus"] = milvus
+    with contextlib.suppress(Exception):
+        info["versions"]["server"] = milvus.get_server_version()
+    if marker.exists():
+        info["build"] = json.loads(marker.read_text()) | {"cached": True}
+        store.ensure_loaded(milvus, COLLECTION)
+    else:
+        log(f"  building {kind} {index_type} {index_params} with {n} rows")
+        build = build_collection(milvus, card, x, index_type, index_params)
+        begin = time.perf_counter()
+        if kind == "lite3":
+            build["index"] = lite3_wait_indexed(db, args.index_wait)
+        else:
+            # a Milvus-style server builds indexes of sealed segments asynchronously
+            deadline = time.time() + args.index_wait
+            while time.time() < deadline:
+                d = milvus.describe_index(COLLECTION, "global")
+                if d.get("state") == "Finished" and d.get("pending_index_rows", 0) == 0 and \
+                        d.get("indexed_rows", 0) >= d.get("total_rows", 0):
+                    break
+                time.sleep(2)
+            build["index"] = {k: v for k, v in milvus.describe_index(COLLECTION, "global").items()
+                              if k in ("state", "indexed_rows", "total_rows", "pending_index_rows")}
+        build["index_build_s"] = round(time.perf_counter() - begin, 2)
+        store.ensure_loaded(milvus, COLLECTION)
+        log(f"  built: {build}")
+        marker.write_text(json.dumps(build))
+        info["build"] = build | {"cached": False}
+    info["properties_kept"] = store.collection_model(milvus, COLLECTION).get("fingerprint") == card.fingerprint
+    return info
+
+
+def search_call(milvus, q: np.ndarray, *, params: dict, level: str | None = "Bounded",
+                output_fields: list[str] | None = None, describe: bool = False, batch: int = 1):
+    from xmodal import store
+
+    kwargs: dict[str, Any] = {"output_fields": output_fields or []}
+    if level:
+        kwargs["consistency_level"] = level
+
+    def call(i: int):
+        if describe:  # what Searcher.search did before: describe_index on every call
+            store.search_params(milvus, COLLECTION, "IP", K)
+        rows = q[(i * batch) % len(q):(i * batch) % len(q) + batch]
+        return milvus.search(COLLECTION, data=rows.tolist(), limit=K, anns_field="global",
+                             search_params=params, **kwargs)
+    return call
+
+
+def recall(milvus, q: np.ndarray, truth: np.ndarray, params: dict) -> float:
+    found = 0
+    for start in range(0, len(q), 50):
+        res = milvus.search(COLLECTION, data=q[start:start + 50].tolist(), limit=K, anns_field="global",
+                            search_params=params, consistency_level="Eventually", output_fields=[])
+        for j, hits in enumerate(res):
+            got = {int(h["id"], 16) for h in hits}
+            found += len(got & set(truth[start + j].tolist()))
+    return round(found / (len(q) * K), 4)
+
+
+def tuning_params(kind: str, args) -> list[dict]:
+    if kind == "lite3" and args.lite3_index.upper() == "HNSW":
+        return [{"metric_type": "IP", "params": {"ef": ef}} for ef in (16, 32, 64, 128)]
+    return [{"metric_type": "IP", "params": {"nprobe": p}} for p in (4, 8, 16, 32, 64)]
+
+
+def bench_store(info: dict, q: np.ndarray, truth: np.ndarray, args, budget: float) -> dict:
+    """Recall per search param, then the breakdown at the chosen one (single client)."""
+    milvus, kind = info["milvus"], info["kind"]
+    out: dict[str, Any] = {"tuning": []}
+    rq, rt = q[:args.recall_queries], truth[:args.recall_queries]
+    search_call(milvus, q, params=tuning_params(kind, args)[0])(0)  # warm
+    for params in tuning_params(kind, args):
+        call = search_call(milvus, q, params=params, level="Eventually")
+        times = time_each(call, len(q), max_seconds=budget, min_calls=5)
+        r = recall(milvus, rq, rt, params) if args.recall_queries else None
+        row = {"params": params["params"], "recall@10": r, **distribution(times)}
+        out["tuning"].append(row)
+        log(f"    {kind} {params['params']}: recall@10 {r} p50 {row['p50_ms']} ms p99 {row['p99_ms']} ms")
+    good = [t for t in out["tuning"] if (t["recall@10"] or 0) >= TARGET_RECALL]
+    chosen = min(good, key=lambda t: t["p50_ms"]) if good else max(out["tuning"], key=lambda t: t["recall@10"] or 0)
+    out["chosen_params"] = {"metric_type": "IP", "params": chosen["params"]}
+    params = out["chosen_params"]
+    from xmodal import store
+    fields = list(store.IMAGE_OUTPUT_FIELDS)
+    variants = {
+        "before: Bounded, 4 output fields, describe_index per search": dict(level="Bounded", output_fields=fields,
+                                                                             describe=True),
+        "Strong, no output fields": dict(level="Strong"),
+        "Bounded, no output fields": dict(level="Bounded"),
+        "Session, no output fields": dict(level="Session"),
+        "Eventually, no output fields": dict(level="Eventually"),
+        "collection default level, no output fields": dict(level=None),
+        "Bounded, 4 output fields": dict(level="Bounded", output_fields=fields),
+        "Bounded, 4 output fields, batch of 8 (per call)": dict(level="Bounded", output_fields=fields, batch=8),
+        "describe_index alone": None,
+    }
+    out["variants"] = {}
+    for name, kw in variants.items():
+        if kw is None:
+            call = lambda i: milvus.describe_index(COLLECTION, "global")  # noqa: E731
+        else:
+            call = search_call(milvus, q, params=params, **kw)
+        call(0)
+        out["variants"][name] = distribution(time_each(call, len(q), max_seconds=budget, min_calls=5))
+        log(f"    {kind} {name}: {out['variants'][name]}")
+    return out
+
+
+def lite3_engine(info: dict, q: np.ndarray, params: dict, budget: float) -> dict:
+    """milvus-lite 3.2.2's Collection.search called in this thread: no gRPC, no pymilvus; profiled."""
+    col = lite3_collection(Path(info["db"]))
+
+    def call(i: int):
+        return col.search([q[i % len(q)].tolist()], top_k=K, metric_type="IP", anns_field="global",
+                          output_fields=[], search_params=params["params"])
+    call(0)
+    times = time_each(call, len(q), max_seconds=budget, min_calls=5)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(min(5, len(q))):
+        call(i)
+    profiler.disable()
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    total = stats.total_tt / min(5, len(q))
+    rows = []
+    for (file, line, fn), (cc, nc, tt, ct, callers) in stats.stats.items():
+        rows.append({"function": f"{Path(file).name}:{line}({fn})", "own_ms_per_query": round(tt / 5 * 1000, 2),
+                     "cumulative_ms_per_query": round(ct / 5 * 1000, 2), "calls_per_query": nc // 5})
+    rows.sort(key=lambda r: -r["own_ms_per_query"])
+    return {"engine_direct": distribution(times), "profiled_ms_per_query": round(total * 1000, 2),
+            "top_own_time": rows[:8]}
+
+
+def visibility(info: dict, card, dim: int, params: dict) -> dict:
+    """Insert a row, search for it at once (per level): seen on the first search? else after how long."""
+    milvus = info["milvus"]
+    rng = np.random.default_rng(7)
+    out = {}
+    for level in ("Strong", "Bounded", "Session", "Eventually"):
+        v = rng.standard_normal(dim).astype(np.float32)
+        v /= np.linalg.norm(v)
+        pk = f"visibility-{level}-{time.time_ns()}"
+        milvus.insert(COLLECTION, [{"id": pk, "global": v.tolist(), "image": "/visibility.png", "captions": [],
+                                    "concept": "visibility", "style": "visibility"}])
+        inserted = time.perf_counter()
+        first = None
+        seen_after = None
+        searches = 0
+        while time.perf_counter() - inserted < 10:
+            res = milvus.search(COLLECTION, data=[v.tolist()], limit=1, anns_field="global", search_params=params,
+                                consistency_level=level, output_fields=[])
+            searches += 1
+            hit = bool(res[0]) and res[0][0]["id"] == pk
+            if first is None:
+                first = hit
+            if hit:
+                seen_after = time.perf_counter() - inserted
+                break
+            time.sleep(0.01)
+        milvus.delete(COLLECTION, ids=[pk])
+        out[level] = {"seen_by_first_search": first, "seen_after_ms": None if seen_after is None
+                      else round(seen_after * 1000, 1), "searches": searches}
+    return out
+
+
+# -- Triton -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def triton_server(repository: Path):
+    from xmodal.server import TritonServer, free_port
+
+    server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server.start()
+    try:
+        server.wait_ready(timeout=300)
+        yield server
+    finally:
+        server.stop()
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0], "numpy": np.__version__,
+            "pymilvus": version("pymilvus"), "milvus-lite (this venv)": version("milvus-lite"),
+            "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
+
+
+def run_size(n: int, args, card, repository: Path | None) -> dict:
+    dim = card.dim
+    log(f"== {n} vectors of {dim} dimensions")
+    begin = time.perf_counter()
+    x = corpus(n, dim)
+    q = make_queries(x, args.queries)
+    truth = exact(x, q)
+    log(f"  corpus and exact ground truth: {time.perf_counter() - begin:.1f} s")
+    xr = np.ascontiguousarray(x)  # in RAM for the numpy floor
+    result: dict[str, Any] = {"n": n, "dim": dim, "queries": len(q)}
+    budget = args.seconds
+
+    stores: dict[str, dict] = {}
+    try:
+        for kind in args.stores:
+            stores[kind] = open_store(kind, n, args, card, x)
+        for kind, info in stores.items():
+            result[kind] = {"versions": info["versions"], "index_type": info["index_type"],
+                            "index_params": info["index_params"], "build": info["build"],
+                            "card_properties_kept": info["properties_kept"]}
+            result[kind].update(bench_store(info, q, truth, args, budget))
+            info["chosen_params"] = result[kind]["chosen_params"]
+            if kind == "lite3":
+                result[kind]["engine"] = lite3_engine(info, q, result[kind]["chosen_params"], budget)
+                log(f"    lite3 engine: {result[kind]['engine']}")
+            result[kind]["visibility"] = visibility(info, card, dim, result[kind]["chosen_params"])
+            log(f"    {kind} visibility: {result[kind]['visibility']}")
+
+        # headline: alternating rounds, 1 client; then QPS with 1 and 8 clients
+        from pymilvus import MilvusClient
+        contenders: dict[str, Callable[[], Callable[[int], Any]]] = {
+            "numpy exact": lambda: (lambda i: numpy_search(xr, q[i % len(q)]))}
+        from xmodal import store
+        for kind, info in stores.items():
+            params = result[kind]["chosen_params"]
+            contenders[f"{kind} search"] = (
+                lambda info=info, params=params: search_call(MilvusClient(uri=info["uri"]), q, params=params,
+                                                             level=args.level,
+                                                             output_fields=list(store.IMAGE_OUTPUT_FIELDS)))
+        rounds: dict[str, list[dict]] = {name: [] for name in contenders}
+        calls = {name: make() for name, make in contenders.items()}
+        for r in range(args.rounds):
+            order = list(calls) if r % 2 == 0 else list(reversed(calls))
+            for name in order:
+                calls[name](0)
+                rounds[name].append(distribution(time_each(calls[name], len(q), max_seconds=budget)))
+        result["latency_1_client"] = {
+            name: {"p50_ms": round(statistics.median(d["p50_ms"] for d in per), 3),
+                   "p99_ms": round(statistics.median(d["p99_ms"] for d in per), 3),
+                   "rounds": per} for name, per in rounds.items()}
+        log(f"  latency, 1 client: { {k: (v['p50_ms'], v['p99_ms']) for k, v in result['latency_1_client'].items()} }")
+        result["throughput"] = {}
+        for name, make in contenders.items():
+            result["throughput"][name] = {c: throughput(make, c, len(q), seconds=args.qps_seconds)
+                                          for c in (1, 8)}
+            log(f"  QPS {name}: {[(v['clients'], v['qps'], v['p50_ms'], v['p99_ms']) for v in result['throughput'][name].values()]}")
+
+        if repository is not None:
+            result["end_to_end"] = end_to_end(stores, repository, args, budget)
+    finally:
+        for info in stores.values():
+            with contextlib.suppress(Exception):
+                info["milvus"].close()
+            if info.get("server") is not None:
+                info["server"].close()
+        if "lite3" in stores:
+            from xmodal import store
+            store.release_local(stores["lite3"]["db"])
+    return result
+
+
+def end_to_end(stores: dict, repository: Path, args, budget: float) -> dict:
+    from xmodal.client import Client
+    from xmodal.client import triton as tri
+
+    out: dict[str, Any] = {}
+    with triton_server(repository) as server:
+        embedder = tri.Embedder(server.url, tri.TEXT_MODEL, tri.TEXT_INPUT, timeout=10)
+        texts = [t.encode() for t in QUERY_TEXTS]
+        embedder.embed_outputs([texts[0]], [tri.OUTPUT])
+        # milvus-lite 2.5.1 keeps no collection properties, so the Client's model check cannot pass
+        # there: against it the same sequence runs by hand (the Client's embedder, then a search
+        # with the Client's settings).
+        clients = {kind: Client(server.url, info["uri"], caption_collection=None)
+                   for kind, info in stores.items() if info["properties_kept"]}
+        from pymilvus import MilvusClient
+        from xmodal import store
+        manual = {}
+        for kind, info in stores.items():
+            if kind in clients:
+                continue
+            milvus = MilvusClient(uri=info["uri"])
+            manual[kind] = milvus
+            embedder_client = next(iter(clients.values())) if clients else None
+            params = info["chosen_params"]
+
+            def by_hand(text, milvus=milvus, params=params, embedder_client=embedder_client):
+                v = embedder.embed_outputs([text.encode()], [tri.OUTPUT])[0][tri.OUTPUT]
+                return milvus.search(COLLECTION, data=v.tolist(), limit=K, anns_field="global",
+                                     search_params=params, consistency_level=args.level,
+                                     output_fields=list(store.IMAGE_OUTPUT_FIELDS))
+            clients[kind + " (embed + search by hand)"] = type("ByHand", (), {
+                "search_text": staticmethod(lambda text, k=K, f=by_hand: f(text)),
+                "close": staticmethod(lambda m=milvus: m.close())})()
+        try:
+            calls: dict[str, Callable[[int], Any]] = {
+                "embed_text (Triton, SDK embedder)": lambda i: embedder.embed_outputs([texts[i % len(texts)]],
+                                                                                       [tri.OUTPUT])}
+            for kind, client in clients.items():
+                client.search_text(QUERY_TEXTS[0], k=K)
+                calls[f"Client.search_text -> {kind}"] = (
+                    lambda i, client=client: client.search_text(QUERY_TEXTS[i % len(QUERY_TEXTS)], k=K))
+            rounds: dict[str, list[dict]] = {name: [] for name in calls}
+            for r in range(args.rounds):
+                for name in (list(calls) if r % 2 == 0 else list(reversed(calls))):
+                    rounds[name].append(distribution(time_each(calls[name], 200, max_seconds=budget)))
+            out["latency_1_client"] = {
+                name: {"p50_ms": round(statistics.median(d["p50_ms"] for d in per), 3),
+                       "p99_ms": round(statistics.median(d["p99_ms"] for d in per), 3), "rounds": per}
+                for name, per in rounds.items()}
+            log(f"  end to end, 1 client: { {k: (v['p50_ms'], v['p99_ms']) for k, v in out['latency_1_client'].items()} }")
+            out["throughput"] = {}
+            for kind, client in clients.items():
+                name = f"Client.search_text -> {kind}"
+                # one Client shared by the threads, as an application would (one HTTP connection a thread)
+                out["throughput"][name] = {
+                    c: throughput(lambda client=client: (lambda i: client.search_text(
+                        QUERY_TEXTS[i % len(QUERY_TEXTS)], k=K)), c, 200, seconds=args.qps_seconds)
+                    for c in (1, 8)}
+                log(f"  QPS {name}: {[(v['clients'], v['qps'], v['p50_ms'], v['p99_ms']) for v in out['throughput'][name].values()]}")
+        finally:
+            embedder.close()
+            for client in clients.values():
+                client.close()
+    return out
+
+
+def markdown(summary: dict) -> str:
+    lines = ["## Figures of the last run", "",
+             "Generated by `benchmarks/query.py` (figures: `benchmarks/results/query.json`).", "",
+             f"Machine: {summary['machine']}", ""]
+    for size in summary["sizes"]:
+        n = size["n"]
+        lines += [f"### {n:,} vectors ({size['dim']} dimensions, {size['queries']} queries, top {K})", ""]
+        lines += ["| store | index, params | insert rows/s | flush s | index build s | recall@10 |", "|---|---|---|---|---|---|"]
+        for kind in ("lite3", "lite25"):
+            if kind not in size:
+                continue
+            s = size[kind]
+            chosen = next(t for t in s["tuning"] if t["params"] == s["chosen_params"]["params"])
+            b = s["build"]
+            lines.append(f"| {kind} (milvus-lite {s['versions']['milvus-lite']}) | {s['index_type']} {s['index_params']}, "
+                         f"{chosen['params']} | {b['insert_rows_per_s']} | {b['flush_s']} | {b.get('index_build_s')} | "
+                         f"{chosen['recall@10']} |")
+        lines += ["", "One client, median over alternating rounds:", "",
+                  "| what | p50 ms | p99 ms |", "|---|---|---|"]
+        for name, v in size["latency_1_client"].items():
+            lines.append(f"| {name} | {v['p50_ms']} | {v['p99_ms']} |")
+        for name, v in size.get("end_to_end", {}).get("latency_1_client", {}).items():
+            lines.append(f"| {name} | {v['p50_ms']} | {v['p99_ms']} |")
+        lines += ["", "| what | clients | QPS | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+        tp = dict(size["throughput"]) | dict(size.get("end_to_end", {}).get("throughput", {}))
+        for name, per in tp.items():
+            for c, v in per.items():
+                lines.append(f"| {name} | {c} | {v['qps']} | {v['p50_ms']} | {v['p99_ms']} |")
+        for kind in ("lite3", "lite25"):
+            if kind not in size:
+                continue
+            s = size[kind]
+            lines += ["", f"#### {kind}: search params (Eventually, no output fields, 1 client)", "",
+                      "| params | recall@10 | p50 ms | p99 ms |", "|---|---|---|---|"]
+            for t in s["tuning"]:
+                lines.append(f"| {t['params']} | {t['recall@10']} | {t['p50_ms']} | {t['p99_ms']} |")
+            lines += ["", f"#### {kind}: where the time goes (params {s['chosen_params']['params']}, 1 client)", "",
+                      "| variant | n | p50 ms | p99 ms |", "|---|---|---|---|"]
+            for name, d in s["variants"].items():
+                lines.append(f"| {name} | {d['n']} | {d['p50_ms']} | {d['p99_ms']} |")
+            if "engine" in s:
+                e = s["engine"]
+                lines.append(f"| engine in-process (no gRPC, no pymilvus) | {e['engine_direct']['n']} | "
+                             f"{e['engine_direct']['p50_ms']} | {e['engine_direct']['p99_ms']} |")
+                lines += ["", "Profile of the engine call (own time per query):", "",
+                          "| function | own ms | cumulative ms | calls |", "|---|---|---|---|"]
+                for r in e["top_own_time"]:
+                    lines.append(f"| `{r['function']}` | {r['own_ms_per_query']} | {r['cumulative_ms_per_query']} | "
+                                 f"{r['calls_per_query']} |")
+            lines += ["", f"#### {kind}: visibility (insert one row, then search for it)", "",
+                      "| level | seen by the first search | seen after ms |", "|---|---|---|"]
+            for level, v in s["visibility"].items():
+                lines.append(f"| {level} | {v['seen_by_first_search']} | {v['seen_after_ms']} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--stores", default="lite3,lite25")
+    parser.add_argument("--lite25-python", default="/tmp/mlv25/bin/python",
+                        help="an interpreter with milvus-lite 2.5.x installed (the server binary it starts is used)")
+    parser.add_argument("--model-repository", default=str(ROOT / "xmodal-data" / "model_repository"))
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--recall-queries", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=15.0, help="at most this long per latency measurement")
+    parser.add_argument("--qps-seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--level", default="Bounded", help="consistency level of the headline store searches")
+    parser.add_argument("--nlist", type=int, default=1024)
+    parser.add_argument("--lite3-index", default="HNSW",
+                        help="milvus-lite 3.2.2's index (HNSW, the project default; IVF_FLAT builds faster at 1M)")
+    parser.add_argument("--index-wait", type=float, default=1800.0)
+    parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="small sizes and budgets; writes query-quick.json only")
+    args = parser.parse_args()
+    args.stores = [s for s in args.stores.split(",") if s]
+    if args.quick:
+        args.sizes = "20000" if args.sizes == parser.get_default("sizes") else args.sizes
+        args.queries, args.recall_queries, args.seconds, args.qps_seconds, args.rounds = 50, 50, 3, 3, 2
+    from xmodal.card import ModelCard
+
+    repository = Path(args.model_repository)
+    card_path = repository / "card.json"
+    if card_path.exists():
+        card = ModelCard.load(card_path)
+    else:
+        raise SystemExit(f"no served model card at {card_path}: export a model first (xmodal export)")
+    summary: dict[str, Any] = {"machine": machine(), "model": {"name": card.name, "fingerprint": card.fingerprint,
+                                                               "dim": card.dim},
+                               "args": {k: v for k, v in vars(args).items()}, "sizes": []}
+    out = RESULTS / ("query-quick.json" if args.quick else "query.json")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    # sizes run earlier (another invocation) are kept beside this run's, each with its own machine record
+    earlier = json.loads(out.read_text()) if out.exists() else {}
+    kept = [dict(s, machine=s.get("machine", earlier.get("machine"))) for s in earlier.get("sizes", [])
+            if s["n"] not in sizes]
+    for n in sizes:
+        result = run_size(n, args, card, None if args.no_triton else repository)
+        result["machine"] = summary["machine"] | {"load_average_after": [round(v, 2) for v in os.getloadavg()]}
+        result["args"] = summary["args"]
+        summary["sizes"].append(result)
+        summary["sizes"] = sorted(kept + [s for s in summary["sizes"] if s not in kept], key=lambda s: s["n"])
+        out.write_text(json.dumps(summary, indent=1, default=str))
+    summary["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    out.write_text(json.dumps(summary, indent=1, default=str))
+    if not args.quick:
+        kept = DOC.read_text().split(GENERATED)[0] if DOC.exists() else "# Query benchmark\n\n"
+        DOC.write_text(kept + GENERATED + "\n\n" + markdown(summary))
+    log(markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

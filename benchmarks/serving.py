@@ -7,9 +7,9 @@ Measured side by side in one process, on the same 64 images and captions of the 
 
 1. PyTorch eager vs ONNX Runtime items/s per encoder at batch 1, 16 and 64, and INT8 vs FP32
    ONNX Runtime. torch and ONNX Runtime get the same number of intra-op threads (``--threads``),
-   both waiting passively (``OMP_WAIT_POLICY=PASSIVE``, ORT's ``allow_spinning=0``); ORT as
-   Triton's backend runs it (spinning) is measured beside, since on 2 shared cores spin-waiting
-   threads lose a lot to any neighbouring job.
+   both waiting passively (``OMP_WAIT_POLICY=PASSIVE``, ORT's ``allow_spinning=0``, as the
+   repository configures Triton's backend); ORT's own default (spinning) is measured beside,
+   since on 2 shared cores spin-waiting threads lose a lot to any neighbouring job.
 2. Triton (HTTP and gRPC; 1 and 16 concurrent clients, one thread and one client each;
    single items and batches of 32) vs in-process ONNX Runtime doing the same work: the
    ensembles ``embed_text`` / ``embed_image`` against tokenise or decode + ORT in-process,
@@ -20,9 +20,9 @@ Measured side by side in one process, on the same 64 images and captions of the 
 4. NVIDIA's ``perf_analyzer`` against the same server, when one is found (``--perf-analyzer``,
    else ``perf_analyzer`` on PATH or beside the Python); otherwise the reason is recorded.
 5. The ``instance_group`` sweep: repositories with ``instance_count`` and
-   ``preprocess_instance_count`` 1 and 2, and 1/1 with every encoder's ONNX Runtime threads
-   sleeping when idle (``allow_spinning=False``; by default only the text encoder's do), each
-   served at once, measured with 16 gRPC clients.
+   ``preprocess_instance_count`` 1 and 2, and 1/1 with the encoders' idle ONNX Runtime threads
+   spinning (``allow_spinning=True``, ONNX Runtime's own default; the repository's is to sleep),
+   each served at once, measured with 16 gRPC clients.
 
 The run is exported again into a temporary directory with ``export_run`` (a full run also
 passes the INT8 variant through export's held-out gate; ``--quick`` quantises with the same
@@ -97,7 +97,7 @@ class Plan:
 
 FULL = Plan(
     eager_rounds=3, eager_seconds=0.6, matrix_rounds=2, target_rounds=3, scenario_seconds=1.5, min_requests=3,
-    latency_queries=1000, int8_gate=True, sweep_configs=((1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 1, False)),
+    latency_queries=1000, int8_gate=True, sweep_configs=((1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None), (1, 1, True)),
     sweep_rounds=3,
     sweep_seconds=1.0,
     perf_analyzer_cases=(("embed_text", "grpc", 1, 1), ("embed_text", "http", 1, 1),
@@ -106,7 +106,7 @@ FULL = Plan(
 )
 QUICK = Plan(
     eager_rounds=1, eager_seconds=0.1, matrix_rounds=1, target_rounds=1, scenario_seconds=0.4, min_requests=1,
-    latency_queries=200, int8_gate=False, sweep_configs=((1, 1, None), (2, 2, None), (1, 1, False)), sweep_rounds=1, sweep_seconds=0.4,
+    latency_queries=200, int8_gate=False, sweep_configs=((1, 1, None), (2, 2, None), (1, 1, True)), sweep_rounds=1, sweep_seconds=0.4,
     perf_analyzer_cases=(("embed_text", "grpc", 1, 1),), perf_analyzer_window_ms=1000,
     # The slowest cases (16 clients x 32 images each, about 7 s apiece here) add nothing to a smoke run.
     matrix_skip=frozenset({"embed_image http c16 b32", "image_encoder grpc c16 b32", "text_encoder grpc c16 b32"}),
@@ -159,8 +159,8 @@ def ort_session(path: Path, threads: int, *, spinning: bool = False):
     Without ``spinning`` the intra-op threads wait passively, like torch's under
     OMP_WAIT_POLICY=PASSIVE: with another job on these 2 cores, ORT's default spinning cost
     it 40 % of its items/s (text encoder, batch 64), which would make any comparison a
-    measure of the neighbour's load. The backend Triton runs keeps the default (spinning);
-    the encoder stage measures both.
+    measure of the neighbour's load. The repository configures Triton's backend the same way
+    (``allow_spinning: "0"``); the encoder stage measures both.
     """
     import onnxruntime as ort
 
@@ -872,17 +872,7 @@ def run(args: argparse.Namespace) -> dict:
                                                      exported.card, sessions, plan)
             stages["triton"] = round(time.monotonic() - begin, 1)
 
-            log(f"[4/6] one embed_text query, {plan.latency_queries} times")
-            begin = time.monotonic()
-            summary_["embed_text_query"] = bench_embed_text_latency(server, admin, items, tokenizer, exported.card,
-                                                                    sessions, plan.latency_queries)
-            latency = summary_["embed_text_query"]["latency"]
-            local = summary_["embed_text_query"]["in_process_latency"]
-            log(f"  p50 {latency['p50_ms']:.2f} ms, p99 {latency['p99_ms']:.2f} ms "
-                f"(in-process tokenise + ORT: p50 {local['p50_ms']:.2f} ms, p99 {local['p99_ms']:.2f} ms)")
-            stages["embed_text_query"] = round(time.monotonic() - begin, 1)
-
-            log("[5/6] perf_analyzer")
+            log("[4/6] perf_analyzer")
             begin = time.monotonic()
             binary, about = find_perf_analyzer(args.perf_analyzer)
             summary_["perf_analyzer"] = {"available": binary is not None, "about": about, "path": binary}
@@ -891,6 +881,23 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 summary_["perf_analyzer"]["cases"] = run_perf_analyzer(binary, server, items, plan, workdir)
             stages["perf_analyzer"] = round(time.monotonic() - begin, 1)
+
+        # The query path as deployed: `xmodal export --quantize int8` (and the demo) serve INT8 when
+        # its gate accepts it, FP32 otherwise.
+        precision = "int8" if exported.int8_gate and exported.int8_gate.get("accepted") else "fp32"
+        log(f"[5/6] one embed_text query, {plan.latency_queries} times, served {precision.upper()}")
+        begin = time.monotonic()
+        files = exported.int8 if precision == "int8" else exported.fp32
+        latency_sessions = {encoder: ort_session(path, args.threads) for encoder, path in files.items()}
+        with served(exported, workdir / "latency", summary_, precision) as (server, admin):
+            summary_["embed_text_query"] = bench_embed_text_latency(server, admin, items, tokenizer, exported.card,
+                                                                    latency_sessions, plan.latency_queries)
+        summary_["embed_text_query"]["precision"] = precision
+        latency = summary_["embed_text_query"]["latency"]
+        local = summary_["embed_text_query"]["in_process_latency"]
+        log(f"  p50 {latency['p50_ms']:.2f} ms, p99 {latency['p99_ms']:.2f} ms "
+            f"(in-process tokenise + ORT: p50 {local['p50_ms']:.2f} ms, p99 {local['p99_ms']:.2f} ms)")
+        stages["embed_text_query"] = round(time.monotonic() - begin, 1)
 
         log(f"[6/6] instance_group sweep: {', '.join(sweep_label(*config) for config in plan.sweep_configs)} "
             f"(encoder / preprocessing instances)")
@@ -1022,7 +1029,7 @@ def markdown(summary_: dict) -> str:
     lines += ["", "## Triton vs in-process ONNX Runtime", "",
               "In-process: one caller doing the same work on the same items (tokenise or decode + preprocess, then "
               "ORT with passive threads; the bare encoders ORT alone). Triton: N threads, one client each, requests "
-              "back to back (the server's ORT spins, its default). "
+              "back to back (the server's ORT threads sleep when idle, as the repository sets them). "
               "Latency is per request as the client saw it; the server columns are Triton's own means per request of "
               "the encoder (queue, compute) and the batch its scheduler achieved.", "",
               "| model | protocol | clients | items / request | Triton items/s | ORT items/s | Triton / ORT "
@@ -1041,7 +1048,8 @@ def markdown(summary_: dict) -> str:
             f"| {server.get('batch_achieved')} |")
     query = summary_["embed_text_query"]
     lines += ["", "## One `embed_text` query", "",
-              f"{query['path']}: p50 {query['latency']['p50_ms']:.2f} ms, p90 {query['latency']['p90_ms']:.2f} ms, "
+              f"{query['path']}, served {query.get('precision', 'fp32').upper()} (what `xmodal export --quantize int8` "
+              f"serves: INT8 when its gate accepts it): p50 {query['latency']['p50_ms']:.2f} ms, p90 {query['latency']['p90_ms']:.2f} ms, "
               f"p99 {query['latency']['p99_ms']:.2f} ms over {query['latency']['n']} queries. The same queries "
               "in-process (tokenise + ORT), in blocks alternating with them: "
               f"p50 {query['in_process_latency']['p50_ms']:.2f} ms, p90 {query['in_process_latency']['p90_ms']:.2f} ms, "
@@ -1076,8 +1084,8 @@ def markdown(summary_: dict) -> str:
               "defaults for the CPU target the server ran "
               + ", ".join(f"{model} {count}" for model, count in sweep["default_without_instance_group"].items())
               + " instance(s).", "",
-              "`+ sleep`: every encoder's idle ONNX Runtime threads sleep (`allow_spinning: \"0\"`); otherwise "
-              "the repository's defaults (the text encoder's sleep, the image encoder's spin).", "",
+              "`+ spin`: the encoders' idle ONNX Runtime threads spin (`allow_spinning: \"1\"`, ONNX Runtime's "
+              "default); otherwise the repository's default, they sleep.", "",
               "| encoder / preprocess instances | " + " | ".join(sweep["workloads"])
               + f" | geometric mean vs {sweep['baseline']} |",
               "| --- | " + " | ".join("---" for _ in sweep["workloads"]) + " | --- |"]

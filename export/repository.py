@@ -205,11 +205,12 @@ def _check_encoder(path: Path, role: str, input_name: str, embeddings: list[str]
 
 # Measured best on the CPU target (see the module docstring).
 CPU_ENCODER_INSTANCES = 1
-# The text encoder answers queries one at a time: its idle ONNX Runtime threads sleep instead of
-# spinning, so they leave the 2 cores to the tokenizer's stub and Triton between requests. Two
-# runs of 1,500 single queries (default MiniLM model, INT8): p99 6.61 / 4.57 ms spinning,
-# 4.53 / 4.24 ms not. Read by xmodal's local onnxruntime backend; NVIDIA's ignores it.
-TEXT_ENCODER_CPU_PARAMETERS = {"allow_spinning": "0"}
+# Every ONNX Runtime model's idle threads sleep instead of spinning, so they leave the 2 cores to
+# the preprocessing stubs and Triton between (and during their) requests. Text: two runs of 1,500
+# single queries (default MiniLM model, INT8) gave p99 6.61 / 4.57 ms spinning, 4.53 / 4.24 ms
+# not. Images: the instance sweep of benchmarks/serving.py compares "1/1" with "1/1 + spin".
+# Read by xmodal's local onnxruntime backend; NVIDIA's ignores it.
+CPU_ENCODER_PARAMETERS = {"allow_spinning": "0"}
 
 
 def instance_group(kind: str, count: int) -> str:
@@ -360,7 +361,7 @@ def write_model_repository(
     KIND_CPU); ``tensorrt`` (gpu only) adds the TensorRT accelerator at FP16;
     ``max_queue_delay_microseconds`` is the encoders' dynamic-batching delay. ``allow_spinning``
     (cpu only) sets whether every encoder's idle ONNX Runtime threads spin (True) or sleep (False);
-    None keeps the measured defaults (:data:`TEXT_ENCODER_CPU_PARAMETERS`). A card with a
+    None keeps the measured defaults (:data:`CPU_ENCODER_PARAMETERS`). A card with a
     ``reranker`` adds its models, from the files the card names in ``reranker_dir`` (default: the
     image encoder's directory, where ``export_run`` writes them).
     """
@@ -469,11 +470,11 @@ class _Options:
     allow_spinning: bool | None = None
 
     def encoder_parameters(self, defaults: dict[str, str]) -> dict[str, str] | None:
-        """The config parameters of an encoder on this target (``defaults``: the CPU target's)."""
+        """The config parameters of an ONNX Runtime model on this target (``defaults``: the CPU target's)."""
         if self.target != "cpu":
             return None
         if self.allow_spinning is None:
-            return defaults or None
+            return defaults
         return {**defaults, "allow_spinning": "1" if self.allow_spinning else "0"}
 
     @property
@@ -561,7 +562,7 @@ def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, to
     target = model_dir(IMAGE_ENCODER, model_config(
         IMAGE_ENCODER, inputs=[("pixel_values", "TYPE_FP32", [3, size, size])],
         extra=encoder_extra + warmup(IMAGE_ENCODER, {"pixel_values": ("TYPE_FP32", [3, size, size], None)}),
-        parameters=options.encoder_parameters({}), **encoder))
+        parameters=options.encoder_parameters(CPU_ENCODER_PARAMETERS), **encoder))
     shutil.copyfile(image_onnx, target / "model.onnx")
 
     ids = _warmup_ids(tokenizer_json)
@@ -569,7 +570,7 @@ def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, to
     target = model_dir(TEXT_ENCODER, model_config(
         TEXT_ENCODER, inputs=[("input_ids", "TYPE_INT64", [-1])],
         extra=encoder_extra + warmup(TEXT_ENCODER, {"input_ids": ("TYPE_INT64", [len(ids)], ids_file)}),
-        parameters=options.encoder_parameters(TEXT_ENCODER_CPU_PARAMETERS), **encoder))
+        parameters=options.encoder_parameters(CPU_ENCODER_PARAMETERS), **encoder))
     shutil.copyfile(text_onnx, target / "model.onnx")
 
     image_params = _image_params(card)
@@ -636,7 +637,7 @@ def _write_reranker(root: Path, card: ModelCard, served: ModelCard, card_json: s
     target = model_dir(RERANK_IMAGE_SIDE, model_config(
         RERANK_IMAGE_SIDE, inputs=[("pixel_values", "TYPE_FP32", [3, size, size])],
         extra=encoder_extra + warmup(RERANK_IMAGE_SIDE, {"pixel_values": ("TYPE_FP32", [3, size, size], None)}),
-        parameters=options.encoder_parameters({}), **{**encoder, "outputs": side}))
+        parameters=options.encoder_parameters(CPU_ENCODER_PARAMETERS), **{**encoder, "outputs": side}))
     shutil.copyfile(image_side_onnx, target / "model.onnx")
 
     # One query a request: N candidates and L tokens vary, so requests never share a run.
@@ -645,7 +646,7 @@ def _write_reranker(root: Path, card: ModelCard, served: ModelCard, card_json: s
         RERANK, backend="onnxruntime", max_batch_size=1, versions=options.versions,
         inputs=[("input_ids", "TYPE_INT64", [-1]), ("first_stage", "TYPE_FP32", [-1]), *candidates],
         outputs=[("scores", "TYPE_FP32", [-1])],
-        extra=encoder_extra, parameters=options.encoder_parameters(TEXT_ENCODER_CPU_PARAMETERS)))
+        extra=encoder_extra, parameters=options.encoder_parameters(CPU_ENCODER_PARAMETERS)))
     shutil.copyfile(rerank_onnx, target / "model.onnx")
 
     target = model_dir(EMBED_IMAGE_SIDE, model_config(

@@ -35,8 +35,11 @@ def repository_card(repository: str | Path) -> ModelCard:
     return ModelCard.load(Path(repository))
 
 
-def _padded_length(longest: int, max_length: int | None) -> int:
-    # preprocess_text's buckets (8, 16, 32, ... up to the max length): the same input_ids as the server
+def _padded_length(longest: int, max_length: int | None, texts: int) -> int:
+    # as preprocess_text pads: one text to a bucket (8, 16, 32, ... up to the max length), several
+    # to their longest; the same input_ids as the server
+    if texts > 1:
+        return longest
     length = 8
     while length < longest:
         length *= 2
@@ -125,7 +128,7 @@ class LocalEmbedder(EmbedStage):
         kept = [encodings[i] for i in sorted(encodings) if errors[i] is None]
         if not kept:
             return np.zeros((0, 0), dtype=np.int64), errors
-        width = _padded_length(max(len(e.ids) for e in kept), self.max_length)
+        width = _padded_length(max(len(e.ids) for e in kept), self.max_length, len(kept))
         ids = np.full((len(kept), width), int(self.params.get("pad_id", 0)), dtype=np.int64)
         for row, encoding in enumerate(kept):
             ids[row, :len(encoding.ids)] = encoding.ids

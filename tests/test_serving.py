@@ -323,8 +323,10 @@ def test_gpu_target_writes_kind_gpu_and_tensorrt(artefacts, tmp_path):
     # the local CPU backend's setting for the query path stays out of the GPU repository
     assert "allow_spinning" not in _parse(repository / "text_encoder" / "config.pbtxt").parameters
     cpu = write_model_repository(tmp_path / "cpu", artefacts["card"], **kwargs)
-    assert _parse(cpu / "text_encoder" / "config.pbtxt").parameters["allow_spinning"].string_value == "0"
-    assert "allow_spinning" not in _parse(cpu / "image_encoder" / "config.pbtxt").parameters
+    for model in ("image_encoder", "text_encoder"):  # idle ORT threads sleep on the CPU target
+        assert _parse(cpu / model / "config.pbtxt").parameters["allow_spinning"].string_value == "0"
+    spinning = write_model_repository(tmp_path / "spin", artefacts["card"], allow_spinning=True, **kwargs)
+    assert _parse(spinning / "image_encoder" / "config.pbtxt").parameters["allow_spinning"].string_value == "1"
     plain = write_model_repository(tmp_path / "gpu-plain", artefacts["card"], target="gpu", **kwargs)
     config = _parse(plain / "image_encoder" / "config.pbtxt")
     assert config.instance_group[0].count == 1 and not config.optimization.execution_accelerators.gpu_execution_accelerator

@@ -222,7 +222,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         else:
             hits = client.search_image(args.image, **options)
     if args.json:
-        print(json.dumps([hit.__dict__ for hit in hits], indent=2))
+        # a re-ranked hit without a stored side has a NaN score: null in JSON
+        print(json.dumps([{k: None if isinstance(v, float) and v != v else v for k, v in hit.__dict__.items()}
+                          for hit in hits], indent=2))
     else:
         print(format_hits(hits))
     return 0

@@ -1,8 +1,13 @@
 """Query speed: text -> image latency and QPS, and where the vector store's time goes (issue 7 item 6;
 issue 6 item 8's milvus-lite insert rate and recall@10 come from the same run).
 
-    .venv/bin/python benchmarks/query.py [--sizes 100000,1000000] [--lite25-python /tmp/mlv25/bin/python]
+    .venv/bin/python benchmarks/query.py [--sizes 100000,1000000] [--stores lite25] [--lite25-python PYTHON]
                                          [--rebuild] [--no-triton] [--quick]
+
+The project pins milvus-lite 2.5.1 now (pyproject.toml): the default runs the lite25 store with
+this interpreter's milvus-lite. The lite3 store (3.2.2, searched in-process) needs this script
+run by an interpreter that has milvus-lite 3.2.2 installed, with ``--stores lite3,lite25
+--lite25-python`` naming one that has 2.5.1; its figures below are from such a run.
 
 On one synthetic corpus per size (clustered unit vectors of the served model's dimension: a
 mixture of gaussians around 1,000 random centres, normalised; queries are corpus points plus
@@ -10,9 +15,10 @@ noise, normalised), side by side in one process:
 
 1. numpy exact search (matmul + argpartition), the floor: p50/p99 for one query, QPS with 1 and
    8 client threads, and the ground truth for recall@10.
-2. milvus-lite 3.2.2 (the pinned one; pure Python, in-process gRPC server) and milvus-lite
-   2.5.1 (the C++ engine; its server binary runs under another interpreter, ``--lite25-python``,
-   whose milvus-lite 2.5.1 starts it on a unix socket; this interpreter's pymilvus talks to it).
+2. milvus-lite 3.2.2 (pinned until the switch; pure Python, in-process gRPC server) and milvus-lite
+   2.5.1 (the C++ engine, pinned now; its server binary runs under ``--lite25-python``, by default
+   this interpreter, whose milvus-lite 2.5.1 starts it on a unix socket; this interpreter's
+   pymilvus talks to it).
    Both collections are created with ``xmodal.store`` and the served card, so the real
    ``Client`` can search them. Per store: insert rate, flush and index build time, recall@10 of
    the ANN index against exact search, p50/p99 of one query, QPS with 1 and 8 clients, and the
@@ -565,9 +571,10 @@ def end_to_end(stores: dict, repository: Path, args, budget: float) -> dict:
         embedder = tri.Embedder(server.url, tri.TEXT_MODEL, tri.TEXT_INPUT, timeout=10)
         texts = [t.encode() for t in QUERY_TEXTS]
         embedder.embed_outputs([texts[0]], [tri.OUTPUT])
-        # milvus-lite 2.5.1 keeps no collection properties, so the Client's model check cannot pass
-        # there: against it the same sequence runs by hand (the Client's embedder, then a search
-        # with the Client's settings).
+        # A store where no model record can be read (milvus-lite 2.5.1 before xmodal.store kept
+        # the record in its metadata collection) fails the Client's model check: against it the
+        # same sequence runs by hand (the Client's embedder, then a search with the Client's
+        # settings).
         clients = {kind: Client(server.url, info["uri"], caption_collection=None)
                    for kind, info in stores.items() if info["properties_kept"]}
         from pymilvus import MilvusClient
@@ -682,9 +689,12 @@ def markdown(summary: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
-    parser.add_argument("--stores", default="lite3,lite25")
-    parser.add_argument("--lite25-python", default="/tmp/mlv25/bin/python",
-                        help="an interpreter with milvus-lite 2.5.x installed (the server binary it starts is used)")
+    parser.add_argument("--stores", default="lite25",
+                        help="lite25 (milvus-lite 2.5.1, the pinned store) and/or lite3 (3.2.2: this "
+                             "interpreter must have it installed)")
+    parser.add_argument("--lite25-python", default=sys.executable,
+                        help="an interpreter with milvus-lite 2.5.x installed (the server binary it starts is "
+                             "used); default this one")
     parser.add_argument("--model-repository", default=str(ROOT / "xmodal-data" / "model_repository"))
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--recall-queries", type=int, default=200)

@@ -54,26 +54,24 @@ class Client:
     ``level_weights`` (hierarchical models, whose cards name the levels "concept" and
     "exterior" besides "global"): every search ranks by the model's fused "global" vector
     unless given weights such as ``{"concept": 0.7, "exterior": 0.3}``; then a hit's score
-    is ``Σ w_l · cos(query_l, row_l) / Σ w_l`` over the levels, from Milvus's hybrid search
-    with a weighted ranker (docs/indexing.md, "Level weights", has the exact rule). Unknown
+    is ``Σ w_l · cos(query_l, row_l) / Σ w_l`` over the levels, from one Milvus search per
+    level merged by that rule (docs/indexing.md, "Level weights", has the exact rule). Unknown
     levels, negative or non-numeric weights, and all-zero weights raise ``ValueError``.
 
     ``consistency_level``: "Bounded" by default, chosen deliberately; what a search sees
     right after an insert (measured by benchmarks/query.py, docs/query-benchmark.md):
 
-    - milvus-lite 3.2.2 ignores the level: a row inserted by any client of the database is
-      seen by the very next search, at every level, and every level costs the same. Its
-      search is not cheap, though: it walks every row in Python on each call (≈15 ms at
-      20,000 rows, ≈70 ms at 100,000, growing with the rows), whatever the level or index.
-    - milvus-lite 2.5.1: the next search saw the new row at every level too (one probe per
-      level), at the same cost (≈1.7 ms at 100,000 rows).
+    - milvus-lite 2.5.1 (the pinned store): the next search saw a row inserted just before
+      at every level (one probe per level), and every level cost the same (≈1.7 ms at
+      100,000 rows, ≈8 ms at 1,000,000). (3.2.2, the store before it, ignored the level
+      too, but walked every row in Python on each search: ≈70 ms at 100,000 rows.)
     - a Milvus server: "Strong" makes every search wait for the newest writes (≈200 ms
       measured, DESIGN.md); "Bounded" may miss writes of the last few seconds, which suits
       an index that a separate batch job fills. Pass "Strong" to read your own writes there.
 
     The index type of each collection's vector fields is read once, when the collection is
-    opened; searches do not describe the index again (milvus-lite 3.2.2 counts its rows for
-    each describe_index: ≈70 ms at 100,000 rows).
+    opened; searches do not describe the index again (a round trip per search saved;
+    milvus-lite 3.2.2 counted its rows for each describe_index, ≈70 ms at 100,000 rows).
     """
 
     def __init__(

@@ -6,6 +6,7 @@ pymilvus is synchronous). pymilvus, numpy and xmodal.store only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import numbers
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from pymilvus import AnnSearchRequest, WeightedRanker
 from pymilvus.exceptions import MilvusException
 
 from xmodal import store
@@ -106,13 +106,27 @@ def check_level_weights(level_weights: Any, card: ModelCard) -> dict[str, float]
     return {level: weight / total for level, weight in weights.items() if weight > 0}
 
 
+def fuse_levels(level_hits: list[Any], weights: list[float], k: int) -> list[Hit]:
+    """The top `k` rows of one query by ``Σ weight × similarity`` over the levels' hit lists
+    (a row missing from a level's list adds 0 for it); ties keep the order first seen."""
+    scores: dict[str, float] = {}
+    first: dict[str, Any] = {}
+    for hits, weight in zip(level_hits, weights):
+        for hit in hits:
+            key = str(hit.get("id"))
+            scores[key] = scores.get(key, 0.0) + weight * float(hit.get("distance", 0.0))
+            first.setdefault(key, hit)
+    best = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
+    return [dataclasses.replace(Hit.from_milvus(first[key]), score=scores[key]) for key in best]
+
+
 class Searcher:
     """One Milvus connection and the collections opened on it.
 
     A collection is opened once, on first use: it must exist (ValueError listing the ones
     that do, with `hint` on how to fill it) and hold vectors of `card`'s model (ValueError
-    naming both models). milvus-lite is called under a lock (one call at a time in-process);
-    a Milvus server is called concurrently.
+    naming both models). milvus-lite is called under a lock (one call at a time from this
+    process); a Milvus server is called concurrently.
     """
 
     def __init__(self, uri: str, card: ModelCard, *, token: str | None = None, timeout: float = 10.0,
@@ -187,11 +201,15 @@ class Searcher:
         """Hit lists by the weighted sum of the levels' similarities, one per query.
 
         `weights` as ``check_level_weights`` returns them (positive, summing to 1); `vectors`
-        holds each weighted level's query vectors [N, D_level]. Milvus's hybrid search runs
-        one search per level for its best ``level_candidates(k)`` rows and a WeightedRanker
-        with ``norm_score=False`` sums ``weight × similarity`` over the levels whose list holds
-        the row (a row missing from a level's list scores 0 there). One level is a plain
-        search of its field.
+        holds each weighted level's query vectors [N, D_level]. One search per level for its
+        best ``level_candidates(k)`` rows (the filter given to each), then ``fuse_levels``
+        sums ``weight × similarity`` over the levels whose list holds the row (a row missing
+        from a level's list scores 0 there), as Milvus's WeightedRanker with
+        ``norm_score=False`` would. Not Milvus's hybrid search: milvus-lite 2.5.1 ignores
+        ``norm_score=False`` and maps each level's similarity through ``0.5 + arctan(s)/π``
+        before weighting (measured: cosines 0.8 and 0.0 at weights 0.5/0.5 gave 0.6074, not
+        0.4), which changes the scores and can change the order. One level is a plain search
+        of its field.
         """
         if len(weights) == 1:
             (level,) = weights
@@ -202,27 +220,25 @@ class Searcher:
         self._require_fields(name, list(fields.values()))
         candidates = level_candidates(k)
         params = {level: self.search_params(name, candidates, field) for level, field in fields.items()}
-        # Milvus would map each level's similarity through arctan first (norm_score=True); the
-        # levels' cosines already share one scale, and raw sums keep the score a cosine that
-        # the fused "global" field's score can be compared with.
-        ranker = WeightedRanker(*weights.values(), norm_score=False)
         count = len(vectors[next(iter(weights))])
         results: list[list[Hit]] = []
         for start in range(0, count, SEARCH_CHUNK):
-            requests = [AnnSearchRequest(data=vectors[level][start:start + SEARCH_CHUNK].tolist(),
-                                         anns_field=field, param=params[level], limit=candidates,
-                                         expr=expression or None)
-                        for level, field in fields.items()]
-            found = self._filtered(name, expression, lambda: self.milvus.hybrid_search(
-                name, requests, ranker, limit=k, output_fields=output_fields,
-                consistency_level=self.consistency_level, timeout=self.timeout,
-            ))
-            results.extend([Hit.from_milvus(hit) for hit in hits] for hits in found)
+            per_level = []
+            for level, field in fields.items():
+                chunk = vectors[level][start:start + SEARCH_CHUNK].tolist()
+                per_level.append(self._filtered(name, expression, lambda chunk=chunk, level=level, field=field: (
+                    self.milvus.search(
+                        name, data=chunk, filter=expression, limit=candidates, anns_field=field,
+                        output_fields=output_fields, search_params=params[level],
+                        consistency_level=self.consistency_level, timeout=self.timeout))))
+            level_weights = list(weights.values())
+            results.extend(fuse_levels([found[i] for found in per_level], level_weights, k)
+                           for i in range(len(per_level[0])))
         return results
 
     def search_params(self, name: str, k: int, field: str = store.VECTOR_FIELD) -> dict[str, Any]:
         """The search parameters for `field`'s index, from the index type read when the collection
-        was opened (describing the index on every search cost milvus-lite 3.2.2 a scan of its rows)."""
+        was opened (not described again on every search: a round trip each)."""
         return store.search_params(None, name, self.card.metric, k, field, index=self._index_types.get((name, field), ""))
 
     def _require_fields(self, name: str, fields: list[str]) -> None:

@@ -72,7 +72,8 @@ def describe_progress(progress: dict[str, Any] | None) -> str:
 
 
 def delete_collection(milvus_uri: str, collection: str, *, token: str | None = None) -> list[str]:
-    """Drop the collection and remove its progress, dead-letter and side-store files; what was removed.
+    """Drop the collection (with its model record) and remove its progress, dead-letter and
+    side-store files; what was removed.
 
     Files without a collection are removed too (what a run left before its collection went).
     ValueError when there is nothing at all by that name.
@@ -80,10 +81,10 @@ def delete_collection(milvus_uri: str, collection: str, *, token: str | None = N
     removed = []
     client = store.connect(milvus_uri, token=settings.milvus_token(token))
     try:
-        exists = client.has_collection(collection)
+        exists = client.has_collection(collection) and collection != store.MODELS_COLLECTION
         message = None if exists else store.missing_collection_message(client, collection)
         if exists:
-            client.drop_collection(collection)
+            store.drop_collection(client, collection)  # and its model record (milvus-lite keeps it apart)
             removed.append(f"collection {collection!r}")
     finally:
         client.close()

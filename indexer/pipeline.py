@@ -2,7 +2,8 @@
 
 The manifest is scanned once by the driver (item count, hash, where each shard starts) and
 read by Ray tasks, one per shard still to do (``sources.dataset``): memory does not grow
-with the corpus. With milvus-lite (an in-process database one process locks) the driver is
+with the corpus. With milvus-lite (a database one process locks: its server is a child of
+the process that opened it) the driver is
 the only writer; with a Milvus server a pool of writer actors upserts (``write.py``).
 ``upsert`` on content-hash keys makes re-runs idempotent. The progress file records the
 finished shards, so a killed run started again skips them (docs/indexing.md).
@@ -136,8 +137,10 @@ class _Writer:
     whose items have all come back are recorded in the progress file.
 
     A row waits in `pending` until the next upsert, so a shard is recorded only once its
-    rows are acknowledged. milvus-lite lives in this process and dies with it, so there the
-    upserts are also flushed before a shard is recorded. With a Milvus server the rows are
+    rows are acknowledged. milvus-lite's server is a child of this process and stops with
+    it, so there the upserts are also flushed before a shard is recorded; an upsert sends at
+    most 5,000 rows per call there, fewer for rows of more than 256 vector floats
+    (``store.upsert_rows``), whatever `batch_rows` is. With a Milvus server the rows are
     upserted by the writer actors before their items come back (`rows` None here): this
     keeps the books only, and records a shard as soon as all its items are back (a server
     has acknowledged rows in its log; a flush per shard would only make small segments).
@@ -180,7 +183,8 @@ class _Writer:
     def write(self) -> None:
         started = time.perf_counter()
         if self.pending:
-            self.client.upsert(self.collection, list(self.pending.values()))
+            # in calls of at most 5,000 rows (fewer for wide rows), whatever batch_rows is
+            store.upsert_rows(self.client, self.collection, list(self.pending.values()))
             self.rows_sent += len(self.pending)
             self.pending = {}
         if self.done:

@@ -151,8 +151,8 @@ def test_format_hits(client, stack):
 
 
 def test_searches_do_not_describe_the_index_each_time(client, stack, monkeypatch):
-    """The index type is read once when a collection is opened: milvus-lite 3.2.2 scans its rows
-    for every describe_index (benchmarks/query.py)."""
+    """The index type is read once when a collection is opened (milvus-lite 3.2.2 scanned its
+    rows for every describe_index, benchmarks/query.py; a server call is a round trip)."""
     expected = client.search_text("a red face", k=3)
     milvus = client.searcher.milvus
 
@@ -161,7 +161,7 @@ def test_searches_do_not_describe_the_index_each_time(client, stack, monkeypatch
     monkeypatch.setattr(milvus, "describe_index", refuse)
     assert client.search_text("a red face", k=3) == expected
     assert client.searcher.search_params(client.collection, 3) == store.search_params(
-        None, client.collection, client.card.metric, 3, index=store.DEFAULT_INDEX_TYPE)
+        None, client.collection, client.card.metric, 3, index=store.LITE_INDEX_TYPE)
 
 
 def test_import_loads_neither_torch_nor_ray():

@@ -305,7 +305,8 @@ def test_report_stats_and_delete(stack, ray_local, tmp_path, db, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert stats["rows"] == len(images) and stats["dead_letters"] == 1
     assert stats["model"]["fingerprint"] == stack["card"].fingerprint and stats["model"]["name"] == "tiny"
-    assert stats["index"]["type"] == "HNSW"
+    assert stats["index"]["type"] == store.LITE_INDEX_TYPE == "IVF_FLAT"
+    assert stats["index"]["params"]["nlist"] == str(store.LITE_INDEX_PARAMS["nlist"])
     assert stats["progress"]["complete"] and stats["progress"]["finished"] == [0, 1]
     assert cli.main(["index", "stats", *uri]) == 0
     text = capsys.readouterr().out
@@ -319,6 +320,12 @@ def test_report_stats_and_delete(stack, ray_local, tmp_path, db, capsys):
     assert not deadletter_path(str(db), "xmodal_images").exists()
     assert cli.main(["index", "stats", *uri]) == 1
     assert "does not exist" in capsys.readouterr().err
+    client = store.connect(db)  # the model record went with the collection
+    try:
+        assert client.get(store.MODELS_COLLECTION, ids=["xmodal_images"]) == []
+        assert store.list_collections(client) == []
+    finally:
+        client.close()
 
 
 # ---- the streaming reader (no Triton, no Milvus) ----------------------------------------

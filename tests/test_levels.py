@@ -91,7 +91,7 @@ def test_one_vector_field_per_level_with_the_cards_dims(stack):
                 FIELDS[level]: card.embeddings[level]["dim"] for level in LEVELS}
             for field in FIELDS.values():
                 index = milvus.describe_index(collection, field)
-                assert (index["metric_type"], index["index_type"]) == ("IP", store.DEFAULT_INDEX_TYPE)
+                assert (index["metric_type"], index["index_type"]) == ("IP", store.LITE_INDEX_TYPE)
     finally:
         milvus.close()
 
@@ -319,3 +319,18 @@ def test_the_local_embedder_refuses_bad_items_one_by_one(stack):
     for level in LEVELS:
         column = "vector" if level == "global" else f"vector_{level}"
         assert np.abs(out[column][3] - served[level][0]).max() <= 1e-5, level
+
+
+def test_fuse_levels_counts_a_row_missing_from_a_levels_list_as_0():
+    """The merge of the levels' hit lists (milvus-lite 2.5.1's hybrid search would squash the
+    similarities through arctan even with norm_score=False, so the client merges them)."""
+    from xmodal.client.searcher import fuse_levels
+
+    concept = [{"id": "a", "distance": 0.9, "entity": {"image": "/a.png"}},
+               {"id": "b", "distance": 0.5, "entity": {"image": "/b.png"}}]
+    exterior = [{"id": "b", "distance": 0.8, "entity": {"image": "/b.png"}},
+                {"id": "c", "distance": 0.7, "entity": {"image": "/c.png"}}]
+    hits = fuse_levels([concept, exterior], [0.5, 0.5], 2)
+    assert [(h.id, h.image) for h in hits] == [("b", "/b.png"), ("a", "/a.png")]
+    assert [h.score for h in hits] == pytest.approx([0.65, 0.45])
+    assert [h.id for h in fuse_levels([concept, exterior], [0.5, 0.5], 10)] == ["b", "a", "c"]

@@ -226,11 +226,15 @@ def test_client_search_text_reranks_and_async_agrees(served) -> None:
 def test_rerank_without_a_side_store_says_how_to_fill_it(served, tmp_path) -> None:
     import shutil
 
+    from xmodal.store import release_local
+
     db = tmp_path / "copy.db"  # the same collection, without its side store beside it
-    shutil.copytree(served["milvus_uri"], db)
+    release_local(served["milvus_uri"])  # milvus-lite 2.5.1 keeps one file: copy it closed
+    shutil.copy2(served["milvus_uri"], db)
     with Client(served["server"].url, str(db), caption_collection=None) as client:
         with pytest.raises(SideStoreError, match="xmodal index sides"):
             client.search_text(QUERY, k=5, rerank=True)
+    release_local(db)
 
 
 def test_the_cli_fills_the_sides_and_reranks(served) -> None:

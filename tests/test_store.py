@@ -42,6 +42,9 @@ def test_connect_creates_parent_directories(tmp_path, client):
 def test_connect_rejects_a_path_without_db_suffix(tmp_path):
     with pytest.raises(ValueError, match=r"must end in \.db"):
         store.connect(tmp_path / "milvus")
+    (tmp_path / "old.db").mkdir()  # what milvus-lite 3.x left
+    with pytest.raises(ValueError, match=r"is a directory, a milvus-lite 3.x database"):
+        store.connect(tmp_path / "old.db")
 
 
 def test_uri_kinds():
@@ -57,7 +60,8 @@ def test_image_collection_schema_and_model(client):
     assert fields["id"]["is_primary"] and fields["id"]["params"]["max_length"] == 64
     assert fields["global"]["params"]["dim"] == DIM
     index = client.describe_index("images", "global")
-    assert index["metric_type"] == "IP" and index["index_type"] == store.DEFAULT_INDEX_TYPE
+    assert index["metric_type"] == "IP" and index["index_type"] == store.LITE_INDEX_TYPE
+    assert index["nlist"] == str(store.LITE_INDEX_PARAMS["nlist"])
     assert store.collection_model(client, "images") == {
         "name": "tiny", "version": "3", "fingerprint": "f00dfeedf00dfeed", "dim": str(DIM), "metric": "IP"}
     # same model again: nothing to create, the check passes
@@ -76,7 +80,7 @@ def test_one_vector_field_per_level(client, kind):
         "global": 2 * DIM, "concept_vector": DIM, "exterior_vector": DIM + 4}
     for field in ("global", "concept_vector", "exterior_vector"):
         index = client.describe_index("levels", field)
-        assert (index["metric_type"], index["index_type"]) == ("IP", store.DEFAULT_INDEX_TYPE)
+        assert (index["metric_type"], index["index_type"]) == ("IP", store.LITE_INDEX_TYPE)
     scalar = {"image": {"image", "captions", "concept", "style"}, "caption": {"caption", "concept", "style", "image"}}
     fields = {f["name"] for f in client.describe_collection("levels")["fields"]}
     assert fields == {"id", "global", "concept_vector", "exterior_vector"} | scalar[kind]
@@ -139,9 +143,65 @@ def test_search_params_follow_the_index_type(client):
     assert store.search_params(None, "c", "IP", 5, index="IVF_FLAT")["params"] == {"nprobe": store.DEFAULT_NPROBE}
     assert store.search_params(None, "c", "COSINE", 5, index="")["params"] == {}
     store.ensure_collection(client, "images", card())
-    assert store.index_type(client, "images") == store.DEFAULT_INDEX_TYPE
+    assert store.index_type(client, "images") == store.LITE_INDEX_TYPE
     assert store.index_type(client, "no_such_collection") == ""
-    assert store.search_params(client, "images", "IP", 5) == store.search_params(None, "images", "IP", 5, index="HNSW")
+    assert store.search_params(client, "images", "IP", 5) == store.search_params(None, "images", "IP", 5,
+                                                                                 index="IVF_FLAT")
+
+
+def test_default_index_is_ivf_flat_on_milvus_lite_and_hnsw_is_refused_clearly(client):
+    assert store.is_lite_client(client)
+    assert store.default_index(client) == ("IVF_FLAT", store.LITE_INDEX_PARAMS)
+    with pytest.raises(ValueError, match=r"milvus-lite builds only FLAT, IVF_FLAT, AUTOINDEX indexes, not 'HNSW'"):
+        store.ensure_collection(client, "images", card(), index_type="HNSW")
+    assert not client.has_collection("images")
+    store.ensure_collection(client, "flat", card(), index_type="FLAT")
+    assert store.index_type(client, "flat") == "FLAT"
+
+
+def test_search_through_the_default_index_is_exact_on_a_small_collection(client):
+    """Tests check recall on tiny corpora through Milvus: IVF_FLAT (nlist 1024, nprobe 16) must
+    find the exact top 10 at the sizes they use."""
+    rng = np.random.default_rng(0)
+    dim = 32
+    big = dataclasses.replace(card(), embeddings={"global": {"dim": dim}})
+    for n in (200, 2000):
+        name = f"recall_{n}"
+        store.ensure_collection(client, name, big)
+        centres = rng.normal(size=(n // 20, dim))
+        x = centres[rng.integers(0, len(centres), n)] + 0.3 * rng.normal(size=(n, dim))
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        store.upsert_rows(client, name, [{"id": f"{i:032x}", "global": v.tolist(), "image": "", "captions": [],
+                                          "concept": "", "style": ""} for i, v in enumerate(x)])
+        client.flush(name)
+        queries = x[rng.choice(n, 20, replace=False)] + 0.05 * rng.normal(size=(20, dim)).astype(np.float32)
+        truth = np.argsort(-(queries @ x.T), axis=1)[:, :10]
+        found = client.search(name, data=queries.tolist(), limit=10, anns_field="global",
+                              search_params=store.search_params(client, name, "IP", 10))
+        recall = np.mean([len({int(h["id"], 16) for h in hits} & set(t.tolist())) / 10
+                          for hits, t in zip(found, truth)])
+        assert recall >= 0.99, (n, recall)
+
+
+def test_upserts_into_milvus_lite_are_cut_into_calls_it_takes_fast(client, monkeypatch):
+    store.ensure_collection(client, "images", card())
+    sizes = []
+    real_upsert = client.upsert
+
+    def counting(name, rows, **kwargs):
+        sizes.append(len(rows))
+        return real_upsert(name, rows, **kwargs)
+    monkeypatch.setattr(client, "upsert", counting)
+    vector = [1.0] + [0.0] * (DIM - 1)
+    store.upsert_rows(client, "images", [{"id": f"{i:032x}", "global": vector, "image": "", "captions": [],
+                                          "concept": "", "style": ""} for i in range(12_000)])
+    assert sizes == [5000, 5000, 2000]
+    assert client.query("images", filter="", output_fields=["count(*)"])[0]["count(*)"] == 12_000
+    # wider rows: at most 5,000 x 256 vector floats a call (three 256-d levels: 1,666 rows)
+    assert store.lite_rows_per_call({"id": "x", "global": [0.5] * 256, "captions": ["a", "b"]}) == 5000
+    assert store.lite_rows_per_call({"id": "x", "global": [0.5] * 256, "concept_vector": [0.5] * 256,
+                                     "exterior_vector": [0.5] * 256}) == 1666
+    assert store.lite_rows_per_call({"id": "x", "global": [0.5] * 8}) == 5000
 
 
 def test_caption_collection(client):
@@ -173,3 +233,105 @@ def test_model_persists_across_processes(tmp_path):
     finally:
         client.close()
         store.release_local(db)
+
+
+def test_the_model_record_survives_a_reopen_on_milvus_lite(tmp_path):
+    """milvus-lite 2.5.1 keeps no collection properties: the record lives in the metadata
+    collection, and after the server is stopped and started again it still refuses another
+    model's card."""
+    db = tmp_path / "reopen.db"
+    client = store.connect(db)
+    try:
+        store.ensure_collection(client, "images", card("aaaa000000000000", "first"))
+        assert client.describe_collection("images").get("properties") in ({}, None)  # why the record is needed
+        assert store.list_collections(client) == ["images"]  # the metadata collection is not listed
+    finally:
+        client.close()
+        store.release_local(db)
+    client = store.connect(db)
+    try:
+        assert store.collection_model(client, "images") == {
+            "name": "first", "version": "3", "fingerprint": "aaaa000000000000", "dim": str(DIM), "metric": "IP"}
+        with pytest.raises(ValueError) as raised:
+            store.check_collection_model(client, "images", card("bbbb111111111111", "second"))
+        assert "'first'" in str(raised.value) and "bbbb111111111111" in str(raised.value)
+        with pytest.raises(ValueError, match="'second'"):
+            store.ensure_collection(client, "images", card("bbbb111111111111", "second"))
+        assert store.ensure_collection(client, "images", card("aaaa000000000000", "first")) is False
+    finally:
+        client.close()
+        store.release_local(db)
+
+
+def test_delete_drops_the_record(tmp_path):
+    from xmodal.indexer.manage import delete_collection
+
+    db = tmp_path / "delete.db"
+    client = store.connect(db)
+    try:
+        store.ensure_collection(client, "images", card("aaaa000000000000", "first"))
+        store.ensure_collection(client, "captions", card("aaaa000000000000", "first"), kind="caption")
+        assert delete_collection(str(db), "images") == ["collection 'images'"]
+        assert not client.has_collection("images")
+        assert client.get(store.MODELS_COLLECTION, ids=["images"]) == []
+        assert store.collection_model(client, "captions")["fingerprint"] == "aaaa000000000000"  # the other stays
+        # the name is free for another model, whose record is the one read back
+        assert store.ensure_collection(client, "images", card("bbbb111111111111", "second")) is True
+        assert store.collection_model(client, "images")["name"] == "second"
+        assert store.drop_collection(client, "images") is True and store.drop_collection(client, "images") is False
+        assert client.get(store.MODELS_COLLECTION, ids=["images"]) == []
+        with pytest.raises(ValueError, match=r"nothing to delete: collection 'images' does not exist "
+                                             r"\(existing collections: 'captions'\)"):
+            delete_collection(str(db), "images")
+    finally:
+        client.close()
+        store.release_local(db)
+
+
+def test_a_record_outliving_its_collection_is_not_believed(client):
+    """A collection dropped outside xmodal and made again by something else under the same
+    name: the record names other vector fields, so the collection has no recorded model."""
+    from pymilvus import DataType
+
+    store.ensure_collection(client, "images", card("aaaa000000000000", "first"))
+    client.drop_collection("images")
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, max_length=64, is_primary=True)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=DIM)
+    index = client.prepare_index_params()
+    index.add_index("embedding", index_type="FLAT", metric_type="IP")
+    client.create_collection("images", schema=schema, index_params=index)
+    assert store.collection_model(client, "images") == {}
+    with pytest.raises(ValueError, match="'<unknown>'"):
+        store.check_collection_model(client, "images", card("aaaa000000000000", "first"))
+
+
+def test_the_metadata_collection_name_is_reserved(client):
+    with pytest.raises(ValueError, match="'xmodal_models' is the collection where xmodal records"):
+        store.ensure_collection(client, store.MODELS_COLLECTION, card())
+    store.ensure_collection(client, "images", card())
+    with pytest.raises(ValueError, match="does not exist"):
+        store.collection_model(client, store.MODELS_COLLECTION)
+
+
+def test_one_process_at_a_time_until_released(tmp_path):
+    """milvus-lite 2.5.1's server holds the database until this process exits or releases it."""
+    db = tmp_path / "locked.db"
+    probe = textwrap.dedent(f"""
+        from xmodal import store
+        try:
+            store.connect({str(db)!r}).close()
+        except ConnectionError as exc:
+            print(exc)
+            raise SystemExit(3)
+    """)
+    client = store.connect(db)
+    client.close()
+    held = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert held.returncode == 3, held.stdout + held.stderr
+    assert "milvus-lite allows one process at a time" in held.stdout
+    store.release_local(db)
+    released = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert released.returncode == 0, released.stdout + released.stderr
+    store.release_local(db)  # not opened here any more: nothing to do, no error
+    store.release_local("http://127.0.0.1:19530")

@@ -57,7 +57,7 @@ def drop_demo_collection(milvus_uri: str) -> None:
     try:
         if milvus.has_collection(settings.IMAGE_COLLECTION):
             print(f"dropping the last demo's collection {settings.IMAGE_COLLECTION!r}")
-            milvus.drop_collection(settings.IMAGE_COLLECTION)
+            store.drop_collection(milvus, settings.IMAGE_COLLECTION)
     finally:
         milvus.close()
 

@@ -1,18 +1,29 @@
 """Milvus access shared by the indexer and the client: connect, create, check the model.
 
 pymilvus only (the client imports this module; no torch, no ray). A URI is either a local
-path ending in ``.db`` (milvus-lite, which keeps the database as a directory at that path)
-or ``http(s)://host:port`` (a Milvus server, optionally with a token).
+path ending in ``.db`` (milvus-lite 2.5.1: its C++ server runs as a child process on a unix
+socket and keeps the database in that file) or ``http(s)://host:port`` (a Milvus server,
+optionally with a token).
 
-The model that filled a collection travels with it as collection *properties*
-(``xmodal.model``, ``xmodal.fingerprint``, ...). milvus-lite 3.2.2 persists properties given
-to ``create_collection(properties=...)`` or ``alter_collection_properties`` and returns them
-from ``describe_collection``; it does not keep the schema's or the collection's
-``description``, so that is no fallback there.
+The model that filled a collection travels with it in two places, read in this order:
+
+1. collection *properties* (``xmodal.model``, ``xmodal.fingerprint``, ...), given to
+   ``create_collection(properties=...)``: a Milvus server keeps them;
+2. a row in the metadata collection ``xmodal_models`` of the same database (primary key:
+   the collection's name; the record as JSON), written only when the properties did not
+   stick: milvus-lite 2.5.1 keeps no properties and no description (``describe_collection``
+   returns ``properties {}``, ``alter_collection_properties`` is UNIMPLEMENTED).
+
+``drop_collection`` drops a collection and its record; ``ensure_collection`` overwrites the
+record of a collection it creates. The metadata collection is hidden from the collection
+lists xmodal prints, and no data collection may take its name.
 """
 from __future__ import annotations
 
 import json
+import re
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -45,15 +56,45 @@ CAPTION_OUTPUT_FIELDS = ["caption", "concept", "style", "image"]
 IMAGE_SCALAR_FIELDS = ("id", *IMAGE_OUTPUT_FIELDS)
 CAPTION_SCALAR_FIELDS = ("id", *CAPTION_OUTPUT_FIELDS)
 
-# HNSW with the parameters DESIGN.md measured. milvus-lite 3.2.2 builds it with faiss when
-# faiss-cpu is importable (else it falls back to brute force; search still works); on a
-# Milvus server it is the usual choice. `ef` at search time is max(DEFAULT_EF, k).
+# The index each vector field gets when the caller names none (``default_index``):
+# - a Milvus server: HNSW with the parameters DESIGN.md measured; `ef` at search time is
+#   max(DEFAULT_EF, k);
+# - milvus-lite 2.5.1 builds only FLAT, IVF_FLAT and AUTOINDEX ("local mode only support FLAT
+#   IVF_FLAT AUTOINDEX"): IVF_FLAT with nlist 1024, the configuration benchmarks/query.py
+#   measured at 1,000,000 rows (p50 8.1 ms, p99 24.8 ms, recall@10 0.998 at nprobe 4-64,
+#   docs/query-benchmark.md). Small collections are searched exactly: at 200-30,000 rows
+#   (flushed every 5,000) recall@10 was 1.0 even at nprobe 1 (milvus-lite had indexed no rows).
 DEFAULT_INDEX_TYPE = "HNSW"
 DEFAULT_INDEX_PARAMS = {"M": 16, "efConstruction": 200}
 DEFAULT_EF = 64
-# IVF indexes (IVF_FLAT is what milvus-lite 2.5 and a Milvus server offer besides HNSW): the lists
-# probed per search; benchmarks/query.py measures recall@10 and latency against it.
+LITE_INDEX_TYPE = "IVF_FLAT"
+LITE_INDEX_PARAMS = {"nlist": 1024}
+LITE_INDEX_TYPES = ("FLAT", "IVF_FLAT", "AUTOINDEX")
+# The parameters an index type gets when the caller names the type but no parameters.
+INDEX_PARAMS = {DEFAULT_INDEX_TYPE: DEFAULT_INDEX_PARAMS, LITE_INDEX_TYPE: LITE_INDEX_PARAMS}
+# IVF indexes: the lists probed per search; benchmarks/query.py measures recall@10 and
+# latency against it.
 DEFAULT_NPROBE = 16
+# Rows per insert/upsert call into milvus-lite 2.5.1 (``upsert_rows``). Through pymilvus 3.0.2
+# a call slows down pathologically past a few MB of vectors: 5,000 rows of 256 floats ≈1 s,
+# 10,000 took 110 s (benchmarks/query.py); 7,000 x 256 took 1.8 s, but 2,500 x 768 10 s and
+# 5,000 x 768 (three 256-d levels) over 40 s, while 1,700 x 768 took 0.4 s. So a call holds
+# at most 5,000 rows and at most 5,000 x 256 vector floats.
+LITE_MAX_ROWS_PER_CALL = 5000
+LITE_MAX_FLOATS_PER_CALL = 5000 * 256
+
+# The metadata collection that records each collection's model where properties are not kept.
+MODELS_COLLECTION = "xmodal_models"
+_MODELS_NAME_FIELD = "collection"
+_MODELS_RECORD_FIELD = "record"
+_MODELS_VECTOR_FIELD = "unused_vector"  # every Milvus collection needs a vector field
+_MODELS_RECORD_MAX_LENGTH = 8192
+_MODELS_NAME_MAX_LENGTH = 256  # Milvus collection names are at most 255 characters
+
+# Clients that `connect` opened on a milvus-lite database (see `is_lite_client`).
+_lite_clients: weakref.WeakSet = weakref.WeakSet()
+# The unix socket milvus-lite's server manager starts: "unix:/tmp/tmpXXXX_<name>.db.sock".
+_LITE_ADDRESS = re.compile(r"^unix:.*\.db\.sock$")
 
 
 def is_local_uri(uri: str | Path) -> bool:
@@ -63,23 +104,32 @@ def is_local_uri(uri: str | Path) -> bool:
 def connect(uri: str | Path, *, token: str | None = None, timeout: float | None = None) -> MilvusClient:
     """A `MilvusClient` for a milvus-lite path (parent directories are created) or a server URL.
 
-    milvus-lite 3.2.2 runs in-process and locks the database for the life of the process:
-    a second process cannot open the same path until the first exits.
+    milvus-lite 2.5.1 runs its server as a child process that holds a lock on the database:
+    a second process cannot open the same path until this one exits or calls
+    ``release_local`` (closing the clients is not enough).
     """
     uri = str(uri)
     if is_local_uri(uri):
         path = Path(uri).expanduser()
         if path.suffix != ".db":
             raise ValueError(f"a milvus-lite database path must end in .db, got {uri!r}")
+        if path.is_dir():  # milvus-lite 3.x kept a database as a directory; 2.5.1 keeps one file
+            raise ValueError(f"{path} is a directory, a milvus-lite 3.x database, which milvus-lite 2.5.1 "
+                             "cannot open: index into another path (or delete it and index again)")
         path.parent.mkdir(parents=True, exist_ok=True)
+        _import_milvus_lite()
         try:
-            return MilvusClient(uri=str(path.resolve()), timeout=timeout)
+            client = MilvusClient(uri=str(path.resolve()), timeout=timeout)
         except MilvusException as exc:
             raise ConnectionError(
                 f"cannot open the milvus-lite database {path}: {exc.message}. milvus-lite allows one "
                 "process at a time: stop the other process using it (an `xmodal index` run, a web "
                 "server, a notebook) or use a Milvus server URI"
             ) from exc
+        except RuntimeError as exc:  # milvus-lite refuses some file names (characters, length)
+            raise ValueError(f"cannot open the milvus-lite database {path}: {exc}") from exc
+        _lite_clients.add(client)
+        return client
     kwargs: dict[str, Any] = {"uri": uri, "timeout": timeout}
     if token:
         kwargs["token"] = token
@@ -87,6 +137,50 @@ def connect(uri: str | Path, *, token: str | None = None, timeout: float | None 
         return MilvusClient(**kwargs)
     except Exception as exc:  # pymilvus raises MilvusException subclasses for refused connections
         raise ConnectionError(f"cannot reach Milvus at {uri}: {exc}") from exc
+
+
+def _import_milvus_lite() -> None:
+    """Import milvus-lite once, without its warning: 2.5.1 imports ``pkg_resources`` (hence the
+    ``setuptools<81`` pin), which warns that it is deprecated on every command."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        import milvus_lite  # noqa: F401
+
+
+def is_lite_client(client: MilvusClient) -> bool:
+    """Whether `client` talks to milvus-lite: opened by `connect` on a .db path, or (a client
+    made elsewhere) connected to the unix socket milvus-lite's server manager starts."""
+    if client in _lite_clients:
+        return True
+    address = getattr(getattr(client, "_config", None), "address", "")
+    return isinstance(address, str) and bool(_LITE_ADDRESS.match(address))
+
+
+def default_index(client: MilvusClient) -> tuple[str, dict[str, Any]]:
+    """(index type, parameters) for vector fields when none is named: IVF_FLAT on milvus-lite,
+    HNSW on a Milvus server."""
+    if is_lite_client(client):
+        return LITE_INDEX_TYPE, dict(LITE_INDEX_PARAMS)
+    return DEFAULT_INDEX_TYPE, dict(DEFAULT_INDEX_PARAMS)
+
+
+def lite_rows_per_call(row: dict[str, Any]) -> int:
+    """Rows of `row`'s shape that one upsert into milvus-lite may carry: at most
+    LITE_MAX_ROWS_PER_CALL, and at most LITE_MAX_FLOATS_PER_CALL floats of vectors."""
+    floats = sum(len(value) for value in row.values()
+                 if isinstance(value, (list, tuple)) and value and isinstance(value[0], float))
+    return max(1, min(LITE_MAX_ROWS_PER_CALL, LITE_MAX_FLOATS_PER_CALL // max(1, floats)))
+
+
+def upsert_rows(client: MilvusClient, name: str, rows: list[dict[str, Any]], *, timeout: float | None = None) -> None:
+    """Upsert `rows`: on milvus-lite in calls of at most ``lite_rows_per_call`` rows (larger
+    calls slow down pathologically there), on a Milvus server in one call."""
+    if not rows:
+        return
+    step = lite_rows_per_call(rows[0]) if is_lite_client(client) else len(rows)
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    for start in range(0, len(rows), step):
+        client.upsert(name, rows[start:start + step], **kwargs)
 
 
 def vector_field(level: str) -> str:
@@ -132,21 +226,44 @@ def _add_vector_fields(schema, card: ModelCard, scalar_fields: tuple[str, ...]) 
         schema.add_field(field, DataType.FLOAT_VECTOR, dim=dim)
 
 
+def _index_choice(client: MilvusClient, index_type: str | None,
+                  index_params: dict | None) -> tuple[str, dict[str, Any]]:
+    if index_type is None:
+        kind, params = default_index(client)
+        return kind, dict(index_params) if index_params is not None else params
+    kind = index_type.upper()
+    if is_lite_client(client) and kind not in LITE_INDEX_TYPES:
+        raise ValueError(f"milvus-lite builds only {', '.join(LITE_INDEX_TYPES)} indexes, not {index_type!r}; "
+                         f"use one of those or a Milvus server URI")
+    params = index_params if index_params is not None else INDEX_PARAMS.get(kind, {})
+    return kind, dict(params)
+
+
 def _create(client: MilvusClient, name: str, card: ModelCard, schema, description: str,
-            index_type: str, index_params: dict | None) -> None:
+            index_type: str | None, index_params: dict | None) -> None:
+    if name == MODELS_COLLECTION:
+        raise ValueError(f"{MODELS_COLLECTION!r} is the collection where xmodal records each collection's "
+                         "model: choose another collection name")
+    kind, params = _index_choice(client, index_type, index_params)
     index = client.prepare_index_params()
-    params = DEFAULT_INDEX_PARAMS if index_params is None and index_type == DEFAULT_INDEX_TYPE else index_params
     for field in vector_fields(card):
-        index.add_index(field, index_type=index_type, metric_type=card.metric, params=dict(params or {}))
+        index.add_index(field, index_type=kind, metric_type=card.metric, params=dict(params))
+    properties = card_properties(card)
     client.create_collection(
-        name, schema=schema, index_params=index, description=description,
-        properties=card_properties(card),
+        name, schema=schema, index_params=index, description=description, properties=properties,
     )
+    kept = client.describe_collection(name).get("properties") or {}
+    if kept.get(FINGERPRINT_KEY) == card.fingerprint:
+        _forget_model(client, name)  # a record left from a collection of that name dropped elsewhere
+    else:  # milvus-lite: no properties; the record goes to the metadata collection
+        _record_model(client, name, card)
 
 
 def create_image_collection(client: MilvusClient, name: str, card: ModelCard, *,
-                            index_type: str = DEFAULT_INDEX_TYPE, index_params: dict | None = None) -> None:
-    """Create the image collection (schema in docs/architecture.md) with the card's model recorded."""
+                            index_type: str | None = None, index_params: dict | None = None) -> None:
+    """Create the image collection (schema in docs/architecture.md) with the card's model recorded.
+
+    `index_type` None: ``default_index`` (IVF_FLAT on milvus-lite, HNSW on a server)."""
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     _varchar(schema, "id", ID_MAX_LENGTH, is_primary=True)  # sha256 of the image bytes, 32 hex digits
     _add_vector_fields(schema, card, IMAGE_SCALAR_FIELDS)
@@ -158,7 +275,7 @@ def create_image_collection(client: MilvusClient, name: str, card: ModelCard, *,
 
 
 def create_caption_collection(client: MilvusClient, name: str, card: ModelCard, *,
-                              index_type: str = DEFAULT_INDEX_TYPE, index_params: dict | None = None) -> None:
+                              index_type: str | None = None, index_params: dict | None = None) -> None:
     """Create the caption collection: one row per distinct caption text of an image."""
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     _varchar(schema, "id", ID_MAX_LENGTH, is_primary=True)  # sha256 of the caption text, 32 hex digits
@@ -170,17 +287,93 @@ def create_caption_collection(client: MilvusClient, name: str, card: ModelCard, 
     _create(client, name, card, schema, "xmodal captions", index_type, index_params)
 
 
+_RECORD_KEYS = {MODEL_KEY: "name", VERSION_KEY: "version", FINGERPRINT_KEY: "fingerprint",
+                DIM_KEY: "dim", METRIC_KEY: "metric"}
+
+
 def collection_model(client: MilvusClient, name: str) -> dict[str, str]:
     """The model recorded with a collection: {"name", "version", "fingerprint", "dim", "metric"}.
 
-    Values missing from the collection (not made by xmodal) are absent from the dict.
+    From the collection's properties (a Milvus server), else from its row in the metadata
+    collection (milvus-lite). Values missing from both (a collection not made by xmodal)
+    are absent from the dict.
     """
-    if not client.has_collection(name):
+    if name == MODELS_COLLECTION or not client.has_collection(name):
         raise ValueError(missing_collection_message(client, name))
-    properties = client.describe_collection(name).get("properties") or {}
-    keys = {MODEL_KEY: "name", VERSION_KEY: "version", FINGERPRINT_KEY: "fingerprint",
-            DIM_KEY: "dim", METRIC_KEY: "metric"}
-    return {short: properties[key] for key, short in keys.items() if key in properties}
+    described = client.describe_collection(name)
+    properties = described.get("properties") or {}
+    if FINGERPRINT_KEY not in properties:
+        properties = _recorded_model(client, name, described) or properties
+    return {short: str(properties[key]) for key, short in _RECORD_KEYS.items() if key in properties}
+
+
+def _described_vector_fields(described: dict[str, Any]) -> dict[str, int]:
+    return {f["name"]: int(f["params"]["dim"]) for f in described["fields"] if f["type"] == DataType.FLOAT_VECTOR}
+
+
+def _ensure_models_collection(client: MilvusClient) -> None:
+    if not client.has_collection(MODELS_COLLECTION):
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False,
+                                      description="xmodal: the model of each collection")
+        _varchar(schema, _MODELS_NAME_FIELD, _MODELS_NAME_MAX_LENGTH, is_primary=True)
+        _varchar(schema, _MODELS_RECORD_FIELD, _MODELS_RECORD_MAX_LENGTH)
+        schema.add_field(_MODELS_VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=2)
+        index = client.prepare_index_params()
+        index.add_index(_MODELS_VECTOR_FIELD, index_type="FLAT", metric_type="L2")
+        client.create_collection(MODELS_COLLECTION, schema=schema, index_params=index)
+    ensure_loaded(client, MODELS_COLLECTION)
+
+
+def _record_model(client: MilvusClient, name: str, card: ModelCard) -> None:
+    """Write `name`'s model record (the card's properties and the vector fields it was made
+    with) into the metadata collection, replacing any earlier one; flushed at once."""
+    _ensure_models_collection(client)
+    record = {**card_properties(card), "vector_fields": vector_fields(card)}
+    client.upsert(MODELS_COLLECTION, [{_MODELS_NAME_FIELD: name, _MODELS_RECORD_FIELD: json.dumps(record),
+                                       _MODELS_VECTOR_FIELD: [0.0, 0.0]}])
+    client.flush(MODELS_COLLECTION)
+
+
+def _recorded_model(client: MilvusClient, name: str, described: dict[str, Any]) -> dict[str, str] | None:
+    """`name`'s record in the metadata collection, as properties; None when there is none or it
+    names other vector fields than the collection has (a record outliving its collection)."""
+    if not client.has_collection(MODELS_COLLECTION):
+        return None
+    ensure_loaded(client, MODELS_COLLECTION)
+    rows = client.get(MODELS_COLLECTION, ids=[name], output_fields=[_MODELS_RECORD_FIELD])
+    if not rows:
+        return None
+    try:
+        record = json.loads(rows[0][_MODELS_RECORD_FIELD])
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("vector_fields") != _described_vector_fields(described):
+        return None
+    return {key: str(value) for key, value in record.items() if key in _RECORD_KEYS}
+
+
+def _forget_model(client: MilvusClient, name: str) -> None:
+    if client.has_collection(MODELS_COLLECTION):
+        ensure_loaded(client, MODELS_COLLECTION)
+        client.delete(MODELS_COLLECTION, ids=[name])
+        client.flush(MODELS_COLLECTION)
+
+
+def drop_collection(client: MilvusClient, name: str) -> bool:
+    """Drop collection `name` and its model record; False when there was no such collection
+    (a record left without one is removed all the same)."""
+    if name == MODELS_COLLECTION:
+        raise ValueError(f"{MODELS_COLLECTION!r} holds xmodal's model records; drop the data collections instead")
+    exists = client.has_collection(name)
+    if exists:
+        client.drop_collection(name)
+    _forget_model(client, name)
+    return exists
+
+
+def list_collections(client: MilvusClient) -> list[str]:
+    """The data collections, sorted (the metadata collection left out)."""
+    return sorted(c for c in client.list_collections() if c != MODELS_COLLECTION)
 
 
 def describe_model(model: dict[str, str] | ModelCard) -> str:
@@ -203,8 +396,7 @@ def check_collection_model(client: MilvusClient, name: str, card: ModelCard) -> 
 
 def collection_vector_fields(client: MilvusClient, name: str) -> dict[str, int]:
     """The collection's FLOAT_VECTOR fields and their dims, in schema order."""
-    return {f["name"]: int(f["params"]["dim"]) for f in client.describe_collection(name)["fields"]
-            if f["type"] == DataType.FLOAT_VECTOR}
+    return _described_vector_fields(client.describe_collection(name))
 
 
 def missing_levels_message(name: str, card: ModelCard, present: dict[str, int] | list[str]) -> str:
@@ -235,14 +427,14 @@ def ensure_collection(client: MilvusClient, name: str, card: ModelCard, *, kind:
 
 
 def ensure_loaded(client: MilvusClient, name: str) -> None:
-    """Load the collection for search. milvus-lite 3.2.2 reopens every collection as released."""
+    """Load the collection for search. milvus-lite reopens every collection as released."""
     state = client.get_load_state(name).get("state")
     if getattr(state, "name", str(state)) != "Loaded":
         client.load_collection(name)
 
 
 def missing_collection_message(client: MilvusClient, name: str) -> str:
-    existing = sorted(client.list_collections())
+    existing = list_collections(client)
     listed = ", ".join(repr(c) for c in existing) if existing else "none"
     return f"collection {name!r} does not exist (existing collections: {listed}); index some data first"
 
@@ -250,8 +442,8 @@ def missing_collection_message(client: MilvusClient, name: str) -> str:
 def index_type(client: MilvusClient, name: str, field: str = VECTOR_FIELD) -> str:
     """The index type of the collection's vector `field` ("" when none is described).
 
-    One ``describe_index`` call: milvus-lite 3.2.2 counts the live rows for it (O(rows), ≈30 ms
-    at 100,000 rows, benchmarks/query.py), so callers that search often ask once and keep it.
+    One ``describe_index`` call (≈0.3 ms on milvus-lite 2.5.1; milvus-lite 3.2.2 counted the
+    live rows for it, ≈70 ms at 100,000): callers that search often ask once and keep it.
     """
     try:
         return str((client.describe_index(name, field) or {}).get("index_type", "") or "")
@@ -343,11 +535,16 @@ def decode_captions(value: Any) -> list[str]:
 def release_local(uri: str | Path) -> None:
     """Stop this process's milvus-lite server for `uri`, unlocking the database for others.
 
-    milvus-lite 3.2.2 keeps a database open until the process exits, even after every
-    client is closed; every client of that database in this process stops working.
+    milvus-lite 2.5.1 keeps its server (a child process) running and the database locked
+    until this process exits, even after every client is closed; this stops it. Every client
+    of that database in this process stops working; ``connect`` starts a new server.
+    Nothing happens for a server URI or a database this process has not opened.
     """
     if not is_local_uri(uri):
         return
+    _import_milvus_lite()
     from milvus_lite.server_manager import server_manager_instance
 
-    server_manager_instance.release_server(str(Path(uri).expanduser().resolve()))
+    path = str(Path(uri).expanduser().resolve())
+    if path in getattr(server_manager_instance, "_servers", {path: None}):
+        server_manager_instance.release_server(path)

@@ -52,12 +52,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # noqa: E402 - run from a checkout
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from measure import distribution, log, triton_server  # noqa: E402 - the benchmarks' shared helpers
 from xmodal.settings import IMAGE_COLLECTION as COLLECTION  # noqa: E402 - the Client's default collection
 CACHE = Path("/tmp/xmodal-query-bench")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,17 +75,6 @@ GENERATED = "<!-- everything below is written by benchmarks/query.py -->"
 INSERT_BATCH = 2_000
 QUERY_TEXTS = ["red apple", "a smiling face", "cat", "dog with eyes", "green star", "blue heart",
                "a yellow rectangle", "car", "tree in autumn", "sun behind a cloud", "pizza", "rocket"]
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def distribution(seconds: Sequence[float]) -> dict[str, float]:
-    ms = np.asarray(seconds, dtype=np.float64) * 1000
-    return {"n": int(ms.size), "p50_ms": round(float(np.percentile(ms, 50)), 3),
-            "p90_ms": round(float(np.percentile(ms, 90)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "mean_ms": round(float(ms.mean()), 3)}
 
 
 # -- corpus ---------------------------------------------------------------------------------------
@@ -462,21 +453,6 @@ def visibility(info: dict, card, dim: int, params: dict) -> dict:
         out[level] = {"seen_by_first_search": first, "seen_after_ms": None if seen_after is None
                       else round(seen_after * 1000, 1), "searches": searches}
     return out
-
-
-# -- Triton -----------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def triton_server(repository: Path):
-    from xmodal.server import TritonServer, free_port
-
-    server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    server.start()
-    try:
-        server.wait_ready(timeout=300)
-        yield server
-    finally:
-        server.stop()
 
 
 # -- the run ------------------------------------------------------------------------------------------

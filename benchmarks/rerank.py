@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -29,22 +28,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from measure import distribution, triton_server  # noqa: E402 - the benchmarks' shared helpers
 
 KS = (1, 5, 10)
 
 
 def log(message: str) -> None:
     print(f"[rerank] {message}", file=sys.stderr, flush=True)
-
-
-def percentiles(seconds: list[float]) -> dict[str, float]:
-    ordered = sorted(seconds)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000
-
-    return {"p50_ms": round(at(0.5), 2), "p90_ms": round(at(0.9), 2), "p99_ms": round(at(0.99), 2),
-            "mean_ms": round(statistics.fmean(ordered) * 1000, 2), "calls": len(ordered)}
 
 
 def recall(ranks: list[int | None]) -> dict[str, float]:
@@ -59,7 +49,6 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
     from xmodal.export.repository import write_model_repository
     from xmodal.indexer import index_images
     from xmodal.indexer.sides import index_sides
-    from xmodal.server import TritonServer, free_port
     from xmodal.sidestore import SideStore, side_store_path
     from xmodal.training.manifest import read_manifest
 
@@ -76,10 +65,7 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
     for row in rows:
         queries.setdefault(row.concept, row.captions[0])  # each concept's label, as eval.json asks
     concepts = sorted(queries)[:max_queries] if max_queries else sorted(queries)
-    server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    server.start()
-    try:
-        server.wait_ready(timeout=300)
+    with triton_server(repository) as server:
         milvus_uri = str(workdir / "xmodal.db")
         indexed = time.perf_counter()
         for manifest in manifests:
@@ -110,8 +96,6 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
                         log(f"{run.name}: {number + 1} of {len(concepts)} queries")
             finally:
                 reranker.close()
-    finally:
-        server.stop()
     in_process = evaluation["test"]
     return {
         "run": str(run), "recipe": evaluation["recipe"], "kind": exported.card.reranker["kind"],
@@ -122,8 +106,8 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
             "reranked": {f"R@{k}": round(in_process[f"rerank@{top_n}"]["text_to_image"][f"R@{k}"], 2) for k in KS}
             if f"rerank@{top_n}" in in_process else None,
         },
-        "latency": {"first_stage": percentiles(first_seconds), "rerank": percentiles(rerank_seconds),
-                    "whole": percentiles([a + b for a, b in zip(first_seconds, rerank_seconds)])},
+        "latency": {"first_stage": distribution(first_seconds), "rerank": distribution(rerank_seconds),
+                    "whole": distribution([a + b for a, b in zip(first_seconds, rerank_seconds)])},
         "side_store": {"path_name": Path(sides.path).name, "bytes_per_image": 4 * sum(
             math.prod(spec["shape"]) for spec in exported.card.reranker["side"].values()),
             "sides_seconds": round(sides.seconds, 1)},

@@ -60,6 +60,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from measure import distribution, log, start_server  # noqa: E402 - the benchmarks' shared helpers
 
 ORT_VS_EAGER_TARGET = 1.5  # ONNX Runtime / eager items/s at batch 64
 TRITON_VS_ORT_TARGET = 0.85  # Triton / in-process ONNX Runtime items/s, client batches of 32
@@ -124,18 +126,6 @@ class Scenario:
     @property
     def key(self) -> str:
         return f"{self.model} {self.protocol} c{self.clients} b{self.size}"
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def distribution(seconds: Sequence[float]) -> dict[str, float]:
-    """p50/p90/p99 and mean of durations, in milliseconds."""
-    ms = np.asarray(seconds, dtype=np.float64) * 1000
-    return {"n": int(ms.size), "p50_ms": round(float(np.percentile(ms, 50)), 3),
-            "p90_ms": round(float(np.percentile(ms, 90)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "mean_ms": round(float(ms.mean()), 3)}
 
 
 def summary(values: Sequence[float], digits: int = 3) -> dict[str, Any]:
@@ -678,14 +668,6 @@ def instance_groups(admin, models: Sequence[str]) -> dict[str, list[dict]]:
     """What the running server made of each model's instance_group (its default when none is written)."""
     return {model: [{"kind": group.get("kind"), "count": group.get("count")}
                     for group in admin.get_model_config(model).get("instance_group", [])] for model in models}
-
-
-def start_server(repository: Path):
-    from xmodal.server import TritonServer, free_port
-
-    server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    server.start()
-    return server
 
 
 @contextmanager

@@ -599,34 +599,31 @@ def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, to
     shutil.copyfile(tokenizer_json, target / "tokenizer.json")
     (target / PARAMS_FILE).write_text(text_params + "\n")
 
-    target = model_dir(EMBED_IMAGE, model_config(
-        EMBED_IMAGE, platform="ensemble", max_batch_size=max_batch_size, versions=[options.version],
-        inputs=[("IMAGE", "TYPE_STRING", [1])], outputs=embedding_outputs,
-        extra=_ensemble_steps([
-            (PREPROCESS_IMAGE, options.version, {"IMAGE": "IMAGE"}, {"pixel_values": "pixel_values"}),
-            (IMAGE_ENCODER, options.version, {"pixel_values": "pixel_values"}, passthrough),
-        ]),
-        parameters={CARD_PARAMETER: card_json}))
-    (target / CARD_FILENAME).write_text(served.to_json() + "\n")
+    def ensemble(name: str, batch: int, inputs: list, outputs: list,
+                 steps: list[tuple[str, dict[str, str], dict[str, str]]]) -> None:
+        """An ensemble pinned to this version, carrying the served card (parameter and file)."""
+        target = model_dir(name, model_config(
+            name, platform="ensemble", max_batch_size=batch, versions=[options.version], inputs=inputs,
+            outputs=outputs, extra=_ensemble_steps([(model, options.version, i, o) for model, i, o in steps]),
+            parameters={CARD_PARAMETER: card_json}))
+        (target / CARD_FILENAME).write_text(served.to_json() + "\n")
 
-    target = model_dir(EMBED_TEXT, model_config(
-        EMBED_TEXT, platform="ensemble", max_batch_size=max_batch_size, versions=[options.version],
-        inputs=[("TEXT", "TYPE_STRING", [1])], outputs=embedding_outputs,
-        extra=_ensemble_steps([
-            (PREPROCESS_TEXT, options.version, {"TEXT": "TEXT"}, {"input_ids": "input_ids"}),
-            (TEXT_ENCODER, options.version, {"input_ids": "input_ids"}, passthrough),
-        ]),
-        parameters={CARD_PARAMETER: card_json}))
-    (target / CARD_FILENAME).write_text(served.to_json() + "\n")
-
+    ensemble(EMBED_IMAGE, max_batch_size, [("IMAGE", "TYPE_STRING", [1])], embedding_outputs, [
+        (PREPROCESS_IMAGE, {"IMAGE": "IMAGE"}, {"pixel_values": "pixel_values"}),
+        (IMAGE_ENCODER, {"pixel_values": "pixel_values"}, passthrough),
+    ])
+    ensemble(EMBED_TEXT, max_batch_size, [("TEXT", "TYPE_STRING", [1])], embedding_outputs, [
+        (PREPROCESS_TEXT, {"TEXT": "TEXT"}, {"input_ids": "input_ids"}),
+        (TEXT_ENCODER, {"input_ids": "input_ids"}, passthrough),
+    ])
     if card.reranker:
-        _write_reranker(root, card, served, card_json, options, encoder=encoder, encoder_extra=encoder_extra,
-                        model_dir=model_dir, warmup=warmup)
+        _write_reranker(card, options, encoder=encoder, encoder_extra=encoder_extra, model_dir=model_dir,
+                        warmup=warmup, ensemble=ensemble)
     (root / CARD_FILENAME).write_text(served.to_json() + "\n")
 
 
-def _write_reranker(root: Path, card: ModelCard, served: ModelCard, card_json: str, options: _Options, *,
-                    encoder: dict, encoder_extra: str, model_dir, warmup) -> None:
+def _write_reranker(card: ModelCard, options: _Options, *, encoder: dict, encoder_extra: str, model_dir, warmup,
+                    ensemble) -> None:
     """The pair scorer's models: its image side (batched like the encoders) and the re-ranker
     (one query a request), each behind an ensemble that runs the card's preprocessing first."""
     size = int(card.image.size)
@@ -649,24 +646,12 @@ def _write_reranker(root: Path, card: ModelCard, served: ModelCard, card_json: s
         extra=encoder_extra, parameters=options.encoder_parameters(CPU_ENCODER_PARAMETERS)))
     shutil.copyfile(rerank_onnx, target / "model.onnx")
 
-    target = model_dir(EMBED_IMAGE_SIDE, model_config(
-        EMBED_IMAGE_SIDE, platform="ensemble", max_batch_size=options.max_batch_size, versions=[options.version],
-        inputs=[("IMAGE", "TYPE_STRING", [1])], outputs=side,
-        extra=_ensemble_steps([
-            (PREPROCESS_IMAGE, options.version, {"IMAGE": "IMAGE"}, {"pixel_values": "pixel_values"}),
-            (RERANK_IMAGE_SIDE, options.version, {"pixel_values": "pixel_values"}, side_passthrough),
-        ]),
-        parameters={CARD_PARAMETER: card_json}))
-    (target / CARD_FILENAME).write_text(served.to_json() + "\n")
-
-    target = model_dir(RERANK_TEXT, model_config(
-        RERANK_TEXT, platform="ensemble", max_batch_size=1, versions=[options.version],
-        inputs=[("TEXT", "TYPE_STRING", [1]), ("first_stage", "TYPE_FP32", [-1]), *candidates],
-        outputs=[("scores", "TYPE_FP32", [-1])],
-        extra=_ensemble_steps([
-            (PREPROCESS_TEXT, options.version, {"TEXT": "TEXT"}, {"input_ids": "input_ids"}),
-            (RERANK, options.version, {"input_ids": "input_ids", "first_stage": "first_stage", **side_passthrough},
-             {"scores": "scores"}),
-        ]),
-        parameters={CARD_PARAMETER: card_json}))
-    (target / CARD_FILENAME).write_text(served.to_json() + "\n")
+    ensemble(EMBED_IMAGE_SIDE, options.max_batch_size, [("IMAGE", "TYPE_STRING", [1])], side, [
+        (PREPROCESS_IMAGE, {"IMAGE": "IMAGE"}, {"pixel_values": "pixel_values"}),
+        (RERANK_IMAGE_SIDE, {"pixel_values": "pixel_values"}, side_passthrough),
+    ])
+    ensemble(RERANK_TEXT, 1, [("TEXT", "TYPE_STRING", [1]), ("first_stage", "TYPE_FP32", [-1]), *candidates],
+             [("scores", "TYPE_FP32", [-1])], [
+        (PREPROCESS_TEXT, {"TEXT": "TEXT"}, {"input_ids": "input_ids"}),
+        (RERANK, {"input_ids": "input_ids", "first_stage": "first_stage", **side_passthrough}, {"scores": "scores"}),
+    ])

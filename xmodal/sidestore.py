@@ -107,12 +107,7 @@ class SideStore:
     def get(self, ids: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
         """The sides of ``ids`` in their order, ``[n, *shape]`` each, and the ids that have none
         (those are left out of the arrays)."""
-        found: dict[str, bytes] = {}
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), 500):  # below SQLite's bound-parameter limit
-            chunk = unique[start:start + 500]
-            found.update(self._db.execute(
-                f"SELECT id, side FROM sides WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        found: dict[str, bytes] = dict(self._select("id, side", ids))
         present = [i for i in ids if i in found]
         flat = (np.frombuffer(b"".join(found[i] for i in present), dtype=np.float32).reshape(len(present), self.width)
                 if present else np.zeros((0, self.width), np.float32))
@@ -120,12 +115,16 @@ class SideStore:
 
     def missing(self, ids: Iterable[str]) -> list[str]:
         ids = list(ids)
-        have: set[str] = set()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            have.update(row[0] for row in self._db.execute(
-                f"SELECT id FROM sides WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        have = {row[0] for row in self._select("id", ids)}
         return [i for i in ids if i not in have]
+
+    def _select(self, columns: str, ids: Iterable[str]) -> Iterable[tuple]:
+        """Rows of ``ids`` (each once), in chunks below SQLite's bound-parameter limit."""
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            yield from self._db.execute(
+                f"SELECT {columns} FROM sides WHERE id IN ({','.join('?' * len(chunk))})", chunk)
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM sides").fetchone()[0])

@@ -16,16 +16,19 @@ optimised FP32 files; the FP16 file is compared loosely where the CPU provider c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from torch import nn
 
 from xmodal.export import variants
 from xmodal.export.variants import QuantizationRejected  # noqa: F401 - re-exported for callers
@@ -105,18 +108,34 @@ class ExportedModel:
         return dataclasses.replace(self.card, fingerprint=variant.fingerprint, evaluation=evaluation)
 
 
+@contextlib.contextmanager
+def inference_form(module: nn.Module) -> Iterator[None]:
+    """While exporting, backbones that have one run their inference-only form: MiniLM's
+    ``remove_padding`` (its dense layers skip padding tokens). The parity checks then compare
+    the exported graph with the module as trained."""
+    switched = [m for m in module.modules() if hasattr(m, "remove_padding")]
+    for m in switched:
+        m.remove_padding = True
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.remove_padding = False
+
+
 def export_encoder(module: ServedTower, example: torch.Tensor, path: Path, input_name: str, dynamic: dict[int, str]) -> None:
     module.eval()
-    torch.onnx.export(
-        module,
-        (example,),
-        str(path),
-        input_names=[input_name],
-        output_names=module.output_names,
-        dynamic_axes={input_name: dynamic, **{name: {0: "batch"} for name in module.output_names}},
-        opset_version=OPSET,
-        dynamo=False,
-    )
+    with inference_form(module):
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=module.output_names,
+            dynamic_axes={input_name: dynamic, **{name: {0: "batch"} for name in module.output_names}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
     variants.check(path)
 
 

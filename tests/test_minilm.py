@@ -2,7 +2,10 @@
 export, the WordPiece tokenizer, freezing schedules, and a tiny frozen-text run end to end."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -98,13 +101,43 @@ def test_padding_does_not_change_features(minilm: MiniLMBackbone, tokenizer: Tok
         torch.testing.assert_close(batch[name][:1], alone[name], rtol=0, atol=1e-5)
 
 
-def test_onnx_parity_with_dynamic_batch_and_sequence(minilm: MiniLMBackbone, tokenizer: Tokenizer, tmp_path) -> None:
+def test_packed_forward_equals_the_padded_one(minilm: MiniLMBackbone, tokenizer: Tokenizer) -> None:
+    texts = ["a cat", "", "the quick brown fox jumps over the lazy dog", "hello world"]
+    ids = tokenize(tokenizer, texts)  # "" is [CLS] [SEP]: the most padding a row can have
+    real = (ids != 0)[..., None]
+    assert (~real).sum() > 10
+    with torch.no_grad():
+        padded, packed = minilm.bert(ids), minilm.bert.forward_packed(ids)
+        assert len(packed) == len(padded) == 7
+        for layer, (a, b) in enumerate(zip(padded, packed)):
+            torch.testing.assert_close(b, a * real, rtol=0, atol=1e-5, msg=f"states after layer {layer}")
+        plain = minilm(ids)
+        minilm.remove_padding = True
+        try:
+            removed = minilm(ids)
+            unpadded = minilm(tokenize(tokenizer, texts[2:3]))  # a batch of one: nothing to remove
+        finally:
+            minilm.remove_padding = False
+    for name in ("pooled", "mid", "fragments"):
+        torch.testing.assert_close(removed[name], plain[name], rtol=0, atol=1e-5)
+    torch.testing.assert_close(unpadded["pooled"], plain["pooled"][2:3], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["as trained", "export's (padding removed)"])
+def test_onnx_parity_with_dynamic_batch_and_sequence(minilm: MiniLMBackbone, tokenizer: Tokenizer, tmp_path,
+                                                     form: str) -> None:
+    from xmodal.export.onnx import inference_form
+
     path = tmp_path / "minilm.onnx"
-    torch.onnx.export(
-        minilm, (torch.ones(2, 5, dtype=torch.long),), str(path), dynamo=False, opset_version=17,
-        input_names=["input_ids"], output_names=["pooled", "mid"],
-        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "pooled": {0: "batch"}, "mid": {0: "batch"}},
-    )
+    with inference_form(minilm) if form.startswith("export") else contextlib.nullcontext():
+        torch.onnx.export(
+            minilm, (torch.ones(2, 5, dtype=torch.long),), str(path), dynamo=False, opset_version=17,
+            input_names=["input_ids"], output_names=["pooled", "mid"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "pooled": {0: "batch"}, "mid": {0: "batch"}},
+        )
+    assert minilm.remove_padding is False  # restored after the export
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ("NonZero" in ops) == form.startswith("export")  # where the real tokens are found
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for texts in (["A man is eating food."], ["a cat", "the quick brown fox jumps over the lazy dog", "hello"]):
         ids = tokenize(tokenizer, texts)
@@ -290,6 +323,8 @@ def test_frozen_minilm_run_trains_evaluates_and_exports(tiny_run, tiny_export, m
     assert card.tokenizer.vocab_hash == vocab_hash(minilm_tokenizer(MAX_LENGTH))
     assert max(card.evaluation["onnx_parity_max_abs_diff"].values()) <= ONNX_TOLERANCE
     assert max(card.evaluation["onnx"]["parity_max_abs_diff_raw"].values()) <= ONNX_TOLERANCE
+    # The served text encoder is exported without padding tokens (parity above is with the padded module).
+    assert "NonZero" in {node.op_type for node in onnx.load(str(tiny_export["out"] / TEXT_ONNX)).graph.node}
     session = ort.InferenceSession(str(tiny_export["out"] / TEXT_ONNX), providers=["CPUExecutionProvider"])
     ids = np.array([saved.encode("grinning face").ids], dtype=np.int64)
     (served,) = session.run(["global"], {"input_ids": ids})

@@ -130,11 +130,11 @@ class BertSelfAttention(nn.Module):
         return attended.transpose(1, 2).reshape(x.shape)
 
     def forward_packed(self, x: torch.Tensor, packing: "Packing") -> torch.Tensor:
-        """x [T, C], the real tokens only: the projections run on them alone, attention on
-        them laid out again as [B, L] (padding rows zero, and masked as keys)."""
+        """x [1, T, C], the real tokens only: the projections run on them alone, attention on
+        them laid out again as [B, L] (padding keys masked)."""
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # one GEMM, not three
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = packing.unpack(F.linear(x, weight, bias))  # [B, L, 3C]
+        qkv = packing.spread(F.linear(x, weight, bias))  # [B, L, 3C]
         q, k, v = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         logits = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(self.head_dim)) + packing.key_bias
         attended = self.dropout(logits.softmax(dim=-1)) @ v  # [B, H, L, d]
@@ -247,7 +247,7 @@ class BertModel(nn.Module):
         emoji labels: 317 real tokens of 704), so the served text encoder is exported this way.
         """
         packing = Packing.of(input_ids != self.config.pad_token_id)
-        x = self.embeddings(packing.pack(input_ids[..., None])[:, 0], packing.positions)
+        x = self.embeddings(packing.pack(input_ids[..., None])[..., 0], packing.positions)
         states = [x]
         for layer in self.encoder.layer:
             states.append(layer.forward_packed(states[-1], packing))
@@ -256,32 +256,35 @@ class BertModel(nn.Module):
 
 class Packing:
     """Where the real tokens of a right-padded batch [B, L] are: ``pack`` keeps them ([B, L, C]
-    → [T, C]), ``unpack`` lays them out again with zeros at padding. Gathers only (no
-    scatter), so the exported graph needs nothing beyond ONNX's Gather."""
+    → [1, T, C]; 3-D, so the linear layers export as MatMul, which dynamic INT8 quantises),
+    ``spread`` lays them out as [B, L, C] again with any real token's values at padding (for
+    attention, which masks padding keys and drops padding queries), ``unpack`` with zeros there.
+    Gathers only, no scatter."""
 
-    def __init__(self, index: torch.Tensor, inverse: torch.Tensor, positions: torch.Tensor,
-                 shape: tuple[torch.Tensor | int, torch.Tensor | int], key_bias: torch.Tensor):
-        self.index, self.inverse, self.positions, self.shape, self.key_bias = index, inverse, positions, shape, key_bias
+    def __init__(self, index: torch.Tensor, spread_index: torch.Tensor, positions: torch.Tensor,
+                 real: torch.Tensor, key_bias: torch.Tensor):
+        self.index, self.spread_index, self.positions, self.real, self.key_bias = (
+            index, spread_index, positions, real, key_bias)
 
     @classmethod
     def of(cls, real: torch.Tensor) -> "Packing":
-        batch, length = real.shape
         flat = real.reshape(-1)
         index = torch.nonzero(flat).squeeze(1)  # [T]: flat positions of the real tokens
-        count = flat.to(torch.long).sum()
-        # Row i of the packed tensor comes from flat position index[i]; a padding position
-        # reads row T, the zero row `unpack` appends.
-        inverse = torch.where(flat, torch.cumsum(flat.to(torch.long), 0) - 1, count)
-        positions = index % length
+        # Flat position p of the [B, L] layout reads packed row spread_index[p]: its own for a
+        # real token, the first (any would do) for padding.
+        spread_index = (torch.cumsum(flat.to(torch.long), 0) - 1).clamp(min=0)
+        positions = (index % real.shape[1])[None]
         key_bias = ((~real).to(torch.float32) * MASK_LOGIT)[:, None, None, :]
-        return cls(index, inverse, positions, (batch, length), key_bias)
+        return cls(index, spread_index, positions, real, key_bias)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)[None]
+
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        return x[0].index_select(0, self.spread_index).reshape(self.real.shape[0], self.real.shape[1], x.shape[-1])
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        padded = torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, self.inverse)
-        return padded.reshape(self.shape[0], self.shape[1], x.shape[-1])
+        return self.spread(x) * self.real[..., None].to(x.dtype)
 
 
 def map_checkpoint_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

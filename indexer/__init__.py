@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from xmodal.indexer.formats import Source
     from xmodal.indexer.pipeline import IndexReport, deadletter_path, index_captions, index_images, progress_path
 
 # Items per shard: the unit of resumption (a killed run redoes at most the shards in flight).
@@ -16,10 +17,14 @@ DEFAULT_SHARD_SIZE = 1000
 # Rows per upsert: large enough that Milvus's per-call cost vanishes, small enough to hold.
 DEFAULT_WRITE_BATCH = 5000
 
-__all__ = ["IndexReport", "deadletter_path", "index_captions", "index_images", "progress_path"]
+__all__ = ["IndexReport", "Source", "deadletter_path", "index_captions", "index_images", "progress_path"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Source":
+        from xmodal.indexer.formats import Source
+
+        return Source
     if name in __all__:
         from xmodal.indexer import pipeline
 

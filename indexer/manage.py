@@ -2,6 +2,7 @@
 files kept beside it, and remove all of them."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def describe_progress(progress: dict[str, Any] | None) -> str:
 
 def delete_collection(milvus_uri: str, collection: str, *, token: str | None = None) -> list[str]:
     """Drop the collection (with its model record) and remove its progress, dead-letter and
-    side-store files; what was removed.
+    side-store files and the images it stored from a source's bytes; what was removed.
 
     Files without a collection are removed too (what a run left before its collection went).
     ValueError when there is nothing at all by that name.
@@ -96,6 +97,10 @@ def delete_collection(milvus_uri: str, collection: str, *, token: str | None = N
         if Path(path).exists():
             path.unlink()
             removed.append(str(path))
+    images = state.image_store_path(milvus_uri, collection)
+    if images.is_dir():
+        shutil.rmtree(images)
+        removed.append(str(images))
     if not removed:
         raise ValueError(f"nothing to delete: {message}")
     return removed

@@ -1,15 +1,16 @@
-"""Assembly: manifest -> Ray Data (read, embed in an actor pool) -> writer(s) into Milvus.
+"""Assembly: input -> Ray Data (read, embed in an actor pool) -> writer(s) into Milvus.
 
-The manifest is scanned once by the driver (item count, hash, where each shard starts) and
-read by Ray tasks, one per shard still to do (``sources.dataset``): memory does not grow
-with the corpus. With milvus-lite (a database one process locks: its server is a child of
-the process that opened it) the driver is
+The input (a manifest, or another format users bring: ``formats.py``) is scanned once by the
+driver (item count, hash, where each shard starts) and read by Ray tasks, one per shard still
+to do (``sources.dataset``): memory does not grow with the corpus. With milvus-lite (a
+database one process locks: its server is a child of the process that opened it) the driver is
 the only writer; with a Milvus server a pool of writer actors upserts (``write.py``).
 ``upsert`` on content-hash keys makes re-runs idempotent. The progress file records the
 finished shards, so a killed run started again skips them (docs/indexing.md).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import numpy as np
 from xmodal import settings, store
 from xmodal.card import ModelCard
 from xmodal.client import triton
-from xmodal.indexer import DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH, sources, state
+from xmodal.indexer import DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH, formats, sources, state
 from xmodal.indexer.embed import TritonEmbedder
 from xmodal.indexer.state import deadletter_path, progress_path  # noqa: F401 - re-exported by xmodal.indexer
 from xmodal.indexer.write import ROW_BUILDERS, MilvusWriteStage, records
@@ -55,7 +56,7 @@ class IndexReport:
     # write: upserts and flushes), summed over workers, and the items (rows) each handled
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_items: dict[str, int] = field(default_factory=dict)
-    scan_seconds: float = 0.0  # the driver's pass over the manifest (count, hash, shard offsets)
+    scan_seconds: float = 0.0  # the driver's pass over the input (count, hash, shard offsets)
     startup_seconds: float = 0.0  # from the start until the first embedded batch was back (Ray, actors, models)
 
     @property
@@ -380,23 +381,20 @@ def _finish(report: IndexReport, progress: bool) -> IndexReport:
     return report
 
 
-def _scan(kind: str, manifest: str | os.PathLike[str], split: str | None, styles: Collection[str] | str | None,
+def _scan(kind: str, source: formats.Source, split: Any, styles: Collection[str] | str | None,
           limit: int | None, shard_size: int, **sizes: int) -> tuple[sources.InputPlan, float]:
     for name, value in (("shard_size", shard_size), *sizes.items()):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     started = time.perf_counter()
-    plan = sources.scan(manifest, kind=kind, split=split, styles=styles, limit=limit, shard_size=shard_size)
+    plan = sources.scan(source, kind=kind, split=split, styles=styles, limit=limit, shard_size=shard_size)
     return plan, time.perf_counter() - started
 
 
-def _input_identity(kind: str, manifest: str | os.PathLike[str], split: str | None,
-                    styles: Collection[str] | str | None, limit: int | None) -> dict[str, Any]:
-    """What the progress file records of the input, besides the items themselves."""
-    if isinstance(styles, str):
-        styles = [styles]
-    return {"kind": kind, "manifest": str(Path(manifest).resolve()), "split": split,
-            "styles": sorted(styles) if styles is not None else None, "limit": limit}
+def _input_identity(plan: sources.InputPlan) -> dict[str, Any]:
+    """What the progress file records of the input, besides the items themselves: for another
+    format than the manifest also the format and the options that shape its rows."""
+    return {**plan.spec.identity(), "limit": plan.limit}
 
 
 def _letter(record: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
@@ -407,14 +405,15 @@ def _letter(record: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def index_images(
-    manifest: str | os.PathLike[str],
+    manifest: str | os.PathLike[str] | None = None,
     *,
+    input: formats.Source | str | os.PathLike[str] | None = None,  # noqa: A002 - the CLI's --input
     triton_url: str | None = None,
     model_repository: str | os.PathLike[str] | None = None,
     milvus_uri: str | None = None,
     milvus_token: str | None = None,
     collection: str = settings.IMAGE_COLLECTION,
-    split: str | None = "test",
+    split: str | None = formats.SPLIT_DEFAULT,
     styles: Collection[str] | str | None = None,
     limit: int | None = None,
     batch_size: int = 32,
@@ -428,16 +427,24 @@ def index_images(
     progress: bool = True,
     timeout: float = 10.0,
 ) -> IndexReport:
-    """Embed a manifest's images with Triton's ``embed_image`` and upsert them into Milvus.
+    """Embed the images of a manifest, or of `input` in another format, with Triton's
+    ``embed_image`` and upsert them into Milvus.
+
+    `input`: a path (its format found from its name) or a ``formats.Source`` (format, image root,
+    Parquet columns, name): CSV/TSV or JSONL tables with an image folder, the Karpathy split
+    JSON, Parquet with an image-bytes or image-path column, WebDataset tar shards
+    (docs/indexing.md). Images the source holds as bytes are written once, by content, beside
+    the collection, and their rows point at those files. `split`: a manifest's ``test`` split
+    unless given; every row of another format unless given (None: every row).
 
     Embedding is by the Triton server at `triton_url`, or, given `model_repository`
     instead, in-process with ONNX Runtime from that repository (``xmodal index --local``,
     ``xmodal.indexer.local``): the same preprocessing and encoders, the same rows.
 
-    The manifest is streamed: one pass in the driver finds the shards, Ray tasks read them
+    The input is streamed: one pass in the driver finds the shards, Ray tasks read them
     (memory does not grow with the corpus). Keys are content hashes, so re-running writes
     the same rows again (no duplicates), and identical image files become one row (with the
-    path and captions of the last of them in the manifest). Unreadable files and images the server rejects go
+    path and captions of the last of them in the input). Unreadable files and images the server rejects go
     to the dead-letter file (see :func:`deadletter_path`) and the run goes on. A run that
     was cut short continues where it stopped when started again with the same input and
     model: the shards (`shard_size` items) it finished are skipped (`restart` ignores them).
@@ -448,14 +455,17 @@ def index_images(
     `model_repository` (default: ONNX Runtime's choice).
     """
     started = time.perf_counter()
-    plan, scan_seconds = _scan("image", manifest, split, styles, limit, shard_size, batch_size=batch_size,
-                               embed_workers=embed_workers, write_batch=write_batch)
+    plan, scan_seconds = _scan("image", formats.source_of(manifest, input), split, styles, limit, shard_size,
+                               batch_size=batch_size, embed_workers=embed_workers, write_batch=write_batch)
+    # where the images a source holds as bytes are written: beside the collection, by content
+    image_store = state.image_store_path(str(milvus_uri or settings.default_milvus_uri()), collection)
 
     def to_deadletter(record: dict[str, Any]) -> dict[str, Any]:
         return _letter(record, {"path": record["path"], "reason": record["error"], "collection": collection})
 
-    return _run(plan=plan, input_identity=_input_identity("image", manifest, split, styles, limit),
-                prepare=sources.read_images, model=triton.IMAGE_MODEL, input_name=triton.IMAGE_INPUT, kind="image",
+    return _run(plan=plan, input_identity=_input_identity(plan),
+                prepare=functools.partial(sources.read_images, image_store=str(image_store)),
+                model=triton.IMAGE_MODEL, input_name=triton.IMAGE_INPUT, kind="image",
                 to_deadletter=to_deadletter, triton_url=triton_url, model_repository=model_repository,
                 milvus_uri=milvus_uri, milvus_token=milvus_token, writers=writers, collection=collection,
                 batch_size=batch_size, embed_workers=embed_workers, embed_threads=embed_threads,
@@ -464,14 +474,15 @@ def index_images(
 
 
 def index_captions(
-    manifest: str | os.PathLike[str],
+    manifest: str | os.PathLike[str] | None = None,
     *,
+    input: formats.Source | str | os.PathLike[str] | None = None,  # noqa: A002 - the CLI's --input
     triton_url: str | None = None,
     model_repository: str | os.PathLike[str] | None = None,
     milvus_uri: str | None = None,
     milvus_token: str | None = None,
     collection: str = settings.CAPTION_COLLECTION,
-    split: str | None = "test",
+    split: str | None = formats.SPLIT_DEFAULT,
     styles: Collection[str] | str | None = None,
     limit: int | None = None,
     batch_size: int = 32,
@@ -485,24 +496,26 @@ def index_captions(
     progress: bool = True,
     timeout: float = 10.0,
 ) -> IndexReport:
-    """Embed the manifest's captions with ``embed_text`` into the caption collection.
+    """Embed the captions of a manifest, or of `input` in another format (as
+    :func:`index_images` takes it), with ``embed_text`` into the caption collection.
 
     One row per distinct caption text (its hash is the key); the row keeps the concept,
-    style and image of the last manifest row that has it. The items are the captions, repeats
+    style and image of the last row that has it (an image the source holds as bytes is named
+    by where it is there: ``<shard>:<key>.jpg``, ``<file>: row 3``; its bytes are not read). The items are the captions, repeats
     included (``items_read`` counts them); a shard sends each distinct text of it once, and
     a text repeated in later shards is embedded and upserted again, to the same row.
     Empty captions and text Milvus cannot store (not UTF-8, too long) go to the dead-letter
     file. Resumes as :func:`index_images` does.
     """
     started = time.perf_counter()
-    plan, scan_seconds = _scan("caption", manifest, split, styles, limit, shard_size, batch_size=batch_size,
-                               embed_workers=embed_workers, write_batch=write_batch)
+    plan, scan_seconds = _scan("caption", formats.source_of(manifest, input), split, styles, limit, shard_size,
+                               batch_size=batch_size, embed_workers=embed_workers, write_batch=write_batch)
 
     def to_deadletter(record: dict[str, Any]) -> dict[str, Any]:
         return _letter(record, {"caption": record["caption"], "image": record["image"], "reason": record["error"],
                                 "collection": collection})
 
-    return _run(plan=plan, input_identity=_input_identity("caption", manifest, split, styles, limit),
+    return _run(plan=plan, input_identity=_input_identity(plan),
                 prepare=None, model=triton.TEXT_MODEL, input_name=triton.TEXT_INPUT, kind="caption",
                 to_deadletter=to_deadletter, triton_url=triton_url, model_repository=model_repository,
                 milvus_uri=milvus_uri, milvus_token=milvus_token, writers=writers, collection=collection,

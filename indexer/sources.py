@@ -1,11 +1,12 @@
-"""The manifest as a streaming Ray datasource, and the CPU stage that reads image files.
+"""The input as a streaming Ray datasource, and the CPU stage that reads image files.
 
-`scan` makes one pass over the manifest in the driver (O(shards) memory); `dataset` reads
-the shards still to do in Ray read tasks, one per shard (see the section below).
+`scan` makes one pass over the input (a manifest, or another format users bring:
+``formats.py``) in the driver (O(shards) memory); `dataset` reads the shards still to do in Ray
+read tasks, one per shard (see the section below).
 
 Columns carried through the pipeline (numpy batches):
-  images:   item, path, concept, style, captions (JSON text), error, letter
-            -> + id, data (bytes), read_seconds
+  images:   item, path, concept, style, captions (JSON text), error, letter, in_source, data
+            -> + id, read_seconds (data: the image's bytes)
   captions: item, caption, concept, style, image, id, data (UTF-8 bytes), error, letter, read_seconds
   the embedding stage adds vector (and vector_<level> for each other level of a
   hierarchical model's card) and embed_seconds, and drops data.
@@ -13,6 +14,9 @@ Columns carried through the pipeline (numpy batches):
 for a good item and the reason otherwise; bad items travel on to the driver, which writes
 them to the dead-letter file instead of Milvus. `letter` is "" or, for an item whose text
 Milvus (and Arrow) cannot hold, that text exactly, as JSON, for its dead letter.
+`in_source` marks an image whose bytes the source holds (a Parquet column, a tar member): it
+comes with its `data` from the read task, its `path` says where it is in the source until the
+read stage writes it to a file beside the collection.
 `*_seconds` are each item's share of the stage's busy time, summed by the driver for the
 report.
 """
@@ -31,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from xmodal.training.manifest import ManifestRow, parse_row
+from xmodal.indexer import formats
+from xmodal.indexer.formats import InputSpec
 
 
 def content_id(data: bytes) -> str:
@@ -62,37 +67,29 @@ def _first_problem(*problems: str) -> str:
 
 # ---- The input, streamed -----------------------------------------------------------------
 #
-# The driver makes one streaming pass over the manifest (`scan`): it numbers the items, cuts
-# them into shards and keeps, per shard, where it starts in the file and a digest of its
-# items: O(shards) memory, whatever the corpus. The read tasks (`ManifestDatasource`, one per
-# shard still to do) seek to their shard, read its items and check the digest, so a manifest
-# edited during a run fails the run instead of mislabelling shards.
+# The driver makes one streaming pass over the input (`scan`): it numbers the items, cuts them
+# into shards and keeps, per shard, where it starts (file, offset: `formats` says what an offset
+# is in each format) and a digest of its items: O(shards) memory, whatever the corpus. The read
+# tasks (`InputDatasource`, one per shard still to do) start at their shard, read its items and
+# check the digest, so an input edited during a run fails the run instead of mislabelling shards.
 
 IMAGE, CAPTION = "image", "caption"
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One shard of the input: where it starts in the manifest and what it holds."""
+    """One shard of the input: where it starts and what it holds."""
 
     number: int
-    offset: int  # byte offset of the line that holds its first item
-    line: int  # that line's number (from 1), for messages
+    offset: int  # where its first item's row starts in files[0] (formats.py: a byte offset, a row index)
+    line: int  # that row's line (from 1), row or sample number, for messages
     first_item: int  # the number of its first item
     items: int  # its items (images: rows; captions: every caption, repeats included)
-    skip: int  # captions: the captions of that first line that belong to the shard before
+    skip: int  # captions: the captions of that first row that belong to the shard before
     emitted: int  # rows its read yields: every image; one per distinct caption text
     digest: str  # sha256 of its items' descriptions
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a read task needs to find a shard's items again (small: it travels with each task)."""
-
-    kind: str
-    manifest: str  # absolute
-    split: str | None
-    styles: tuple[str, ...] | None
+    files: tuple[str, ...] = ()  # the files its rows are in, in order
+    rows: tuple[formats.Row, ...] | None = None  # Karpathy: its rows, parsed by the driver
 
 
 @dataclass
@@ -105,39 +102,19 @@ class InputPlan:
     shards: list[Shard]
 
 
-def _manifest_rows(handle, spec: InputSpec, first_line: int) -> Iterator[tuple[int, int, ManifestRow]]:
-    """(line number, byte offset, row) for each row of `spec`'s split and styles, from the
-    handle's position (a binary file), whose line is `first_line`."""
-    manifest_dir = Path(spec.manifest).parent
-    offset = handle.tell()
-    for line_number, raw in enumerate(handle, start=first_line):
-        start, offset = offset, offset + len(raw)
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"manifest {spec.manifest} is not UTF-8 text: line {line_number}: {exc}") from None
-        if not line.strip():
-            continue
-        row = parse_row(line, manifest_dir, where=f"{spec.manifest}:{line_number}")
-        if spec.split is not None and row.split != spec.split:
-            continue
-        if spec.styles is not None and row.style not in spec.styles:
-            continue
-        yield line_number, start, row
+def _units(kind: str, row: formats.Row) -> list[str | None]:
+    """The items a row makes: itself (images), each of its captions, or a malformed row's letter."""
+    return [None] if kind == IMAGE or row.problem else list(row.captions)
 
 
-def _units(kind: str, row: ManifestRow) -> list[str | None]:
-    """The items a row makes: itself (images) or each of its captions."""
-    return [None] if kind == IMAGE else list(row.captions)
-
-
-def _description(kind: str, number: int, row: ManifestRow, caption: str | None) -> bytes:
+def _description(kind: str, number: int, row: formats.Row, caption: str | None) -> bytes:
     if kind == IMAGE:
-        described = {"item": number, "path": str(row.image), "concept": row.concept, "style": row.style,
+        described = {"item": number, "path": row.image, "concept": row.concept, "style": row.style,
                      "captions": list(row.captions)}
     else:
         described = {"item": number, "caption": caption, "concept": row.concept, "style": row.style,
-                     "image": str(row.image)}
+                     "image": row.image}
+    described.update(row.extra)  # another format's: where the row is, its problem, its file's stamp
     # ensure_ascii: a caption with a lone surrogate must hash, not raise
     return json.dumps(described, sort_keys=True).encode("ascii") + b"\n"
 
@@ -147,19 +124,27 @@ def caption_key(caption: str) -> str:
     return content_id(caption.encode("utf-8", "surrogatepass"))
 
 
-def scan(manifest: str | os.PathLike[str], *, kind: str, split: str | None = None,
+def _unit_key(row: formats.Row, caption: str | None) -> str:
+    """A caption item's key: its text's, or for a malformed row's letter one of its own."""
+    return caption_key(f"\0{row.where}" if row.problem else caption or "")
+
+
+def scan(source: formats.Source | str | os.PathLike[str], *, kind: str, split: Any = formats.SPLIT_DEFAULT,
          styles: Collection[str] | str | None = None, limit: int | None = None,
          shard_size: int = 1000) -> InputPlan:
-    """One streaming pass over the manifest: the items' number, their hash, and the shards.
+    """One streaming pass over the input: the items' number, their hash, and the shards.
 
-    Raises ValueError (naming the file and line) for a manifest that is not UTF-8 or whose
-    lines are not manifest rows, before any work is started.
+    `source`: a manifest path, or a ``formats.Source``. Raises ValueError (naming the file, and
+    for a manifest the line) for an input that cannot be read as its format, before any work is
+    started; a malformed row of another format is an item that goes to the dead letters.
     """
     if kind not in (IMAGE, CAPTION):
         raise ValueError(f"kind must be {IMAGE!r} or {CAPTION!r}, got {kind!r}")
-    if isinstance(styles, str):
-        styles = [styles]
-    spec = InputSpec(kind, str(Path(manifest).resolve()), split, tuple(sorted(styles)) if styles is not None else None)
+    if not isinstance(source, formats.Source):
+        source = formats.Source(source, format=formats.MANIFEST)
+    spec = formats.input_spec(source, kind=kind, split=split, styles=styles)
+    files = formats.input_files(spec)
+    keep_rows = spec.format == "karpathy"  # one document, parsed here: the read tasks carry its rows
     shards: list[Shard] = []
     total = hashlib.sha256()
     number = rows = 0
@@ -169,26 +154,29 @@ def scan(manifest: str | os.PathLike[str], *, kind: str, split: str | None = Non
         digest = current["hash"].hexdigest()
         emitted = current["items"] if kind == IMAGE else len(current["keys"])
         shards.append(Shard(len(shards), current["offset"], current["line"], current["first"], current["items"],
-                            current["skip"], emitted, digest))
+                            current["skip"], emitted, digest, tuple(files[current["file"]:current["last_file"] + 1]),
+                            tuple(current["rows"]) if keep_rows else None))
         total.update(digest.encode("ascii") + b"\n")
 
     if limit is None or limit > 0:
-        with open(spec.manifest, "rb") as handle:
-            for line_number, offset, row in _manifest_rows(handle, spec, 1):
-                for index, caption in enumerate(_units(kind, row)):
-                    if current is None or current["items"] == shard_size:
-                        if current is not None:
-                            close()
-                        current = {"offset": offset, "line": line_number, "first": number, "skip": index,
-                                   "items": 0, "hash": hashlib.sha256(), "keys": set()}
-                    current["hash"].update(_description(kind, number, row, caption))
-                    if kind == CAPTION:
-                        current["keys"].add(caption_key(caption))  # at most shard_size of them
-                    current["items"] += 1
-                    number += 1
-                rows += 1
-                if limit is not None and rows >= limit:
-                    break
+        for file_index, offset, line_number, row in formats.rows(spec, files):
+            for index, caption in enumerate(_units(kind, row)):
+                if current is None or current["items"] == shard_size:
+                    if current is not None:
+                        close()
+                    current = {"file": file_index, "offset": offset, "line": line_number, "first": number,
+                               "skip": index, "items": 0, "hash": hashlib.sha256(), "keys": set(), "rows": []}
+                if keep_rows and (not current["rows"] or current["rows"][-1] is not row):
+                    current["rows"].append(row)
+                current["last_file"] = file_index
+                current["hash"].update(_description(kind, number, row, caption))
+                if kind == CAPTION:
+                    current["keys"].add(_unit_key(row, caption))  # at most shard_size of them
+                current["items"] += 1
+                number += 1
+            rows += 1
+            if limit is not None and rows >= limit:
+                break
     if current is not None:
         close()
     return InputPlan(spec, limit, shard_size, number, total.hexdigest(), shards)
@@ -203,55 +191,79 @@ def _safe_text(value: str) -> str:
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _image_item(number: int, row: ManifestRow) -> dict[str, Any]:
+def _image_item(number: int, row: formats.Row) -> dict[str, Any]:
     from xmodal import store  # here, not at the top: the workers that import this module need no pymilvus
 
-    path = str(row.image)
+    path = row.file or row.image
+    captions = [caption for caption in row.captions if caption.strip()]
     error = _first_problem(
+        row.problem,
+        row.missing,
+        "" if captions else "empty caption",
         text_problem("image path", path, store.PATH_MAX_LENGTH),
         text_problem("concept", row.concept, store.KEY_MAX_LENGTH),
         text_problem("style", row.style, store.KEY_MAX_LENGTH),
-        *(text_problem(f"caption {i + 1}", caption) for i, caption in enumerate(row.captions)),
+        *(text_problem(f"caption {i + 1}", caption) for i, caption in enumerate(captions)),
     )
     # A refused item keeps its exact text in `letter` (JSON with \u escapes) for the dead-letter
     # file; its columns carry stand-ins Arrow can hold (it cannot hold a lone surrogate).
     letter = json.dumps({"path": path}) if error else ""
     return {"item": number, "path": _safe_text(path), "concept": _safe_text(row.concept),
-            "style": _safe_text(row.style), "captions": json.dumps(list(row.captions)),  # \u escapes
-            "error": error, "letter": letter}
+            "style": _safe_text(row.style), "captions": json.dumps(captions),  # \u escapes
+            "error": error, "letter": letter, "in_source": row.in_source,
+            "data": b"" if error else row.data or b""}
 
 
-def _caption_item(number: int, row: ManifestRow, caption: str) -> dict[str, Any]:
+def _caption_item(number: int, row: formats.Row, caption: str | None) -> dict[str, Any]:
     from xmodal import store
 
+    caption = caption or ""
     error = _first_problem(
+        row.problem,
         "empty caption" if not caption.strip() else "",
         text_problem("caption", caption, store.TEXT_MAX_LENGTH),
-        text_problem("image path", str(row.image), store.PATH_MAX_LENGTH),
+        text_problem("image path", row.image, store.PATH_MAX_LENGTH),
         text_problem("concept", row.concept, store.KEY_MAX_LENGTH),
         text_problem("style", row.style, store.KEY_MAX_LENGTH),
     )
-    letter = json.dumps({"caption": caption, "image": str(row.image)}) if error else ""
+    letter = json.dumps({"caption": caption, "image": row.image}) if error else ""
     return {"item": number, "caption": _safe_text(caption), "concept": _safe_text(row.concept),
-            "style": _safe_text(row.style), "image": _safe_text(str(row.image)), "id": caption_key(caption),
+            "style": _safe_text(row.style), "image": _safe_text(row.image), "id": _unit_key(row, caption),
             "data": b"" if error else caption.encode("utf-8"), "error": error, "letter": letter}
+
+
+# How a shard's start is named in messages, per format.
+_POSITION_WORDS = {"csv": "line", "jsonl": "line", "parquet": "row", "webdataset": "sample", "karpathy": "image"}
+
+
+def _changed(spec: InputSpec, shard: Shard, why: str = "no longer holds the items it held") -> ValueError:
+    if spec.format == formats.MANIFEST:
+        return ValueError(f"manifest {spec.path} changed during the run (shard {shard.number}, from line "
+                          f"{shard.line}, {why}): run the command again")
+    where = f"{shard.files[0] if shard.files else spec.path}, {_POSITION_WORDS[spec.format]} {shard.line}"
+    return ValueError(f"{spec.format} input {spec.path} changed during the run (shard {shard.number} from "
+                      f"{where}, {why}): run the command again")
 
 
 def read_shard(spec: InputSpec, shard: Shard) -> list[dict[str, Any]]:
     """The items of one shard, as the pipeline carries them (images: every row; captions: one
     item per distinct text, the last of its occurrences in the shard).
 
-    ValueError when the manifest no longer holds what `scan` found there.
+    ValueError when the input no longer holds what `scan` found there.
     """
     started = time.perf_counter()
     end = shard.first_item + shard.items
     number = shard.first_item
     digest = hashlib.sha256()
     items: list[dict[str, Any]] = []
-    with open(spec.manifest, "rb") as handle:
-        handle.seek(shard.offset)
+    if shard.rows is not None:
+        positioned: Iterator[tuple[int, int, int, formats.Row]] = ((0, 0, 0, row) for row in shard.rows)
+    else:
+        positioned = formats.rows(spec, shard.files, offset=shard.offset, number=shard.line,
+                                  read_images=spec.kind == IMAGE)
+    try:
         first = True
-        for _, _, row in _manifest_rows(handle, spec, shard.line):
+        for _, _, _, row in positioned:
             units = _units(spec.kind, row)
             start = shard.skip if first else 0
             first = False
@@ -263,9 +275,12 @@ def read_shard(spec: InputSpec, shard: Shard) -> list[dict[str, Any]]:
                 number += 1
             if number == end:
                 break
+    except (ValueError, OSError) as exc:  # the scan read it: it was changed or removed since
+        if spec.format == formats.MANIFEST and isinstance(exc, ValueError):
+            raise
+        raise _changed(spec, shard, f"now: {exc}") from None
     if number != end or digest.hexdigest() != shard.digest:
-        raise ValueError(f"manifest {spec.manifest} changed during the run (shard {shard.number}, from line "
-                         f"{shard.line}, no longer holds the items it held): run the command again")
+        raise _changed(spec, shard)
     if spec.kind == CAPTION:
         distinct: dict[str, dict[str, Any]] = {}
         for item in items:  # the last occurrence of a text stands for it
@@ -286,6 +301,8 @@ def _columns(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
             columns[key] = np.array(values, dtype=np.int64)
         elif key.endswith("_seconds"):
             columns[key] = np.array(values, dtype=np.float64)
+        elif key == "in_source":
+            columns[key] = np.array(values, dtype=bool)
         else:
             column = np.empty(len(values), dtype=object)
             column[:] = values
@@ -304,8 +321,8 @@ def _read_blocks(spec: InputSpec, shard: Shard, block_rows: int) -> Iterator[Any
 def _datasource_class():
     from ray.data import Datasource
 
-    class ManifestDatasource(Datasource):
-        """A Ray Data datasource over a scanned manifest: one read task per shard to do,
+    class InputDatasource(Datasource):
+        """A Ray Data datasource over a scanned input: one read task per shard to do,
         yielding blocks of `block_rows` items (a shard's items in several blocks, so the
         embedding actors share a shard)."""
 
@@ -326,9 +343,9 @@ def _datasource_class():
                     for shard in self.shards]
 
         def get_name(self) -> str:
-            return "ReadManifest"
+            return f"Read{self.spec.format.capitalize()}"
 
-    return ManifestDatasource
+    return InputDatasource
 
 
 def dataset(spec: InputSpec, shards: Sequence[Shard], *, block_rows: int):
@@ -371,23 +388,43 @@ def check_image(data: bytes) -> str:
     return ""
 
 
-def read_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """map_batches: read each file, hash it, and check that it is an image."""
+def read_images(batch: dict[str, np.ndarray], image_store: str | None = None) -> dict[str, np.ndarray]:
+    """map_batches: read each file (or take the bytes the source held), hash it, and check that it
+    is an image. Bytes held by the source that are an image are written once, by content, under
+    `image_store` (``<sha256[:2]>/<sha256[:32]>.<ext>``, as ``xmodal data import`` writes them), and
+    the item's path becomes that file's: the collection's rows point at files the client can show."""
+    from xmodal.training.readers import ImageStore
+
     n = len(batch["path"])
     ids = np.full(n, "", dtype=object)
     data = np.full(n, b"", dtype=object)
+    paths = np.array(batch["path"], dtype=object)
     errors = np.array(batch["error"], dtype=object)
     seconds = np.zeros(n, dtype=np.float64)
-    for i, path in enumerate(batch["path"]):
+    in_source = batch["in_source"] if "in_source" in batch else np.zeros(n, dtype=bool)
+    stored = ImageStore(Path(image_store)) if image_store is not None else None
+    for i, path in enumerate(paths):
         if errors[i]:
             continue
         started = time.perf_counter()
-        try:
-            with open(path, "rb") as handle:
-                content = handle.read()
-        except OSError as exc:
-            errors[i] = f"cannot read file: {exc.strerror or exc}"
+        if in_source[i]:
+            content = batch["data"][i]
         else:
-            ids[i], data[i], errors[i] = content_id(content), content, check_image(content)
+            try:
+                with open(path, "rb") as handle:
+                    content = handle.read()
+            except OSError as exc:
+                errors[i] = f"cannot read file: {exc.strerror or exc}"
+                seconds[i] = time.perf_counter() - started
+                continue
+        ids[i], data[i], errors[i] = content_id(content), content, check_image(content)
+        if in_source[i] and not errors[i]:
+            if stored is None:
+                raise ValueError("images held by the source need an image_store to be written to")
+            written = stored.put(content, path)  # the name's extension where it is an image's (a tar member's)
+            if written is None:
+                errors[i] = "cannot decode image: not in an image format Pillow knows"
+            else:
+                paths[i] = str(written[1])
         seconds[i] = time.perf_counter() - started
-    return {**batch, "id": ids, "data": data, "error": errors, "read_seconds": seconds}
+    return {**batch, "path": paths, "id": ids, "data": data, "error": errors, "read_seconds": seconds}

@@ -17,14 +17,20 @@ from xmodal.sidestore import beside_collection
 from xmodal.training.emoji import write_atomic
 
 PROGRESS_FORMAT = 1
-# The identity fields a progress file must share with a run for the run to continue it.
-IDENTITY_KEYS = ("kind", "manifest", "split", "styles", "limit", "items", "items_sha256",
+# The identity fields a progress file must share with a run for the run to continue it
+# ("input": the format and options of an input that is not a manifest; absent for a manifest).
+IDENTITY_KEYS = ("kind", "manifest", "input", "split", "styles", "limit", "items", "items_sha256",
                  "fingerprint", "shard_size")
 
 
 def deadletter_path(milvus_uri: str, collection: str) -> Path:
     """``<db>.<collection>.deadletter.jsonl`` beside a milvus-lite database, else in the data dir."""
     return beside_collection(milvus_uri, collection, "deadletter.jsonl")
+
+
+def image_store_path(milvus_uri: str, collection: str) -> Path:
+    """Where the images a source holds as bytes (Parquet, WebDataset) are written, by content."""
+    return beside_collection(milvus_uri, collection, "images")
 
 
 def progress_path(milvus_uri: str, collection: str) -> Path:

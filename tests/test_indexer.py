@@ -3,11 +3,9 @@ milvus-lite in tmp_path. One server and one Ray for the module."""
 from __future__ import annotations
 
 import json
-import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -218,13 +216,6 @@ def letters_of(path: Path) -> set[tuple]:
     return {(letter["item"], letter["path"], letter["reason"]) for letter in map(json.loads, open(path))}
 
 
-def finished_shards(path: Path) -> int:
-    try:
-        return len(json.loads(path.read_text())["finished"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
-
-
 def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(stack, ray_local, tmp_path, db):
     import ray
 
@@ -234,14 +225,7 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(stack, ray_loc
                "--shard-size", "8", "--write-batch", "8", "--batch-size", "4", "--json",
                "--address", ray.get_runtime_context().gcs_address]
     progress_file = progress_path(str(db), "resumed")
-    with open(tmp_path / "killed.log", "wb") as log:
-        run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while not finished_shards(progress_file) and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        run.send_signal(signal.SIGKILL)
-        run.wait()
-    at_kill = json.loads(progress_file.read_text())
+    at_kill = tinymodel.kill_part_way(command, progress_file, tmp_path / "killed.log")
     assert 1 <= len(at_kill["finished"]) < at_kill["shards"] == 30 and not at_kill["complete"], (
         "the run was not killed part-way:\n" + (tmp_path / "killed.log").read_text())
 

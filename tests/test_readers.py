@@ -3,13 +3,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
+import tinymodel
 
 from xmodal.training.manifest import read_manifest
 from xmodal.training.readers import detect_format, hash_split, import_corpus, wds_key
@@ -262,23 +263,14 @@ def test_parquet_empty_caption_names_the_row(tmp_path: Path) -> None:
 # --- WebDataset ----------------------------------------------------------------------------
 
 
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as archive:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
-
-
 def test_webdataset_directory_of_shards(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()
-    write_shard(shards / "shard-000.tar", [
+    tinymodel.write_shard(shards / "shard-000.tar", [
         ("000", {"jpg": jpeg_bytes("red"), "txt": b"a red square\n"}),
         ("001", {"png": png_bytes("green"), "json": json.dumps({"caption": "green", "category": "cool"}).encode()}),
     ])
-    write_shard(shards / "shard-001.tar", [
+    tinymodel.write_shard(shards / "shard-001.tar", [
         ("002", {"webp": png_bytes("blue"),
                  "json": json.dumps({"captions": ["blue", "navy"], "split": "test"}).encode()}),
         ("003", {"txt": b"an image that is not there"}),
@@ -300,9 +292,9 @@ def test_webdataset_directory_of_shards(tmp_path: Path) -> None:
 
 def test_webdataset_sample_without_caption_names_shard_and_key(tmp_path: Path) -> None:
     shard = tmp_path / "bad.tar"
-    write_shard(shard, [("000", {"jpg": jpeg_bytes("red"), "txt": b"red"}), ("001", {"jpg": jpeg_bytes("blue")})])
+    tinymodel.write_shard(shard, [("000", {"jpg": jpeg_bytes("red"), "txt": b"red"}), ("001", {"jpg": jpeg_bytes("blue")})])
     with pytest.raises(ValueError, match=r"bad\.tar:001: no caption"):
         import_corpus(shard, tmp_path / "out", progress=False)
-    write_shard(shard, [("000", {"jpg": jpeg_bytes("red"), "json": b"{oops"})])
+    tinymodel.write_shard(shard, [("000", {"jpg": jpeg_bytes("red"), "json": b"{oops"})])
     with pytest.raises(ValueError, match=r"bad\.tar:000\.json: not valid JSON"):
         import_corpus(shard, tmp_path / "out", progress=False)

@@ -6,8 +6,13 @@ Not a test module; test_indexer.py and test_client.py import it (pytest puts tes
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import signal
 import socket
+import subprocess
+import tarfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -232,3 +237,35 @@ def write_corpus(directory: Path, *, style: str = "tiny", split: str = "test",
 def record(directory_relative_image: str, concept: str, *, style: str = "tiny", split: str = "test") -> dict:
     return {"id": f"{style}/{concept}", "concept": concept, "style": style, "split": split,
             "image": directory_relative_image, "captions": [f"{concept} thing"]}
+
+
+# ---- shared by the indexer tests: WebDataset shards, killing a run part-way ---------------
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A WebDataset tar: each sample's files as ``<key>.<ext>`` members."""
+    with tarfile.open(path, "w") as archive:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+
+
+def finished_shards(path: Path) -> int:
+    try:
+        return len(json.loads(path.read_text())["finished"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def kill_part_way(command: list[str], progress_file: Path, log_path: Path) -> dict:
+    """Run `command`, SIGKILL it once its progress file records a finished shard; the progress then."""
+    with open(log_path, "wb") as log:
+        run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not finished_shards(progress_file) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    return json.loads(progress_file.read_text())

@@ -1,25 +1,33 @@
-"""Turn the image–text formats users bring into the project's manifest (docs/architecture.md).
+"""The image–text formats users bring: read as rows, and turned into the project's manifest (docs/architecture.md).
 
 Formats: ``csv`` (or ``.tsv``) and ``jsonl`` tables of ``image`` + ``caption``/``captions``, the
 Karpathy split JSON (Flickr30k, MSCOCO), ``parquet`` with an image-bytes or image-path column, and
-``webdataset`` tar shards (``key.jpg`` + ``key.txt``/``key.json``). Training and indexing then read
-the manifest only: images stored as bytes inside the source (Parquet, WebDataset) are written once
-to ``out_dir/images/<sha256[:2]>/<sha256[:32]>.<ext>``; images on disk stay where they are.
+``webdataset`` tar shards (``key.jpg`` + ``key.txt``/``key.json``).
 
+Each format is read by one generator of positioned rows (``file_rows``: ``csv_rows``, ``jsonl_rows``,
+``karpathy_rows``, ``parquet_rows``, ``wds_rows``), which can start again at a row's position: the
+indexer (``xmodal.indexer.formats``) streams the same rows shard by shard, ``import_corpus`` collects
+them into a manifest. A file that cannot be read as its format at all raises ``ValueError`` naming
+it; a malformed row is a row with a ``problem`` (import raises it, the indexer dead-letters it).
+
+Import: images stored as bytes inside the source (Parquet, WebDataset) are written once
+to ``out_dir/images/<sha256[:2]>/<sha256[:32]>.<ext>``; images on disk stay where they are.
 Each image is one row: its ``concept`` and ``id`` are ``<style>/<key>`` where the key is the image
 path relative to its root (path formats) or its content hash (byte formats), so rows describing the
 same image are merged into one with all their captions. ``category`` becomes ``group``. A source
 split is kept (``restval`` → train); without one, the split is drawn from a hash of the id, so a
 re-import gives the same split. Malformed input raises ``ValueError("<file>:<line>: …")`` (Parquet:
 ``<file>: row <i>`` counted from 0; WebDataset: ``<shard>:<member>``); an image that cannot be found
-is recorded in ``out_dir/skipped.jsonl`` and left out.
+or bytes that are no image are recorded in ``out_dir/skipped.jsonl`` and left out.
 """
 from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -27,10 +35,10 @@ import sys
 import tarfile
 import time
 import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -102,15 +110,15 @@ def hash_split(item_id: str, *, test_fraction: float, val_fraction: float = 0.0,
 
 
 def clean_captions(value: Any, where: str) -> list[str]:
-    """A caption string or a list of them → a non-empty list of stripped, non-empty captions."""
+    """A caption string or a list of them → a non-empty list of stripped captions (an empty one
+    stays ``""``: whoever collects the row decides what an empty caption means)."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
         raise ValueError(f"{where}: captions must be a string or a list of strings, got {value!r}")
-    captions = [c.strip() for c in value]
-    if not captions or not all(captions):
+    if not value:
         raise ValueError(f"{where}: empty caption")
-    return captions
+    return [c.strip() for c in value]
 
 
 def optional_text(value: Any, where: str, name: str) -> str | None:
@@ -124,7 +132,7 @@ def optional_text(value: Any, where: str, name: str) -> str | None:
 
 
 def default_style(source: Path) -> str:
-    if any(ch in source.name for ch in "*?["):
+    if is_glob(Path(source.name)):
         name = source.parent.name  # a glob of shards: name the corpus after their folder
     else:
         name = source.name if source.is_dir() else source.stem
@@ -183,6 +191,62 @@ class ImageStore:
 
 
 @dataclass
+class SourceRow:
+    """One row of a source as its format gives it, before rows naming the same image are merged.
+
+    The image is a file (``image``, ``key`` its path relative to the root) or bytes inside the
+    source (``in_source``: ``data``, ``name`` a hint to their type; ``data`` is None where the bytes
+    were not asked for, as when the indexer's driver scans a source). ``location`` says where the
+    image is (its file, or the place of its bytes: ``<shard>:<key>.jpg``, ``<file>: row 3``).
+    ``problem`` marks a malformed row (its message starts with ``where``); ``missing`` a row without
+    an image. Captions are stripped; an empty one stays ``""`` (import refuses it, the indexer
+    sends it to its dead letters).
+    """
+
+    where: str
+    captions: list[str] = field(default_factory=list)
+    split: str | None = None
+    group: str | None = None
+    image: Path | None = None
+    key: str | None = None
+    in_source: bool = False
+    data: bytes | None = None
+    name: str | None = None
+    location: str = ""
+    problem: str = ""
+    missing: str = ""
+
+
+# Where a row starts in its file: a byte offset (CSV, JSONL, a tar member's header) or a row
+# index (Parquet, Karpathy), and its line, row or sample number for messages.
+Positioned = tuple[int, int, SourceRow]
+
+
+def _parsed(where: str, parse: Callable[[], SourceRow]) -> SourceRow:
+    """The row `parse` makes, or a row that carries its ValueError as its problem."""
+    try:
+        return parse()
+    except ValueError as exc:
+        return SourceRow(where, problem=str(exc), location=where)
+
+
+def path_row(image_value: Any, root: Path, captions: list[str], split: str | None, group: str | None,
+             where: str) -> SourceRow:
+    """A row whose image is a file under ``root``."""
+    if not isinstance(image_value, str) or not image_value.strip():
+        raise ValueError(f"{where}: 'image' must be a non-empty path, got {image_value!r}")
+    relative = Path(image_value.strip())
+    image = (root / relative).absolute()
+    return SourceRow(where, captions, split, group, image=image,
+                     key=Path(os.path.normpath(relative)).as_posix().lstrip("/"), location=str(image))
+
+
+def bytes_row(data: bytes | None, name: str | None, captions: list[str], split: str | None, group: str | None,
+              where: str, location: str) -> SourceRow:
+    return SourceRow(where, captions, split, group, in_source=True, data=data, name=name, location=location)
+
+
+@dataclass
 class Context:
     style: str
     collector: Collector
@@ -190,32 +254,64 @@ class Context:
     store: ImageStore
     bar: tqdm
 
-    def add_path(self, image_value: Any, root: Path, captions: list[str], split: str | None,
-                 group: str | None, where: str) -> None:
-        """A row whose image is a file under ``root``: kept as is, or skipped if the file is missing."""
-        if not isinstance(image_value, str) or not image_value.strip():
-            raise ValueError(f"{where}: 'image' must be a non-empty path, got {image_value!r}")
-        relative = Path(image_value.strip())
-        image = (root / relative).absolute()
+    def add(self, row: SourceRow) -> None:
+        """Collect a row: a malformed one stops the import; one whose image is not there is skipped."""
+        if row.problem:
+            raise ValueError(row.problem)
+        if not all(row.captions):
+            raise ValueError(f"{row.where}: empty caption")
+        for caption in row.captions:
+            try:
+                caption.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{row.where}: a caption is not valid UTF-8 text: {caption!r}") from None
         self.bar.update(1)
-        if not image.is_file():
-            self.skip_log.record(str(image), f"image file not found ({where})")
+        if row.missing:
+            self.skip_log.record(row.where, row.missing)
             return
-        key = Path(os.path.normpath(relative)).as_posix().lstrip("/")
-        self.collector.add(key, image, captions, split, group)
-
-    def add_bytes(self, data: bytes, name_hint: str | None, captions: list[str], split: str | None,
-                  group: str | None, where: str) -> None:
-        self.bar.update(1)
-        stored = self.store.put(data, name_hint)
-        if stored is None:
-            self.skip_log.record(where, "bytes are not a recognised image (png, jpeg, webp, gif, bmp, tiff)")
-            return
-        key, path = stored
-        self.collector.add(key, path, captions, split, group)
+        if row.in_source:
+            stored = self.store.put(row.data or b"", row.name)
+            if stored is None:
+                self.skip_log.record(row.location, "bytes are not a recognised image (png, jpeg, webp, gif, bmp, tiff)")
+                return
+            key, image = stored
+        else:
+            assert row.image is not None and row.key is not None
+            if not row.image.is_file():
+                self.skip_log.record(str(row.image), f"image file not found ({row.where})")
+                return
+            key, image = row.key, row.image
+        self.collector.add(key, image, row.captions, row.split, row.group)
 
 
 # --- csv / jsonl ---------------------------------------------------------------------------
+
+
+class _Lines:
+    """The lines of a binary file as text, from a byte offset; knows where the next line starts.
+
+    Bytes that are not UTF-8 become lone surrogates (``surrogateescape``): the row that holds
+    them is refused by whoever checks its text, not the whole file.
+    """
+
+    def __init__(self, handle: BinaryIO, offset: int = 0, line: int = 1) -> None:
+        self.handle = handle
+        self.seek(offset, line)
+
+    def seek(self, offset: int, line: int) -> None:
+        self.handle.seek(offset)
+        self.offset, self.line = offset, line
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        raw = self.handle.readline()
+        if not raw:
+            raise StopIteration
+        self.offset += len(raw)
+        self.line += 1
+        return raw.decode("utf-8", "surrogateescape")
 
 
 def table_captions(record: dict[str, Any], where: str, *, json_list_text: bool) -> list[str]:
@@ -233,77 +329,116 @@ def table_captions(record: dict[str, Any], where: str, *, json_list_text: bool) 
     raise ValueError(f"{where}: missing 'caption' or 'captions'")
 
 
-def read_csv(path: Path, root: Path, ctx: Context) -> None:
+def table_row(record: dict[str, Any], root: Path, where: str, *, json_list_text: bool) -> SourceRow:
+    captions = table_captions(record, where, json_list_text=json_list_text)
+    split = normalise_split(record.get("split"), where)
+    group = optional_text(record.get("category"), where, "category")
+    return path_row(record.get("image"), root, captions, split, group, where)
+
+
+def csv_rows(path: Path, root: Path, *, offset: int = 0, line: int = 1) -> Iterator[Positioned]:
+    """The records of a CSV (``.tsv``: tab-separated) table with a header, from `offset` (the
+    start of a record after the header; 0: the first) on. A missing column is a ValueError."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        columns = reader.fieldnames or []
+    with path.open("rb") as handle:
+        lines = _Lines(handle)
+        reader = csv.reader(lines, delimiter=delimiter)
+        try:
+            columns = next(reader, [])
+        except csv.Error as exc:
+            raise ValueError(f"{path}:1: not a CSV header ({exc})") from None
+        if columns:
+            columns[0] = columns[0].removeprefix("\ufeff")  # a byte-order mark
         if "image" not in columns:
             raise ValueError(f"{path}:1: missing column 'image' (columns: {', '.join(columns) or 'none'})")
         if "caption" not in columns and "captions" not in columns:
             raise ValueError(f"{path}:1: missing column 'caption' or 'captions' (columns: {', '.join(columns)})")
-        for record in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in record:
-                raise ValueError(f"{where}: more fields than the header has")
-            add_table_record(record, root, ctx, where, json_list_text=True)
-
-
-def read_jsonl(path: Path, root: Path, ctx: Context) -> None:
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
+        if offset > lines.offset:
+            lines.seek(offset, line)  # the reader holds nothing between records
+        while True:
+            start, number = lines.offset, lines.line
+            where = f"{path}:{number}"
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield start, number, SourceRow(where, problem=f"{where}: not a CSV record ({exc})", location=where)
                 continue
-            where = f"{path}:{line_number}"
-            record = json_object(line, where=where)
-            if "image" not in record:
-                raise ValueError(f"{where}: missing key 'image'")
-            add_table_record(record, root, ctx, where, json_list_text=False)
+            if not values:
+                continue  # a blank line
+            if len(values) > len(columns):
+                yield start, number, SourceRow(where, problem=f"{where}: more fields than the header has",
+                                               location=where)
+                continue
+            record = dict(zip(columns, values + [None] * (len(columns) - len(values))))
+            yield start, number, _parsed(where, lambda: table_row(record, root, where, json_list_text=True))
 
 
-def add_table_record(record: dict[str, Any], root: Path, ctx: Context, where: str, *, json_list_text: bool) -> None:
-    captions = table_captions(record, where, json_list_text=json_list_text)
-    split = normalise_split(record.get("split"), where)
-    group = optional_text(record.get("category"), where, "category")
-    ctx.add_path(record.get("image"), root, captions, split, group, where)
+def jsonl_rows(path: Path, root: Path, *, offset: int = 0, line: int = 1) -> Iterator[Positioned]:
+    """The rows of a JSONL table (one object a line with ``image`` and ``caption``/``captions``)."""
+
+    def parse(text: str, where: str) -> SourceRow:
+        record = json_object(text, where=where)
+        if "image" not in record:
+            raise ValueError(f"{where}: missing key 'image'")
+        return table_row(record, root, where, json_list_text=False)
+
+    with path.open("rb") as handle:
+        lines = _Lines(handle, offset, line)
+        while True:
+            start, number = lines.offset, lines.line
+            text = next(lines, None)
+            if text is None:
+                return
+            if text.strip():
+                where = f"{path}:{number}"
+                yield start, number, _parsed(where, lambda: parse(text, where))
 
 
 # --- Karpathy split JSON -------------------------------------------------------------------
 
 
-def read_karpathy(path: Path, root: Path, ctx: Context) -> None:
+def karpathy_row(image: Any, root: Path, where: str) -> SourceRow:
+    if not isinstance(image, dict):
+        raise ValueError(f"{where}: expected an object, got {type(image).__name__}")
+    filename = image.get("filename")
+    if not isinstance(filename, str) or not filename.strip():
+        raise ValueError(f"{where}: missing 'filename'")
+    where = f"{where} ({filename})"
+    sentences = image.get("sentences")
+    if not isinstance(sentences, list) or not sentences:
+        raise ValueError(f"{where}: missing 'sentences'")
+    raw: list[Any] = []
+    for sentence in sentences:
+        if isinstance(sentence, dict) and isinstance(sentence.get("raw"), str):
+            raw.append(sentence["raw"])
+        elif isinstance(sentence, dict) and isinstance(sentence.get("tokens"), list):
+            raw.append(" ".join(str(t) for t in sentence["tokens"]))
+        else:
+            raise ValueError(f"{where}: a sentence without 'raw' text: {sentence!r}")
+    captions = clean_captions(raw, where)
+    filepath = image.get("filepath")
+    folder = filepath.strip("/") if isinstance(filepath, str) else ""
+    relative = f"{folder}/{filename}" if folder else filename
+    return path_row(relative, root, captions, normalise_split(image.get("split"), where), None, where)
+
+
+def karpathy_rows(path: Path, root: Path) -> Iterator[Positioned]:
+    """The images of a Karpathy split JSON (one document: parsed whole), positioned by their index."""
     try:
         with path.open(encoding="utf-8") as handle:
             document = json.load(handle)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list):
         raise ValueError(f"{path}: expected a JSON object with an 'images' list (the Karpathy split format)")
     for index, image in enumerate(images):
         where = f"{path}: images[{index}]"
-        if not isinstance(image, dict):
-            raise ValueError(f"{where}: expected an object, got {type(image).__name__}")
-        filename = image.get("filename")
-        if not isinstance(filename, str) or not filename.strip():
-            raise ValueError(f"{where}: missing 'filename'")
-        where = f"{where} ({filename})"
-        sentences = image.get("sentences")
-        if not isinstance(sentences, list) or not sentences:
-            raise ValueError(f"{where}: missing 'sentences'")
-        raw: list[Any] = []
-        for sentence in sentences:
-            if isinstance(sentence, dict) and isinstance(sentence.get("raw"), str):
-                raw.append(sentence["raw"])
-            elif isinstance(sentence, dict) and isinstance(sentence.get("tokens"), list):
-                raw.append(" ".join(str(t) for t in sentence["tokens"]))
-            else:
-                raise ValueError(f"{where}: a sentence without 'raw' text: {sentence!r}")
-        captions = clean_captions(raw, where)
-        filepath = image.get("filepath")
-        folder = filepath.strip("/") if isinstance(filepath, str) else ""
-        relative = f"{folder}/{filename}" if folder else filename
-        ctx.add_path(relative, root, captions, normalise_split(image.get("split"), where), None, where)
+        yield index, index, _parsed(where, lambda: karpathy_row(image, root, where))
 
 
 # --- Parquet -------------------------------------------------------------------------------
@@ -326,7 +461,19 @@ def pick_column(
     )
 
 
-def read_parquet(path: Path, root: Path, ctx: Context, *, image_column: str | None, caption_column: str | None) -> None:
+@dataclass(frozen=True)
+class ParquetLayout:
+    """The columns of a Parquet file that hold a row's image, captions, split and category."""
+
+    image: str
+    caption: str
+    extra: tuple[str, ...]
+    image_kind: str  # "path" (strings), "bytes" or "struct" (Hugging Face's Image: {"bytes", "path"})
+
+
+def parquet_layout(path: Path, image_column: str | None, caption_column: str | None) -> tuple[Any, ParquetLayout]:
+    """The opened file and its layout; ValueError naming the file when it is no Parquet file or
+    has no image or caption column of a usable type."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -337,41 +484,74 @@ def read_parquet(path: Path, root: Path, ctx: Context, *, image_column: str | No
     names = parquet.schema_arrow.names
     image_col = pick_column(names, image_column, PARQUET_IMAGE_COLUMNS, "image", path)
     caption_col = pick_column(names, caption_column, PARQUET_CAPTION_COLUMNS, "caption", path)
-    extra = [c for c in ("split", "category") if c in names and c not in (image_col, caption_col)]
+    extra = tuple(c for c in ("split", "category") if c in names and c not in (image_col, caption_col))
     image_type = parquet.schema_arrow.field(image_col).type
-    if not (pa.types.is_struct(image_type) or pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
-            or pa.types.is_string(image_type) or pa.types.is_large_string(image_type)):
+    if pa.types.is_struct(image_type):
+        kind = "struct"
+    elif pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type):
+        kind = "bytes"
+    elif pa.types.is_string(image_type) or pa.types.is_large_string(image_type):
+        kind = "path"
+    else:
         raise ValueError(f"{path}: image column {image_col!r} has type {image_type}; "
                          "expected bytes, a path string or a struct of bytes and path")
-    row = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[image_col, caption_col, *extra]):
-        images = batch.column(image_col).to_pylist()
-        captions = batch.column(caption_col).to_pylist()
-        splits = batch.column("split").to_pylist() if "split" in extra else [None] * len(images)
-        groups = batch.column("category").to_pylist() if "category" in extra else [None] * len(images)
-        for image, caption, split, group in zip(images, captions, splits, groups):
-            where = f"{path}: row {row}"
+    return parquet, ParquetLayout(image_col, caption_col, extra, kind)
+
+
+def parquet_row(layout: ParquetLayout, image: Any, caption: Any, split: Any, group: Any, root: Path, where: str,
+                read_images: bool) -> SourceRow:
+    if caption is not None and isinstance(caption, list) and caption and isinstance(caption[0], dict):
+        caption = [c.get("raw") for c in caption]  # Karpathy-style sentence structs
+    captions = clean_captions(caption if caption is not None else "", where)
+    split = normalise_split(split, where)
+    group = optional_text(group, where, "category")
+    if layout.image_kind == "path":
+        return path_row(image, root, captions, split, group, where)
+    if not read_images:  # the bytes were not read: the row is described by where it is
+        return bytes_row(None, None, captions, split, group, where, where)
+    if isinstance(image, dict):  # Hugging Face datasets' Image feature: {"bytes", "path"}
+        if image.get("bytes"):
+            return bytes_row(image["bytes"], image.get("path"), captions, split, group, where, where)
+        if image.get("path"):
+            # a file, but no key: whether a struct holds bytes or a path is known only once read
+            return replace(path_row(image["path"], root, captions, split, group, where), key=None, location=where)
+        missing = f"image {layout.image!r} has neither bytes nor a path"
+    elif isinstance(image, bytes):
+        return bytes_row(image, None, captions, split, group, where, where)
+    else:
+        missing = f"image {layout.image!r} is missing"
+    return SourceRow(where, captions, split, group, in_source=True, location=where, missing=missing)
+
+
+def parquet_rows(path: Path, root: Path, *, image_column: str | None, caption_column: str | None,
+                 offset: int = 0, read_images: bool = True) -> Iterator[Positioned]:
+    """The rows of a Parquet file from row `offset` (counted from 0) on, streamed in record
+    batches of the columns needed: without `read_images`, an image column of bytes is not read."""
+    parquet, layout = parquet_layout(path, image_column, caption_column)
+    columns = [layout.caption, *layout.extra]
+    if read_images or layout.image_kind == "path":
+        columns.insert(0, layout.image)
+    groups, first = [], 0  # the row groups from the one holding `offset`, and that group's first row
+    for group_index in range(parquet.metadata.num_row_groups):
+        rows_in_group = parquet.metadata.row_group(group_index).num_rows
+        if groups or offset < first + rows_in_group:
+            groups.append(group_index)
+        elif not groups:
+            first += rows_in_group
+    if not groups:
+        return
+    row = first
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=columns):
+        absent = [None] * batch.num_rows
+        images, captions, splits, groups_ = (
+            batch.column(name).to_pylist() if name in batch.schema.names else absent
+            for name in (layout.image, layout.caption, "split", "category"))
+        for image, caption, split, group in zip(images, captions, splits, groups_):
+            if row >= offset:
+                where = f"{path}: row {row}"
+                yield row, row, _parsed(where, lambda: parquet_row(layout, image, caption, split, group, root, where,
+                                                                   read_images))
             row += 1
-            if caption is not None and isinstance(caption, list) and caption and isinstance(caption[0], dict):
-                caption = [c.get("raw") for c in caption]  # Karpathy-style sentence structs
-            row_captions = clean_captions(caption if caption is not None else "", where)
-            row_split = normalise_split(split, where)
-            row_group = optional_text(group, where, "category")
-            if isinstance(image, dict):  # Hugging Face datasets' Image feature: {"bytes", "path"}
-                if image.get("bytes"):
-                    ctx.add_bytes(image["bytes"], image.get("path"), row_captions, row_split, row_group, where)
-                elif image.get("path"):
-                    ctx.add_path(image["path"], root, row_captions, row_split, row_group, where)
-                else:
-                    raise ValueError(f"{where}: image {image_col!r} has neither bytes nor a path")
-            elif isinstance(image, bytes):
-                if not image:
-                    raise ValueError(f"{where}: image {image_col!r} is empty")
-                ctx.add_bytes(image, None, row_captions, row_split, row_group, where)
-            elif isinstance(image, str):
-                ctx.add_path(image, root, row_captions, row_split, row_group, where)
-            else:
-                raise ValueError(f"{where}: image {image_col!r} is missing")
 
 
 # --- WebDataset ----------------------------------------------------------------------------
@@ -384,13 +564,30 @@ def wds_key(member_name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), (ext if dot else "")
 
 
-def iter_wds_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {extension: bytes})`` per sample; a sample's files are consecutive in the shard."""
+def _open_tar(shard: Path) -> BinaryIO:
+    """The shard's tar stream, seekable: gzip-compressed shards are decompressed as they are read
+    (a seek there decompresses everything before the offset)."""
+    if shard.name.lower().endswith((".gz", ".tgz")):
+        return gzip.open(shard, "rb")  # type: ignore[return-value]
+    return shard.open("rb")
+
+
+def iter_wds_samples(shard: Path, *, offset: int = 0, number: int = 0,
+                     read: Callable[[str], bool] = lambda ext: True
+                     ) -> Iterator[tuple[int, int, str, dict[str, bytes | None]]]:
+    """``(offset, number, key, {extension: bytes})`` per sample from the member header at byte
+    `offset` of the tar stream (`number`: that sample's number in the shard, from 0). A sample's
+    files are consecutive members; an extension that `read` declines maps to None (its bytes are
+    skipped, not read)."""
     key: str | None = None
-    files: dict[str, bytes] = {}
+    start = 0
+    files: dict[str, bytes | None] = {}
     try:
-        with tarfile.open(shard, mode="r|*") as archive:
-            for member in archive:
+        with _open_tar(shard) as handle:
+            handle.seek(offset)
+            archive = tarfile.TarFile(fileobj=handle)
+            while (member := archive.next()) is not None:
+                archive.members.clear()  # a TarFile keeps every member it met: memory would grow with the shard
                 if not member.isfile():
                     continue
                 member_key, ext = wds_key(member.name)
@@ -398,59 +595,73 @@ def iter_wds_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                     continue  # metadata such as __index__ files
                 if member_key != key:
                     if key is not None:
-                        yield key, files
-                    key, files = member_key, {}
-                data = archive.extractfile(member)
-                assert data is not None
-                files[ext.lower()] = data.read()
+                        yield start, number, key, files
+                        number += 1
+                    key, start, files = member_key, member.offset, {}
+                ext = ext.lower()
+                if read(ext):
+                    data = archive.extractfile(member)
+                    assert data is not None
+                    files[ext] = data.read()
+                else:
+                    files[ext] = None
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise ValueError(f"{shard}: not a readable tar shard ({exc})") from None
     if key is not None:
-        yield key, files
+        yield start, number, key, files
 
 
-def read_webdataset_shard(shard: Path, ctx: Context) -> None:
-    for key, files in iter_wds_samples(shard):
-        where = f"{shard}:{key}"
-        captions: list[str] | None = None
-        split = group = None
-        if "json" in files:
-            try:
-                meta = json.loads(files["json"])
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{where}.json: not valid JSON ({exc})") from None
-            if not isinstance(meta, dict):
-                raise ValueError(f"{where}.json: expected a JSON object, got {type(meta).__name__}")
-            for name in ("captions", "caption", "text"):
-                if meta.get(name) is not None:
-                    captions = clean_captions(meta[name], f"{where}.json")
-                    break
-            split = normalise_split(meta.get("split"), f"{where}.json")
-            group = optional_text(meta.get("category"), f"{where}.json", "category")
-        if captions is None and "txt" in files:
-            try:
-                text = files["txt"].decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{where}.txt: not UTF-8 ({exc})") from None
-            captions = clean_captions([line for line in text.splitlines() if line.strip()] or "", f"{where}.txt")
-        if captions is None:
-            raise ValueError(f"{where}: no caption (expected {key}.txt, or {key}.json with 'caption' or 'captions')")
-        image_ext = next((ext for ext in WDS_IMAGE_EXTENSIONS if ext in files), None)
-        if image_ext is None:
-            ctx.bar.update(1)
-            ctx.skip_log.record(where, f"no image in the sample (expected {'/'.join(WDS_IMAGE_EXTENSIONS)})")
-            continue
-        ctx.add_bytes(files[image_ext], f"{key}.{image_ext}", captions, split, group, f"{where}.{image_ext}")
+def wds_row(shard: Path, key: str, files: dict[str, bytes | None]) -> SourceRow:
+    where = f"{shard}:{key}"
+    captions: list[str] | None = None
+    split = group = None
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"] or b"")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{where}.json: not valid JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}.json: expected a JSON object, got {type(meta).__name__}")
+        for name in ("captions", "caption", "text"):
+            if meta.get(name) is not None:
+                captions = clean_captions(meta[name], f"{where}.json")
+                break
+        split = normalise_split(meta.get("split"), f"{where}.json")
+        group = optional_text(meta.get("category"), f"{where}.json", "category")
+    if captions is None and "txt" in files:
+        text = (files["txt"] or b"").decode("utf-8", "surrogateescape")
+        captions = clean_captions([line for line in text.splitlines() if line.strip()] or "", f"{where}.txt")
+    if captions is None:
+        raise ValueError(f"{where}: no caption (expected {key}.txt, or {key}.json with 'caption' or 'captions')")
+    image_ext = next((ext for ext in WDS_IMAGE_EXTENSIONS if ext in files), None)
+    if image_ext is None:
+        return SourceRow(where, captions, split, group, in_source=True, location=where,
+                         missing=f"no image in the sample (expected {'/'.join(WDS_IMAGE_EXTENSIONS)})")
+    return bytes_row(files[image_ext], f"{key}.{image_ext}", captions, split, group, where,
+                     f"{where}.{image_ext}")
+
+
+def wds_rows(shard: Path, *, offset: int = 0, number: int = 0, read_images: bool = True) -> Iterator[Positioned]:
+    """The samples of a WebDataset tar shard, from the sample whose first member's header is at
+    byte `offset` of the tar stream. Without `read_images` the image members are skipped unread."""
+    def wanted(ext: str) -> bool:  # the other members (and without read_images, the images) are skipped unread
+        return ext in ("txt", "json") or (read_images and ext in WDS_IMAGE_EXTENSIONS)
+
+    for start, sample, key, files in iter_wds_samples(shard, offset=offset, number=number, read=wanted):
+        yield start, sample, _parsed(f"{shard}:{key}", lambda: wds_row(shard, key, files))
 
 
 # --- sources and formats -------------------------------------------------------------------
 
 
+def is_glob(source: Path) -> bool:
+    return any(ch in str(source) for ch in "*?[")
+
+
 def expand_source(source: Path, suffixes: Sequence[str]) -> list[Path]:
     """A file, a directory (its files with one of ``suffixes``, sorted) or a glob pattern."""
-    text = str(source)
-    if any(ch in text for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(text))
+    if is_glob(source):
+        files = sorted(Path(p) for p in glob.glob(str(source)))
     elif source.is_dir():
         files = sorted(p for p in source.iterdir() if p.is_file() and p.name.lower().endswith(tuple(suffixes)))
     else:
@@ -464,21 +675,55 @@ def expand_source(source: Path, suffixes: Sequence[str]) -> list[Path]:
 
 
 WDS_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def source_files(source: Path, format: str) -> list[Path]:
+    """The files of a source: the file itself (csv, jsonl, karpathy), or for parquet and webdataset a
+    file, a directory of them or a glob."""
+    if format in ("parquet", "webdataset"):
+        return expand_source(source, PARQUET_SUFFIXES if format == "parquet" else WDS_SUFFIXES)
+    if not source.is_file():
+        raise ValueError(f"{source}: no such file")
+    return [source]
+
+
+def file_rows(format: str, file: Path, *, image_root: Path | None = None, image_column: str | None = None,
+              caption_column: str | None = None, offset: int = 0, number: int | None = None,
+              read_images: bool = True) -> Iterator[Positioned]:
+    """``(offset, number, row)`` for each row of one file of a source, from `offset` on (a byte
+    offset for csv, jsonl and a tar stream, a row index for parquet and karpathy), `number` being
+    that row's line (from 1) or sample number (from 0) for messages. Image paths are relative to
+    `image_root`, else to the file's directory. A file that cannot be read as its format at all is a
+    ValueError naming it; a malformed row is a row with a ``problem``."""
+    root = Path(image_root) if image_root is not None else file.parent
+    if format == "csv":
+        return csv_rows(file, root, offset=offset, line=number or 1)
+    if format == "jsonl":
+        return jsonl_rows(file, root, offset=offset, line=number or 1)
+    if format == "karpathy":
+        return itertools.islice(karpathy_rows(file, root), offset, None)
+    if format == "parquet":
+        return parquet_rows(file, root, image_column=image_column, caption_column=caption_column, offset=offset,
+                            read_images=read_images)
+    if format == "webdataset":
+        return wds_rows(file, offset=offset, number=number or 0, read_images=read_images)
+    raise ValueError(f"unknown format {format!r}; expected auto or one of {', '.join(FORMATS)}")
 
 
 def detect_format(source: Path) -> str:
     name = source.name.lower()
-    if any(ch in str(source) for ch in "*?["):
+    if is_glob(source):
         if name.endswith(WDS_SUFFIXES):
             return "webdataset"
-        if name.endswith((".parquet", ".pq")):
+        if name.endswith(PARQUET_SUFFIXES):
             return "parquet"
     elif source.is_dir():
         kinds = set()
         for file in source.iterdir():
             if file.name.lower().endswith(WDS_SUFFIXES):
                 kinds.add("webdataset")
-            elif file.name.lower().endswith((".parquet", ".pq")):
+            elif file.name.lower().endswith(PARQUET_SUFFIXES):
                 kinds.add("parquet")
         if len(kinds) == 1:
             return kinds.pop()
@@ -488,7 +733,7 @@ def detect_format(source: Path) -> str:
         return "jsonl"
     elif name.endswith(".json"):
         return "karpathy"
-    elif name.endswith((".parquet", ".pq")):
+    elif name.endswith(PARQUET_SUFFIXES):
         return "parquet"
     elif name.endswith(WDS_SUFFIXES):
         return "webdataset"
@@ -539,18 +784,10 @@ def import_corpus(
     collector = Collector()
     with tqdm(desc=f"import {style}", unit="row", disable=not progress, file=sys.stderr) as bar:
         ctx = Context(style, collector, skip_log, ImageStore(out_dir / "images"), bar)
-        if format in ("csv", "jsonl", "karpathy"):
-            if not source.is_file():
-                raise ValueError(f"{source}: no such file")
-            root = Path(image_root) if image_root is not None else source.parent
-            {"csv": read_csv, "jsonl": read_jsonl, "karpathy": read_karpathy}[format](source, root, ctx)
-        elif format == "parquet":
-            for file in expand_source(source, (".parquet", ".pq")):
-                root = Path(image_root) if image_root is not None else file.parent
-                read_parquet(file, root, ctx, image_column=image_column, caption_column=caption_column)
-        else:
-            for shard in expand_source(source, WDS_SUFFIXES):
-                read_webdataset_shard(shard, ctx)
+        for file in source_files(source, format):
+            for _, _, row in file_rows(format, file, image_root=image_root, image_column=image_column,
+                                       caption_column=caption_column):
+                ctx.add(row)
 
     rows: list[ManifestRow] = []
     for entry in collector.entries.values():

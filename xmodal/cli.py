@@ -12,6 +12,10 @@ from xmodal.indexer import DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH
 from xmodal.training.recipes import RECIPES
 
 
+# The formats users bring (training/readers.py), as `data import` and `index --input` take them.
+INPUT_FORMATS = ("auto", "csv", "jsonl", "karpathy", "parquet", "webdataset")
+
+
 def default_manifest() -> Path:
     return settings.data_dir() / "emoji" / "manifest.jsonl"
 
@@ -126,8 +130,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                              "Triton server at --triton-url embeds")
         where = dict(triton_url=args.triton_url)
     report = index(
-        args.manifest or default_manifest(), **where, milvus_uri=args.milvus_uri, milvus_token=args.milvus_token,
-        collection=collection, split=None if args.split == "all" else args.split,
+        **_index_input(args), **where, milvus_uri=args.milvus_uri, milvus_token=args.milvus_token,
+        collection=collection,
         batch_size=args.batch_size, embed_workers=args.workers, embed_threads=args.embed_threads,
         writers=args.writers, shard_size=args.shard_size,
         write_batch=args.write_batch, restart=args.restart, ray_address=args.address,
@@ -143,6 +147,28 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(json.dumps({**report.to_dict(), **({"sides": sides.to_dict()} if sides else {})}, indent=2))
     # failure: items went through the pipeline and none of them became a row
     return 1 if report.items_processed and not report.rows_written else 0
+
+
+def _index_input(args: argparse.Namespace) -> dict:
+    """`--manifest M` or `--input PATH` with its format options, and the split: a manifest's test
+    split unless --split says otherwise, every row of another format unless --split is given."""
+    from xmodal.indexer.formats import SPLIT_DEFAULT, Source
+
+    options = {"--format": args.format != "auto", "--image-root": args.image_root is not None,
+               "--image-column": args.image_column is not None, "--caption-column": args.caption_column is not None,
+               "--name": args.name is not None}
+    split = SPLIT_DEFAULT if args.split is None else None if args.split == "all" else args.split
+    if args.input is None:
+        given = [option for option, set_ in options.items() if set_]
+        if given:
+            raise ValueError(f"{', '.join(given)} go with --input (a corpus in another format), not a manifest")
+        return {"manifest": args.manifest or default_manifest(), "split": split}
+    if args.manifest is not None:
+        raise ValueError("give either --manifest (the project's manifest) or --input (a corpus in another "
+                         "format), not both")
+    return {"input": Source(args.input, format=args.format, image_root=args.image_root,
+                            image_column=args.image_column, caption_column=args.caption_column, name=args.name),
+            "split": split}
 
 
 def _serves_reranker(triton_url: str) -> bool:
@@ -257,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     corpus = data.add_parser("import", help="convert a corpus you bring (CSV/JSONL + images, Karpathy JSON, Parquet, WebDataset) into a manifest")
     corpus.add_argument("source", help="the file, directory or glob")
-    corpus.add_argument("--format", default="auto", choices=["auto", "csv", "jsonl", "karpathy", "parquet", "webdataset"])
+    corpus.add_argument("--format", default="auto", choices=INPUT_FORMATS)
     corpus.add_argument("--name", help="the corpus name: its directory under the data dir and its style (default: the source's name)")
     corpus.add_argument("--out", type=Path, help="output directory (default <data>/<name>)")
     corpus.add_argument("--image-root", type=Path, help="where relative image paths start (default: beside the source)")
@@ -310,12 +336,21 @@ def build_parser() -> argparse.ArgumentParser:
     milvus_token_help = ("token for a Milvus server (user:password or an API key); default $XMODAL_MILVUS_TOKEN. "
                          "Prefer the variable: a command line is visible to other users")
     index = commands.add_parser(
-        "index", help="embed a manifest's images (or captions) through Triton into Milvus; stats, delete",
-        description="Embed a manifest's images (or captions) through Triton into Milvus. A run that was cut "
-                    "short resumes when the same command runs again. `xmodal index stats` and `xmodal index "
-                    "delete` look at and remove a collection.")
-    index.add_argument("--manifest", type=Path)
-    index.add_argument("--split", default="test", help="manifest split to index, or 'all' (default test)")
+        "index", help="embed a corpus's images (or captions) through Triton into Milvus; stats, delete",
+        description="Embed the images (or captions) of a manifest, or of a corpus in a format users bring "
+                    "(--input), through Triton into Milvus. A run that was cut short resumes when the same "
+                    "command runs again. `xmodal index stats` and `xmodal index delete` look at and remove a "
+                    "collection.")
+    index.add_argument("--manifest", type=Path, help="the project's manifest (default: the emoji corpus's)")
+    index.add_argument("--input", type=Path, help="instead of --manifest: a corpus you bring, read directly "
+                       "(CSV/TSV or JSONL + images, Karpathy JSON, Parquet or WebDataset tar shards: a file, "
+                       "directory or glob)")
+    index.add_argument("--format", default="auto", choices=INPUT_FORMATS, help="with --input: its format (default: from its name)")
+    index.add_argument("--image-root", type=Path, help="with --input: where relative image paths start (default: beside the source)")
+    index.add_argument("--image-column", help="with --input: the Parquet image column (bytes, path or {bytes, path})")
+    index.add_argument("--caption-column", help="with --input: the Parquet caption column")
+    index.add_argument("--name", help="with --input: the corpus name, the rows' style (default: the source's name)")
+    index.add_argument("--split", help="the split to index, or 'all' (default: test for a manifest, every row for --input)")
     index.add_argument("--captions", action="store_true", help="index the captions (one row per distinct text) instead of the images")
     index.add_argument("--triton-url", default=settings.default_triton_url())
     index.add_argument("--local", action="store_true",

@@ -1,0 +1,413 @@
+"""`xmodal index --input`: the formats users bring (CSV, JSONL, Karpathy JSON, Parquet, WebDataset)
+read directly as Ray datasources. Real local Ray, real milvus-lite, the tiny model embedded
+in-process from its model repository (``--local``), no mocks."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import tinymodel
+from xmodal import cli, store
+from xmodal.indexer import deadletter_path, index_captions, index_images, progress_path, sources
+from xmodal.indexer.formats import Source, input_spec
+from xmodal.indexer.state import image_store_path
+
+pytestmark = pytest.mark.timeout(180)
+
+NOT_AN_IMAGE = b"\x89PNG\r\n\x1a\n this is no image"
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    _, repository = tinymodel.build_repository(tmp_path_factory.mktemp("formats"), max_batch_size=4)
+    return repository
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = tmp_path / "milvus" / "test.db"
+    yield path
+    store.release_local(path)
+
+
+def png(directory: Path, name: str, shape: str = "ellipse") -> bytes:
+    return tinymodel.write_png(directory / f"{name}.png", tinymodel.COLOURS[name], shape).read_bytes()
+
+
+def image_folder(directory: Path) -> dict[str, bytes]:
+    """images/red.png, green.png, blue.png, yellow.png, a corrupt and a zero-byte one."""
+    folder = directory / "images"
+    contents = {name: png(folder, name, "ellipse" if i % 2 == 0 else "rectangle")
+                for i, name in enumerate(("red", "green", "blue", "yellow"))}
+    (folder / "corrupt.png").write_bytes(NOT_AN_IMAGE)
+    (folder / "empty.png").write_bytes(b"")
+    return contents
+
+
+def index(kind: str, source, repository: Path, db: Path, **options):
+    run = index_images if kind == "image" else index_captions
+    return run(input=source, model_repository=repository, milvus_uri=str(db), batch_size=4, progress=False,
+               **options)
+
+
+def stored(db: Path, collection: str, fields: list[str]) -> dict[str, dict]:
+    client = store.connect(db)
+    try:
+        store.ensure_loaded(client, collection)
+        return {row["id"]: row for row in client.query(collection, filter='id != ""', output_fields=fields,
+                                                        limit=16384)}
+    finally:
+        client.close()
+
+
+def letters(report) -> dict[str, str]:
+    """The run's dead letters, `path` (images) or `caption` (captions) -> reason."""
+    lines = Path(report.deadletter_path).read_text(encoding="utf-8").splitlines()
+    return {letter.get("path", letter.get("caption")): letter["reason"] for letter in map(json.loads, lines)}
+
+
+# ---- the formats, end to end --------------------------------------------------------------
+
+
+def test_csv_rows_of_one_image_merge_and_bad_rows_go_to_the_dead_letters(repository, ray_local, tmp_path, db):
+    contents = image_folder(tmp_path)
+    source = tmp_path / "captions.csv"
+    source.write_text(
+        "image,caption\n"
+        "images/red.png,red ellipse\n"
+        "images/red.png,a red face\n"  # the same image on the next line: one row with both captions
+        "images/green.png,green rectangle\n"
+        "images/corrupt.png,broken\n"
+        "images/empty.png,nothing inside\n"
+        "images/missing.png,not there\n"
+        "images/blue.png,\n"  # its only caption is empty
+        'images/yellow.png,"a yellow star,\nquoted over two lines"\n'
+        "images/green.png,one,field too many\n", encoding="utf-8")
+    report = index("image", source, repository, db)
+    assert (report.items_read, report.rows_written, report.dead_letters) == (8, 3, 5)
+    rows = stored(db, "xmodal_images", ["image", "captions", "concept", "style"])
+    ids = {name: sources.content_id(contents[name]) for name in ("red", "green", "yellow")}
+    assert set(rows) == set(ids.values())
+    red = rows[ids["red"]]
+    assert red["captions"] == ["red ellipse", "a red face"] and red["image"] == str(tmp_path / "images/red.png")
+    assert (red["concept"], red["style"]) == ("captions/images/red.png", "captions")
+    assert rows[ids["yellow"]]["captions"] == ["a yellow star,\nquoted over two lines"]
+    reasons = letters(report)
+    folder = tmp_path / "images"
+    assert reasons[str(folder / "corrupt.png")].startswith("cannot decode image")
+    assert reasons[str(folder / "empty.png")] == "empty file"
+    assert reasons[str(folder / "missing.png")] == "cannot read file: No such file or directory"
+    assert reasons[str(folder / "blue.png")] == "empty caption"
+    assert reasons[f"{source}:11"] == f"{source}:11: more fields than the header has"
+
+    again = index("image", source, repository, db)  # the same rows again: nothing new
+    assert "finished" in again.fresh_start and (again.rows_written, again.dead_letters) == (3, 5)
+    assert stored(db, "xmodal_images", ["captions"]).keys() == rows.keys()
+
+
+def test_jsonl_captions_with_bad_lines(repository, ray_local, tmp_path, db):
+    image_folder(tmp_path)
+    source = tmp_path / "pairs.jsonl"
+    source.write_bytes(b"\n".join([
+        json.dumps({"image": "images/red.png", "captions": ["red ellipse", "a red face"]}).encode(),
+        json.dumps({"image": "images/green.png", "caption": "green rectangle"}).encode(),
+        json.dumps({"image": "images/green.png", "caption": "a green star"}).encode(),
+        json.dumps({"image": "images/blue.png", "caption": "  "}).encode(),
+        b"{oops",
+        b'{"image": "images/blue.png", "caption": "a blue \xff face"}',  # bytes that are not UTF-8
+    ]) + b"\n")
+    report = index("caption", source, repository, db)
+    assert (report.items_read, report.rows_written, report.dead_letters) == (7, 4, 3)
+    rows = stored(db, "xmodal_captions", ["caption", "image", "concept"])
+    by_caption = {row["caption"]: row for row in rows.values()}
+    assert sorted(by_caption) == ["a green star", "a red face", "green rectangle", "red ellipse"]
+    assert by_caption["a green star"]["image"] == str(tmp_path / "images/green.png")
+    assert by_caption["a green star"]["concept"] == "pairs/images/green.png"
+    lines = Path(report.deadletter_path).read_text(encoding="utf-8").splitlines()
+    reasons = {letter["reason"].split(" (")[0]: letter["caption"] for letter in map(json.loads, lines)}
+    assert reasons == {"caption is not valid UTF-8 text: 'a blue \\udcff face' has the lone surrogate '\\udcff' "
+                       "at character 7": "a blue \udcff face", "empty caption": "",
+                       f"{source}:5: not valid JSON": ""}
+
+
+def test_karpathy_keeps_its_splits(repository, ray_local, tmp_path, db):
+    contents = image_folder(tmp_path)
+    (tmp_path / "images" / "sub").mkdir()
+    (tmp_path / "images" / "sub" / "blue.png").write_bytes(contents["blue"])
+    source = tmp_path / "dataset_tiny.json"
+    source.write_text(json.dumps({"images": [
+        {"filename": "red.png", "split": "train", "sentences": [{"raw": "red ellipse"}]},
+        {"filename": "green.png", "split": "test", "sentences": [{"raw": "green rectangle"}, {"tokens": ["a", "star"]}]},
+        {"filepath": "sub", "filename": "blue.png", "split": "test", "sentences": [{"raw": "blue ellipse"}]},
+        {"filename": "corrupt.png", "split": "test", "sentences": [{"raw": "broken"}]},
+        {"filename": "yellow.png", "split": "test", "sentences": []},
+    ]}), encoding="utf-8")
+    assert sources.scan(Source(source, image_root=tmp_path / "images"), kind="image").items == 5  # every split
+    # a malformed row has no split to filter by: it goes to the dead letters whatever the split
+    report = index("image", Source(source, image_root=tmp_path / "images"), repository, db, split="test")
+    assert (report.items_read, report.rows_written, report.dead_letters) == (4, 2, 2)
+    rows = stored(db, "xmodal_images", ["image", "captions", "concept"])
+    green = rows[sources.content_id(contents["green"])]
+    assert green["captions"] == ["green rectangle", "a star"] and green["concept"] == "tiny/green.png"
+    assert rows[sources.content_id(contents["blue"])]["image"] == str(tmp_path / "images/sub/blue.png")
+    reasons = letters(report)
+    assert reasons[str(tmp_path / "images/corrupt.png")].startswith("cannot decode image")
+    assert reasons[f"{source}: images[4]"] == f"{source}: images[4] (yellow.png): missing 'sentences'"
+
+
+def test_parquet_image_bytes_are_written_beside_the_collection(repository, ray_local, tmp_path, db):
+    folder = tmp_path / "pngs"
+    red, green, blue = (png(folder, name) for name in ("red", "green", "blue"))
+    source = tmp_path / "train-00000.parquet"
+    pq.write_table(pa.table({
+        "image": [red, green, NOT_AN_IMAGE, b"", blue, red, png(folder, "yellow")],
+        "caption": [["red ellipse", "a red face"], ["green ellipse"], ["broken"], ["zero bytes"], ["blue ellipse"],
+                    ["red again"], [""]],
+    }), source, row_group_size=2)
+    report = index("image", source, repository, db)
+    assert (report.items_read, report.rows_written, report.dead_letters, report.duplicates) == (7, 3, 3, 1)
+    rows = stored(db, "xmodal_images", ["image", "captions", "concept"])
+    images = image_store_path(str(db), "xmodal_images")
+    for content in (red, green, blue):
+        key = sources.content_id(content)
+        path = Path(rows[key]["image"])
+        assert path == images / key[:2] / f"{key}.png" and path.read_bytes() == content
+    assert rows[sources.content_id(red)]["captions"] == ["red again"]  # the later row of the same bytes
+    assert rows[sources.content_id(red)]["concept"] == "train-00000/train-00000.parquet: row 5"
+    reasons = letters(report)
+    assert reasons[f"{source}: row 2"].startswith("cannot decode image")
+    assert reasons[f"{source}: row 3"] == "empty file" and reasons[f"{source}: row 6"] == "empty caption"
+    written = {path: path.stat().st_mtime_ns for path in images.rglob("*.png")}
+    assert len(written) == 3
+
+    again = index("image", source, repository, db)
+    assert again.rows_written == 3 and stored(db, "xmodal_images", ["id"]).keys() == rows.keys()
+    assert {path: path.stat().st_mtime_ns for path in images.rglob("*.png")} == written  # not written again
+
+
+def test_webdataset_images_and_captions(repository, ray_local, tmp_path, db):
+    folder = tmp_path / "pngs"
+    red, green = png(folder, "red"), png(folder, "green")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    tinymodel.write_shard(shards / "shard-000.tar", [
+        ("a", {"png": red, "txt": b"red ellipse\na red face\n"}),
+        ("b", {"png": NOT_AN_IMAGE, "txt": b"broken"}),
+        ("c", {"png": b"", "txt": b"zero bytes"}),
+    ])
+    tinymodel.write_shard(shards / "shard-001.tar", [
+        ("d", {"jpg": green, "json": json.dumps({"captions": ["green ellipse", "a green face"]}).encode()}),
+        ("e", {"txt": b"a caption without its image"}),
+        ("f", {"png": png(folder, "blue"), "txt": b""}),
+    ])
+    report = index("image", shards, repository, db, shard_size=2)
+    assert (report.items_read, report.rows_written, report.dead_letters, report.shards) == (6, 2, 4, 3)
+    rows = stored(db, "xmodal_images", ["image", "captions", "concept"])
+    images = image_store_path(str(db), "xmodal_images")
+    red_key, green_key = sources.content_id(red), sources.content_id(green)
+    assert rows[red_key]["captions"] == ["red ellipse", "a red face"]
+    assert rows[red_key]["concept"] == "shards/shard-000.tar:a"
+    # the file keeps the member's extension, as import names it
+    assert Path(rows[green_key]["image"]) == images / green_key[:2] / f"{green_key}.jpg"
+    assert Path(rows[green_key]["image"]).read_bytes() == green
+    reasons = letters(report)
+    assert reasons[f"{shards}/shard-000.tar:b.png"].startswith("cannot decode image")
+    assert reasons[f"{shards}/shard-000.tar:c.png"] == "empty file"
+    assert reasons[f"{shards}/shard-001.tar:e"] == "no image in the sample (expected jpg/jpeg/png/webp)"
+    assert reasons[f"{shards}/shard-001.tar:f.png"] == "empty caption"
+    again = index("image", shards, repository, db, shard_size=2)
+    assert again.rows_written == 2 and stored(db, "xmodal_images", ["id"]).keys() == rows.keys()
+    assert sorted(p.name for p in images.rglob("*.*")) == sorted([f"{red_key}.png", f"{green_key}.jpg"])
+
+    captions = index("caption", shards, repository, db)  # the image bytes are not read for captions
+    assert (captions.items_read, captions.rows_written, captions.dead_letters) == (8, 7, 1)
+    by_caption = {row["caption"]: row for row in stored(db, "xmodal_captions", ["caption", "image", "concept"]).values()}
+    assert by_caption["a caption without its image"]["image"] == f"{shards}/shard-001.tar:e"
+    assert by_caption["a green face"]["image"] == f"{shards}/shard-001.tar:d.jpg"
+    assert by_caption["a green face"]["concept"] == rows[green_key]["concept"] == "shards/shard-001.tar:d"
+
+    from xmodal.indexer.manage import delete_collection
+
+    assert str(images) in delete_collection(str(db), "xmodal_images") and not images.exists()
+
+
+# ---- resuming a killed run ----------------------------------------------------------------
+
+
+def test_a_killed_webdataset_run_resumes_to_the_rows_of_an_uninterrupted_one(repository, ray_local, tmp_path, db):
+    import ray
+
+    folder = tmp_path / "pngs"
+    samples = []
+    for i in range(96):
+        if i % 16 == 15:
+            image = NOT_AN_IMAGE
+        else:
+            image = tinymodel.write_png(folder / f"{i}.png", (i % 256, 255 - i % 256, (i * 7) % 256),
+                                        "ellipse" if i % 2 else "rectangle").read_bytes()
+        samples.append((f"{i:04d}", {"png": image, "txt": f"item {i}".encode()}))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for n in range(3):  # a shard of the run (6 samples) may straddle two tar files
+        tinymodel.write_shard(shards / f"part-{n}.tar", samples[32 * n:32 * (n + 1)])
+    command = [sys.executable, "-m", "xmodal.cli", "index", "--input", str(shards), "--local",
+               "--model-repository", str(repository), "--milvus-uri", str(db), "--collection", "resumed",
+               "--shard-size", "6", "--write-batch", "6", "--batch-size", "3", "--json",
+               "--address", ray.get_runtime_context().gcs_address]
+    progress_file = progress_path(str(db), "resumed")
+    at_kill = tinymodel.kill_part_way(command, progress_file, tmp_path / "killed.log")
+    assert 1 <= len(at_kill["finished"]) < at_kill["shards"] == 16 and not at_kill["complete"], (
+        "the run was not killed part-way:\n" + (tmp_path / "killed.log").read_text())
+    assert at_kill["input"]["format"] == "webdataset"
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=150)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    assert report["shards_skipped"] == len(at_kill["finished"]) and report["fresh_start"] is None
+    assert "resuming: " in rerun.stderr and json.loads(progress_file.read_text())["complete"]
+
+    reference = index("image", shards, repository, db, collection="reference", shard_size=6)
+    assert (reference.rows_written, reference.dead_letters) == (90, 6)
+    resumed = stored(db, "resumed", ["image", "captions"])
+    reference_rows = stored(db, "reference", ["image", "captions"])
+    assert len(resumed) == 90 and {k: r["captions"] for k, r in resumed.items()} == {
+        k: r["captions"] for k, r in reference_rows.items()}
+    images = image_store_path(str(db), "resumed")
+    assert all(Path(row["image"]) == images / key[:2] / f"{key}.png" for key, row in resumed.items())
+    assert report["dead_letters"] == 6
+    assert (Path(deadletter_path(str(db), "resumed")).read_text().count("\n") == 6)  # none twice
+
+
+# ---- the pure parts: shards in the formats' own units -------------------------------------
+
+
+def test_parquet_shards_start_inside_row_groups_and_span_files(tmp_path):
+    for n in range(2):
+        pq.write_table(pa.table({"img": [f"{n}-{i}.png" for i in range(7)],
+                                 "caption": [f"file {n} row {i}" for i in range(7)]}),
+                       tmp_path / f"part-{n}.parquet", row_group_size=3)
+    plan = sources.scan(Source(tmp_path, image_column="img"), kind="image", shard_size=4)
+    assert (plan.spec.format, plan.items) == ("parquet", 14)
+    assert [(Path(s.files[0]).name, s.offset, len(s.files)) for s in plan.shards] == [
+        ("part-0.parquet", 0, 1), ("part-0.parquet", 4, 2), ("part-1.parquet", 1, 1), ("part-1.parquet", 5, 1)]
+    read = [item for shard in plan.shards for item in sources.read_shard(plan.spec, shard)]
+    assert [json.loads(item["captions"])[0] for item in read] == [
+        f"file {n} row {i}" for n in range(2) for i in range(7)]
+    assert read[8]["path"] == str(tmp_path / "1-1.png")  # paths are relative to the file's folder
+    assert [item["item"] for item in read] == list(range(14))
+
+
+def test_parquet_image_structs_hold_bytes_or_a_path(tmp_path):
+    red = png(tmp_path, "red")
+    png(tmp_path, "blue")
+    source = tmp_path / "hf.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": red, "path": "red.png"}, {"bytes": None, "path": "blue.png"},
+                                       {"bytes": None, "path": None}], "text": ["r", "b", "c"]}), source)
+    plan = sources.scan(Source(source), kind="image")  # the scan reads no image: the read must agree with it
+    items = sources.read_shard(plan.spec, plan.shards[0])
+    assert [(i["path"], i["in_source"], i["data"], i["error"]) for i in items] == [
+        (f"{source}: row 0", True, red, ""), (str(tmp_path / "blue.png"), False, b"", ""),
+        (f"{source}: row 2", True, b"", "image 'image' has neither bytes nor a path")]
+    assert {i["concept"] for i in items} == {f"hf/hf.parquet: row {n}" for n in range(3)}
+
+
+def test_tar_shards_start_at_the_member_headers_plain_or_gzipped(tmp_path):
+    samples = [(f"{i:03d}", {"jpg": b"not read by the scan %d" % i, "txt": f"caption {i}".encode()})
+               for i in range(5)]
+    plain = tmp_path / "plain" / "data.tar"
+    plain.parent.mkdir()
+    tinymodel.write_shard(plain, samples)
+    gzipped = tmp_path / "gz" / "data.tar.gz"
+    gzipped.parent.mkdir()
+    gzipped.write_bytes(gzip.compress(plain.read_bytes()))
+    with tarfile.open(plain) as archive:
+        headers = {member.name: member.offset for member in archive.getmembers()}
+    for source in (plain, gzipped):
+        plan = sources.scan(Source(source), kind="image", shard_size=2)
+        assert plan.spec.format == "webdataset"
+        assert [(s.offset, s.line) for s in plan.shards] == [
+            (headers["000.jpg"], 0), (headers["002.jpg"], 2), (headers["004.jpg"], 4)]
+        second = sources.read_shard(plan.spec, plan.shards[1])
+        assert [item["item"] for item in second] == [2, 3]
+        assert [item["data"] for item in second] == [b"not read by the scan 2", b"not read by the scan 3"]
+        assert second[0]["path"] == f"{source}:002.jpg" and second[0]["in_source"]
+
+
+def test_csv_shards_start_at_record_offsets(tmp_path):
+    source = tmp_path / "t.tsv"
+    source.write_bytes(b"\xef\xbb\xbfimage\tcaption\n"  # a byte-order mark, tab-separated
+                       b"a.png\tone\n" b"a.png\ttwo\n" b'b.png\t"three\nlines\nlong"\n' b"\n" b"c.png\tfour\n")
+    plan = sources.scan(Source(source), kind="caption", shard_size=2)
+    raw = source.read_bytes()
+    assert [(s.line, s.skip, raw[s.offset:].split(b"\t")[0]) for s in plan.shards] == [
+        (2, 0, b"a.png"), (4, 0, b"b.png"), ]  # a.png's two lines are one row: its captions one shard
+    assert [i["caption"] for s in plan.shards for i in sources.read_shard(plan.spec, s)] == [
+        "one", "two", "three\nlines\nlong", "four"]
+
+
+def test_karpathy_rows_travel_with_their_shards(tmp_path):
+    source = tmp_path / "dataset_x.json"
+    source.write_text(json.dumps({"images": [
+        {"filename": f"{i}.png", "split": "test", "sentences": [{"raw": f"c{i} {n}"} for n in "abc"]}
+        for i in range(3)]}))
+    plan = sources.scan(Source(source), kind="caption", shard_size=2)
+    # a row whose captions straddle two shards travels with both (its captions cut by `skip`)
+    assert [(len(s.rows), s.skip) for s in plan.shards] == [(1, 0), (2, 2), (1, 1), (1, 0), (1, 2)]
+    assert [i["caption"] for s in plan.shards for i in sources.read_shard(plan.spec, s)] == [
+        f"c{i} {n}" for i in range(3) for n in "abc"]
+
+
+def test_inputs_are_found_and_checked_before_any_work(tmp_path):
+    pq.write_table(pa.table({"photo": [b"x"], "caption": ["c"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"not parquet at all")
+    assert input_spec(Source(tmp_path / "a.parquet"), kind="image").format == "parquet"
+    assert input_spec(Source(tmp_path / "*.parquet"), kind="image").style == tmp_path.name.lower().replace("_", "-")
+    with pytest.raises(ValueError, match=r"a\.parquet: no image column"):
+        sources.scan(Source(tmp_path / "a.parquet"), kind="image")
+    with pytest.raises(ValueError, match=r"b\.parquet: not a readable Parquet file"):
+        sources.scan(Source(tmp_path / "b.parquet", image_column="photo"), kind="image")
+    (tmp_path / "bad.tar").write_bytes(b"no tar" * 200)
+    with pytest.raises(ValueError, match=r"bad\.tar: not a readable tar shard"):
+        sources.scan(Source(tmp_path / "bad.tar"), kind="caption")
+    with pytest.raises(ValueError, match="cannot tell its format"):
+        input_spec(Source(tmp_path / "notes.txt"), kind="image")
+    with pytest.raises(ValueError, match="not both or neither"):
+        index_images(tmp_path / "m.jsonl", input=tmp_path / "a.parquet", progress=False)
+    # the split of a source without splits: every row, unless one is asked for
+    assert input_spec(Source(tmp_path / "a.parquet"), kind="image").split is None
+    assert input_spec(Source(tmp_path / "a.parquet"), kind="image", split="validation").split == "val"
+    assert input_spec(Source(tmp_path / "m.jsonl", format="manifest"), kind="image").split == "test"
+
+
+def test_a_source_changed_during_the_run_fails_its_read(tmp_path):
+    source = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"image": [b"one", b"two", b"three"], "caption": ["a", "b", "c"]}), source)
+    plan = sources.scan(Source(source), kind="image", shard_size=2)
+    # other image bytes, the same captions: the scan did not read the bytes, the file's stamp tells
+    pq.write_table(pa.table({"image": [b"one", b"two", b"three!"], "caption": ["a", "b", "c"]}), source)
+    with pytest.raises(ValueError, match=r"parquet input .*data\.parquet changed during the run \(shard 1"):
+        sources.read_shard(plan.spec, plan.shards[1])
+    # the resume identity: a run over another format or options of the same file is another input
+    identity = plan.spec.identity()
+    assert identity["input"]["format"] == "parquet" and identity["manifest"] == str(source)
+    other = sources.scan(Source(source, image_column="image", name="other"), kind="image", shard_size=2)
+    assert other.spec.identity() != identity
+
+
+def test_the_command_line_takes_one_input(tmp_path, capsys):
+    manifest, _ = tinymodel.write_corpus(tmp_path)
+    assert cli.main(["index", "--manifest", str(manifest), "--input", str(tmp_path / "x.csv")]) == 1
+    assert "either --manifest" in capsys.readouterr().err
+    assert cli.main(["index", "--manifest", str(manifest), "--image-column", "jpg"]) == 1
+    assert "--image-column go with --input" in capsys.readouterr().err
+    (tmp_path / "x.parquet").write_bytes(b"not parquet")
+    assert cli.main(["index", "--input", str(tmp_path / "x.parquet"), "--triton-url", "127.0.0.1:1"]) == 1
+    assert "x.parquet: not a readable Parquet file" in capsys.readouterr().err

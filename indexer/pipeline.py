@@ -25,7 +25,7 @@ import numpy as np
 from xmodal import settings, store
 from xmodal.card import ModelCard
 from xmodal.client import triton
-from xmodal.indexer import DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH, formats, sources, state
+from xmodal.indexer import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH, formats, sources, state
 from xmodal.indexer.embed import TritonEmbedder
 from xmodal.indexer.state import deadletter_path, progress_path  # noqa: F401 - re-exported by xmodal.indexer
 from xmodal.indexer.write import ROW_BUILDERS, MilvusWriteStage, records
@@ -58,6 +58,7 @@ class IndexReport:
     stage_items: dict[str, int] = field(default_factory=dict)
     scan_seconds: float = 0.0  # the driver's pass over the input (count, hash, shard offsets)
     startup_seconds: float = 0.0  # from the start until the first embedded batch was back (Ray, actors, models)
+    startup_items: int = 0  # the items of that first batch
 
     @property
     def items_processed(self) -> int:
@@ -68,6 +69,13 @@ class IndexReport:
     def items_per_second(self) -> float:
         return self.items_processed / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def steady_items_per_second(self) -> float:
+        """Items/s once the first batch was back: the rate a long run approaches, without the
+        fixed start-up (the collection created, the actors started, their models loaded)."""
+        seconds = self.seconds - self.startup_seconds
+        return (self.items_processed - self.startup_items) / seconds if self.startup_seconds and seconds > 0 else 0.0
+
     def stage_rates(self) -> dict[str, float]:
         """Items (rows, for write) per busy second of each stage: what one worker of it sustains."""
         return {stage: round(self.stage_items.get(stage, 0) / seconds, 1)
@@ -75,7 +83,9 @@ class IndexReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "items_processed": self.items_processed,
-                "items_per_second": round(self.items_per_second, 2), "stage_items_per_second": self.stage_rates()}
+                "items_per_second": round(self.items_per_second, 2),
+                "steady_items_per_second": round(self.steady_items_per_second, 2),
+                "stage_items_per_second": self.stage_rates()}
 
     def __str__(self) -> str:
         text = (f"indexed into {self.collection!r} with {self.model} ({self.fingerprint}): "
@@ -202,7 +212,8 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
          triton_url: str | None, model_repository: str | os.PathLike[str] | None, milvus_uri: str | None,
          milvus_token: str | None, writers: int | None, collection: str, batch_size: int, embed_workers: int,
          embed_threads: int | None, write_batch: int, restart: bool, ray_address: str | None, progress: bool,
-         timeout: float, started: float, scan_seconds: float) -> IndexReport:
+         timeout: float, started: float, scan_seconds: float, index_type: str | None = None,
+         index_params: dict[str, Any] | None = None) -> IndexReport:
     milvus_uri = str(milvus_uri or settings.default_milvus_uri())
     token = settings.milvus_token(milvus_token)
     local_db = store.is_local_uri(milvus_uri)
@@ -240,7 +251,7 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
     stage_seconds = {"read": 0.0, "embed": 0.0, "write": 0.0}
     stage_items = {"read": 0, "embed": 0, "write": 0}
     duplicates = 0
-    first_batch_at = 0.0
+    first_batch_at, first_batch_items = 0.0, 0
     ray_started = False
     bar = client = dead = None
     todo: list[sources.Shard] = []
@@ -250,7 +261,8 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
             # milvus-lite bring them), its forks make grpcio print no fork warnings.
             ray_started = start_ray(ray_address)
         client = store.connect(milvus_uri, token=token)
-        created = store.ensure_collection(client, collection, card, kind=kind)
+        created = store.ensure_collection(client, collection, card, kind=kind, index_type=index_type,
+                                          index_params=index_params)
         if not plan.items:  # nothing selected: the files of earlier runs stay as they are
             return _finish(IndexReport(collection=collection, model=card.name, fingerprint=card.fingerprint,
                                        items_read=0, rows_written=0, dead_letters=0,
@@ -304,19 +316,22 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
             )
             if not local_db:
                 # A Milvus server: the rows are upserted by a pool of writer actors, in batches
-                # of write_batch rows; only the small columns come back to the driver.
+                # of write_batch rows; only the small columns come back to the driver. They wait
+                # on the server and hold no CPU slot, as the driver's writer does not: with a
+                # share each, a 2-CPU Ray with one --local embedding actor (1 CPU) had no CPU
+                # left for a read task, and the run stalled.
                 ds = ds.map_batches(
                     MilvusWriteStage, batch_size=write_batch, batch_format="numpy",
                     fn_constructor_args=(milvus_uri, token, collection, kind, list(dims), max(timeout, 60.0)),
-                    compute=ray.data.ActorPoolStrategy(size=writers), num_cpus=min(0.25, 1.0 / writers),
+                    compute=ray.data.ActorPoolStrategy(size=writers), num_cpus=0,
                 )
             build_row = ROW_BUILDERS[kind]
             bar = tqdm(total=plan.items, initial=plan.items - items_todo, unit="item", desc=f"index {collection}",
                        disable=not progress, file=sys.stderr, dynamic_ncols=True)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                if not first_batch_at:
-                    first_batch_at = time.perf_counter()
                 n = len(batch["item"])
+                if not first_batch_at:
+                    first_batch_at, first_batch_items = time.perf_counter(), n
                 stage_seconds["read"] += float(batch["read_seconds"].sum()) if "read_seconds" in batch else 0.0
                 stage_seconds["embed"] += float(batch["embed_seconds"].sum())
                 stage_items["embed"] += int(np.count_nonzero(batch["embed_seconds"]))
@@ -365,7 +380,7 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
         deadletter_path=str(dead.path) if dead.count else None, duplicates=duplicates, shards=shards,
         shards_skipped=len(finished_before), items_skipped=plan.items - items_todo,
         progress_path=str(run_progress.path), fresh_start=fresh_start, scan_seconds=round(scan_seconds, 6),
-        startup_seconds=round(first_batch_at - started, 6) if first_batch_at else 0.0,
+        startup_seconds=round(first_batch_at - started, 6) if first_batch_at else 0.0, startup_items=first_batch_items,
         stage_seconds={k: round(v, 6) for k, v in stage_seconds.items()}, stage_items=stage_items,
     )
     return _finish(report, progress)
@@ -416,7 +431,7 @@ def index_images(
     split: str | None = formats.SPLIT_DEFAULT,
     styles: Collection[str] | str | None = None,
     limit: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     embed_workers: int = 1,
     embed_threads: int | None = None,
     writers: int | None = None,
@@ -426,6 +441,8 @@ def index_images(
     ray_address: str | None = None,
     progress: bool = True,
     timeout: float = 10.0,
+    index_type: str | None = None,
+    index_params: dict[str, Any] | None = None,
 ) -> IndexReport:
     """Embed the images of a manifest, or of `input` in another format, with Triton's
     ``embed_image`` and upsert them into Milvus.
@@ -452,7 +469,9 @@ def index_images(
     `milvus_token` (else $XMODAL_MILVUS_TOKEN) authenticates to a Milvus server; with a
     server, `writers` actors upsert in parallel (default 2; milvus-lite takes one, the
     driver). `embed_threads` sets ONNX Runtime's intra-op threads per actor with a
-    `model_repository` (default: ONNX Runtime's choice).
+    `model_repository` (default: ONNX Runtime's choice). `index_type`/`index_params` choose
+    the vector index of a collection this run creates (default: IVF_FLAT, nlist 1024 on
+    milvus-lite; HNSW, M 16, efConstruction 200 on a server); an existing collection keeps its own.
     """
     started = time.perf_counter()
     plan, scan_seconds = _scan("image", formats.source_of(manifest, input), split, styles, limit, shard_size,
@@ -470,7 +489,8 @@ def index_images(
                 milvus_uri=milvus_uri, milvus_token=milvus_token, writers=writers, collection=collection,
                 batch_size=batch_size, embed_workers=embed_workers, embed_threads=embed_threads,
                 write_batch=write_batch, restart=restart, ray_address=ray_address, progress=progress,
-                timeout=timeout, started=started, scan_seconds=scan_seconds)
+                timeout=timeout, started=started, scan_seconds=scan_seconds, index_type=index_type,
+                index_params=index_params)
 
 
 def index_captions(
@@ -485,7 +505,7 @@ def index_captions(
     split: str | None = formats.SPLIT_DEFAULT,
     styles: Collection[str] | str | None = None,
     limit: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     embed_workers: int = 1,
     embed_threads: int | None = None,
     writers: int | None = None,
@@ -495,6 +515,8 @@ def index_captions(
     ray_address: str | None = None,
     progress: bool = True,
     timeout: float = 10.0,
+    index_type: str | None = None,
+    index_params: dict[str, Any] | None = None,
 ) -> IndexReport:
     """Embed the captions of a manifest, or of `input` in another format (as
     :func:`index_images` takes it), with ``embed_text`` into the caption collection.
@@ -521,4 +543,5 @@ def index_captions(
                 milvus_uri=milvus_uri, milvus_token=milvus_token, writers=writers, collection=collection,
                 batch_size=batch_size, embed_workers=embed_workers, embed_threads=embed_threads,
                 write_batch=write_batch, restart=restart, ray_address=ray_address, progress=progress,
-                timeout=timeout, started=started, scan_seconds=scan_seconds)
+                timeout=timeout, started=started, scan_seconds=scan_seconds, index_type=index_type,
+                index_params=index_params)

@@ -3,9 +3,12 @@ milvus-lite in tmp_path. One server and one Ray for the module."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -186,23 +189,6 @@ def test_captions_one_row_per_distinct_text(stack, ray_local, tmp_path, db):
     assert hit.score == pytest.approx(1.0, abs=1e-4)
 
 
-def many_images(directory: Path, count_: int, bad_every: int) -> Path:
-    """`count_` distinct PNGs and a manifest of them, every `bad_every`-th one a file that is no image."""
-    records = []
-    for i in range(count_):
-        relative = f"images/many/{i:04d}.png"
-        if i % bad_every == bad_every - 1:
-            (directory / relative).parent.mkdir(parents=True, exist_ok=True)
-            (directory / relative).write_bytes(b"not an image %d" % i)
-        else:
-            tinymodel.write_png(directory / relative, (i % 256, 255 - i % 256, (i * 7) % 256),
-                                "ellipse" if i % 2 else "rectangle")
-        records.append(tinymodel.record(relative, f"c{i:04d}"))
-    manifest = directory / "many.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return manifest
-
-
 def ids(db, collection) -> list[str]:
     client = store.connect(db)
     try:
@@ -219,7 +205,7 @@ def letters_of(path: Path) -> set[tuple]:
 def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(stack, ray_local, tmp_path, db):
     import ray
 
-    manifest = many_images(tmp_path, 240, bad_every=25)
+    manifest = tinymodel.many_images(tmp_path, 240, bad_every=25)
     command = [sys.executable, "-m", "xmodal.cli", "index", "--manifest", str(manifest), "--split", "all",
                "--triton-url", stack["url"], "--milvus-uri", str(db), "--collection", "resumed",
                "--shard-size", "8", "--write-batch", "8", "--batch-size", "4", "--json",
@@ -246,6 +232,45 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(stack, ray_loc
     assert report["dead_letters"] == 9
     assert letters_of(deadletter_path(str(db), "resumed")) == letters_of(deadletter_path(str(db), "reference"))
     assert len(open(deadletter_path(str(db), "resumed")).readlines()) == 9  # none twice
+
+
+def processes_named(fragment: str) -> list[int]:
+    """PIDs whose command line (Ray sets a worker's to its actor's name) contains `fragment`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and fragment in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_an_embedding_worker_killed_mid_run_is_replaced_and_the_run_completes(stack, ray_local, tmp_path, db):
+    import ray
+
+    manifest = tinymodel.many_images(tmp_path, 160, bad_every=25)
+    command = [sys.executable, "-m", "xmodal.cli", "index", "--manifest", str(manifest), "--split", "all",
+               "--triton-url", stack["url"], "--milvus-uri", str(db), "--collection", "survived",
+               "--shard-size", "8", "--write-batch", "8", "--batch-size", "4", "--json",
+               "--address", ray.get_runtime_context().gcs_address]
+    progress_file = progress_path(str(db), "survived")
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not tinymodel.finished_shards(progress_file) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    actors = processes_named("MapBatches(TritonEmbedder)")
+    assert run.poll() is None and len(actors) == 1, "no embedding actor to kill part-way"
+    os.kill(actors[0], signal.SIGKILL)
+    assert tinymodel.finished_shards(progress_file) < 20  # of 20: killed part-way
+    out, err = run.communicate(timeout=150)
+    assert run.returncode == 0, err
+    report = json.loads(out)  # the report alone: Ray's notes of the dead worker went to stderr
+    assert json.loads(progress_file.read_text())["complete"]
+    assert (report["rows_written"], report["dead_letters"], report["fresh_start"]) == (160 - 6, 6, None)
+    survived = ids(db, "survived")
+    assert len(survived) == len(set(survived)) == count(db, "survived") == 160 - 6
+    assert actors[0] not in processes_named("MapBatches(TritonEmbedder)")  # replaced, not revived
 
 
 def test_another_input_starts_afresh_and_says_why(stack, ray_local, tmp_path, db):

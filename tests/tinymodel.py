@@ -269,3 +269,20 @@ def kill_part_way(command: list[str], progress_file: Path, log_path: Path) -> di
         run.send_signal(signal.SIGKILL)
         run.wait()
     return json.loads(progress_file.read_text())
+
+
+def many_images(directory: Path, count_: int, bad_every: int) -> Path:
+    """`count_` distinct PNGs and a manifest of them, every `bad_every`-th one a file that is no image."""
+    records = []
+    for i in range(count_):
+        relative = f"images/many/{i:04d}.png"
+        if i % bad_every == bad_every - 1:
+            (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+            (directory / relative).write_bytes(b"not an image %d" % i)
+        else:
+            write_png(directory / relative, (i % 256, 255 - i % 256, (i * 7) % 256),
+                                "ellipse" if i % 2 else "rectangle")
+        records.append(record(relative, f"c{i:04d}"))
+    manifest = directory / "many.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return manifest

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from xmodal import settings
-from xmodal.indexer import DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH
+from xmodal.indexer import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH
 from xmodal.training.recipes import RECIPES
 
 
@@ -133,7 +136,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         **_index_input(args), **where, milvus_uri=args.milvus_uri, milvus_token=args.milvus_token,
         collection=collection,
         batch_size=args.batch_size, embed_workers=args.workers, embed_threads=args.embed_threads,
-        writers=args.writers, shard_size=args.shard_size,
+        writers=args.writers, shard_size=args.shard_size, index_type=args.index_type, index_params=args.index_params,
         write_batch=args.write_batch, restart=args.restart, ray_address=args.address,
     )
     sides = None
@@ -144,9 +147,19 @@ def cmd_index(args: argparse.Namespace) -> int:
         sides = index_sides(triton_url=args.triton_url, milvus_uri=args.milvus_uri, collection=collection,
                             batch_size=args.batch_size, token=args.milvus_token)
     if args.json:
-        print(json.dumps({**report.to_dict(), **({"sides": sides.to_dict()} if sides else {})}, indent=2))
+        print_json({**report.to_dict(), **({"sides": sides.to_dict()} if sides else {})})
     # failure: items went through the pipeline and none of them became a row
     return 1 if report.items_processed and not report.rows_written else 0
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _index_input(args: argparse.Namespace) -> dict:
@@ -187,7 +200,7 @@ def cmd_index_sides(args: argparse.Namespace) -> int:
     report = index_sides(triton_url=args.triton_url, milvus_uri=args.milvus_uri, collection=args.collection,
                          batch_size=args.batch_size, restart=args.restart, token=args.milvus_token)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print_json(report.to_dict())
     return 1 if report.failed and not report.computed and not report.present else 0
 
 
@@ -195,7 +208,10 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
     from xmodal.indexer.manage import collection_stats, format_stats
 
     stats = collection_stats(args.milvus_uri, args.collection, token=args.milvus_token)
-    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    if args.json:
+        print_json(stats)
+    else:
+        print(format_stats(stats))
     return 0
 
 
@@ -249,8 +265,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             hits = client.search_image(args.image, **options)
     if args.json:
         # a re-ranked hit without a stored side has a NaN score: null in JSON
-        print(json.dumps([{k: None if isinstance(v, float) and v != v else v for k, v in hit.__dict__.items()}
-                          for hit in hits], indent=2))
+        print_json([{k: None if isinstance(v, float) and v != v else v for k, v in hit.__dict__.items()}
+                    for hit in hits])
     else:
         print(format_hits(hits))
     return 0
@@ -361,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "or a Milvus server, http://HOST:19530")
     index.add_argument("--milvus-token", default=None, help=milvus_token_help)
     index.add_argument("--collection", help=f"default {settings.IMAGE_COLLECTION}, or {settings.CAPTION_COLLECTION} with --captions")
-    index.add_argument("--batch-size", type=int, default=32)
+    index.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                       help=f"items per Ray batch and per embedding request (default {DEFAULT_BATCH_SIZE}; capped by the model's max_batch_size)")
     index.add_argument("--workers", type=int, default=1, help="embedding actors")
     index.add_argument("--embed-threads", type=int, default=None,
                        help="with --local: ONNX Runtime threads per embedding actor (default: its own choice)")
@@ -372,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--restart", action="store_true", help="ignore the progress of a run that was cut short and index everything")
     index.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
     index.add_argument("--address", help="join an existing Ray cluster (default: a local one)")
+    index.add_argument("--index-type", default=None,
+                       help="vector index of a collection this run creates (default IVF_FLAT on milvus-lite, which also "
+                            "takes FLAT and AUTOINDEX; HNSW on a Milvus server, which takes any type it builds)")
+    index.add_argument("--index-params", type=_json_object, default=None,
+                       help='its parameters as a JSON object, e.g. \'{"nlist": 256}\' or \'{"M": 32, "efConstruction": 400}\' '
+                            "(default: the type's defaults in docs/indexing.md)")
     index.set_defaults(func=cmd_index)
     # Optional sub-commands: plain `xmodal index` still runs the indexer.
     index_commands = index.add_subparsers(dest="index_command", metavar="{stats,delete,sides}")
@@ -427,6 +450,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Where --json reports go: the real stdout, kept apart while the command runs (see main).
+_json_out = None
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2), file=_json_out or sys.stdout, flush=True)
+
+
+@contextlib.contextmanager
+def _stdout_for_json_only() -> Iterator[None]:
+    """Everything written to stdout while the command runs goes to stderr, so that stdout holds
+    the JSON report alone: Ray prints its workers' errors to the driver's stdout (a killed
+    embedding actor, retried, printed two lines before the report)."""
+    global _json_out
+    try:
+        redirect = sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: not a file (captured)
+        redirect = False
+    if not redirect:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    _json_out = os.fdopen(saved, "w")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        _json_out.flush()
+        os.dup2(saved, 1)
+        _json_out.close()
+        _json_out = None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.data_dir is not None:
@@ -434,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "milvus_uri", "unset") is None:
         args.milvus_uri = settings.default_milvus_uri()
     try:
-        return args.func(args)
+        with _stdout_for_json_only() if getattr(args, "json", False) else contextlib.nullcontext():
+            return args.func(args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as exc:

@@ -253,10 +253,20 @@ def throughput(directory: Path, items: int | None, repeats: int, batch_size: int
 
 # ---- 3: memory -------------------------------------------------------------------------------
 
-def memory_run(directory: Path, items: int) -> dict:
-    manifest = caption_manifest(directory / f"captions-{items}.jsonl", items)
-    db = directory / f"captions-{items}.db"
-    command = [PYTHON, "-m", "xmodal.cli", "index", "--captions", "--local", "--model-repository", str(REPOSITORY),
+def memory_run(directory: Path, items: int, images: Path | None = None) -> dict:
+    """Peak memory of `xmodal index` over `items` synthetic captions, or the first `items`
+    images of the manifest `images` (e.g. Iconify's, fetched with `--sets all`)."""
+    if images is None:
+        manifest, what = caption_manifest(directory / f"captions-{items}.jsonl", items), ["--captions"]
+    else:
+        manifest, what = directory / f"images-{items}.jsonl", []
+        with open(images, encoding="utf-8") as handle, open(manifest, "w", encoding="utf-8") as out:
+            for _, line in zip(range(items), handle):
+                record = json.loads(line)
+                record["image"] = str((images.parent / record["image"]).resolve())
+                out.write(json.dumps(record) + "\n")
+    db = directory / f"memory-{items}.db"
+    command = [PYTHON, "-m", "xmodal.cli", "index", *what, "--local", "--model-repository", str(REPOSITORY),
                "--manifest", str(manifest), "--split", "all", "--milvus-uri", str(db), "--workers", "2",
                "--embed-threads", "1", "--json"]
     started = time.perf_counter()
@@ -282,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--memory-items", default="10000,100000")
+    parser.add_argument("--memory-images", type=Path, default=None,
+                        help="measure memory over this manifest's images (e.g. xmodal-data/iconify/manifest.jsonl "
+                             "after `xmodal data fetch iconify --sets all`) instead of synthetic captions")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: throughput, memory")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "indexing.json")
     args = parser.parse_args(argv)
@@ -313,10 +326,11 @@ def main(argv: list[str] | None = None) -> int:
             sizes = [int(n) for n in args.memory_items.split(",")]
             runs = []
             for items in sizes:
-                print(f"memory: {items} captions, --local, 2 workers", file=sys.stderr)
-                runs.append(memory_run(directory, items))
+                print(f"memory: {items} {'images of ' + str(args.memory_images) if args.memory_images else 'captions'}"
+                      ", --local, 2 workers", file=sys.stderr)
+                runs.append(memory_run(directory, items, args.memory_images))
                 print(f"  peak MiB {runs[-1]['peak_mib']}", file=sys.stderr)
-            result["memory"] = {"runs": runs}
+            result["memory"] = {"runs": runs, "input": str(args.memory_images) if args.memory_images else "synthetic captions"}
             small, large = runs[0]["peak_mib"], runs[-1]["peak_mib"]
             growth = {key: round(large[key] / small[key] - 1, 3) for key in small if small[key] > 0 and key in large}
             result["memory"]["growth"] = growth

@@ -271,9 +271,10 @@ def open_store(kind: str, n: int, args, card, x: np.ndarray) -> dict:
         index_type, index_params = args.lite3_index.upper(), {"nlist": args.nlist}
     else:
         index_type, index_params = "IVF_FLAT", {"nlist": args.nlist}
-    db = CACHE / f"{kind}-{index_type.lower()}-{n}-{x.shape[1]}.db"
+    # milvus-lite takes database names of at most 36 characters; real vectors are always rebuilt
+    db = CACHE / f"{kind}-{index_type.lower()}-{n}-{x.shape[1]}{'-npy' if args.corpus_npy else ''}.db"
     marker = db.with_suffix(".build.json")
-    if args.rebuild or not marker.exists():
+    if args.rebuild or args.corpus_npy or not marker.exists():
         if db.is_dir():
             shutil.rmtree(db)
         elif db.exists():
@@ -471,7 +472,13 @@ def run_size(n: int, args, card, repository: Path | None) -> dict:
     dim = card.dim
     log(f"== {n} vectors of {dim} dimensions")
     begin = time.perf_counter()
-    x = corpus(n, dim)
+    if args.corpus_npy:  # real embeddings (e.g. Iconify's, dumped by benchmarks/iconify_vectors.py)
+        x = np.load(args.corpus_npy, mmap_mode="r")
+        if len(x) < n or x.shape[1] != dim:
+            raise SystemExit(f"{args.corpus_npy} holds {x.shape}; need at least {n} rows of {dim}")
+        x = x[:n]
+    else:
+        x = corpus(n, dim)
     q = make_queries(x, args.queries)
     truth = exact(x, q)
     log(f"  corpus and exact ground truth: {time.perf_counter() - begin:.1f} s")
@@ -683,6 +690,9 @@ def main() -> int:
                         help="milvus-lite 3.2.2's index (HNSW, the project default; IVF_FLAT builds faster at 1M)")
     parser.add_argument("--index-wait", type=float, default=1800.0)
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--corpus-npy", default=None,
+                        help="real vectors [N, dim] (.npy) instead of the synthetic clusters; results go to "
+                             "query-<name>.json and the doc is left as it is")
     parser.add_argument("--no-triton", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes and budgets; writes query-quick.json only")
     args = parser.parse_args()
@@ -701,7 +711,8 @@ def main() -> int:
     summary: dict[str, Any] = {"machine": machine(), "model": {"name": card.name, "fingerprint": card.fingerprint,
                                                                "dim": card.dim},
                                "args": {k: v for k, v in vars(args).items()}, "sizes": []}
-    out = RESULTS / ("query-quick.json" if args.quick else "query.json")
+    out = RESULTS / ("query-quick.json" if args.quick else
+                     f"query-{Path(args.corpus_npy).stem}.json" if args.corpus_npy else "query.json")
     sizes = [int(s) for s in args.sizes.split(",")]
     # sizes run earlier (another invocation) are kept beside this run's, each with its own machine record
     earlier = json.loads(out.read_text()) if out.exists() else {}
@@ -716,7 +727,7 @@ def main() -> int:
         out.write_text(json.dumps(summary, indent=1, default=str))
     summary["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     out.write_text(json.dumps(summary, indent=1, default=str))
-    if not args.quick:
+    if not args.quick and not args.corpus_npy:
         kept = DOC.read_text().split(GENERATED)[0] if DOC.exists() else "# Query benchmark\n\n"
         DOC.write_text(kept + GENERATED + "\n\n" + markdown(summary))
     log(markdown(summary))

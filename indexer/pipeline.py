@@ -119,15 +119,17 @@ def start_ray(address: str | None = None) -> bool:
     else:
         # Ray waits 30 s for its GCS server by default; a busy 2-core machine can take longer.
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
-            # Ray gives its raylet a fixed 30 s to register (not configurable); seen once here
-            # in a test run on a 2-core machine: start it once more before giving up.
-            if "timed out during startup" not in str(exc):
-                raise
-            ray.shutdown()
-            ray.init(num_cpus=2, include_dashboard=False, **kwargs)
+        for attempt in range(3):
+            try:
+                ray.init(num_cpus=2, include_dashboard=False, **kwargs)
+                break
+            except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for these
+                # Ray gives its raylet a fixed 30 s to register, and waits a fixed time for
+                # the GCS's port file (neither configurable). On a 2-core machine under load
+                # both were seen to run out: start it again before giving up.
+                if "timed out" not in str(exc).lower() or attempt == 2:
+                    raise
+                ray.shutdown()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours is the tqdm bar over the written rows
     context.enable_auto_log_stats = False

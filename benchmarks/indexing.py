@@ -153,18 +153,20 @@ def caption_manifest(path: Path, items: int) -> Path:
     return path
 
 
-def image_manifest(directory: Path) -> Path:
-    """One manifest of every image of IMAGE_MANIFESTS (those present), image paths absolute."""
-    path = directory / "images.jsonl"
+def image_manifest(path: Path, manifests: list[Path], limit: int | None = None) -> Path:
+    """The rows of `manifests` (those present) in one manifest at `path`, image paths made
+    absolute; at most `limit` rows."""
+    written = 0
     with open(path, "w", encoding="utf-8") as out:
-        for manifest in IMAGE_MANIFESTS:
-            if not manifest.exists():
-                continue
+        for manifest in filter(Path.exists, manifests):
             with open(manifest, encoding="utf-8") as handle:
                 for line in handle:
+                    if written == limit:
+                        return path
                     record = json.loads(line)
                     record["image"] = str((manifest.parent / record["image"]).resolve())
                     out.write(json.dumps(record) + "\n")
+                    written += 1
     return path
 
 
@@ -217,7 +219,7 @@ def pipeline_run(directory: Path, manifest: Path, items: int | None, workers: in
 def throughput(directory: Path, items: int | None, repeats: int, batch_size: int) -> dict:
     from xmodal.indexer.pipeline import start_ray
 
-    manifest = image_manifest(directory)
+    manifest = image_manifest(directory / "images.jsonl", list(IMAGE_MANIFESTS))
     files = image_files(manifest, items)
     items = len(files)
     print(f"throughput: {items} images, --local, batch {batch_size}", file=sys.stderr)
@@ -259,12 +261,7 @@ def memory_run(directory: Path, items: int, images: Path | None = None) -> dict:
     if images is None:
         manifest, what = caption_manifest(directory / f"captions-{items}.jsonl", items), ["--captions"]
     else:
-        manifest, what = directory / f"images-{items}.jsonl", []
-        with open(images, encoding="utf-8") as handle, open(manifest, "w", encoding="utf-8") as out:
-            for _, line in zip(range(items), handle):
-                record = json.loads(line)
-                record["image"] = str((images.parent / record["image"]).resolve())
-                out.write(json.dumps(record) + "\n")
+        manifest, what = image_manifest(directory / f"images-{items}.jsonl", [images], items), []
     db = directory / f"memory-{items}.db"
     command = [PYTHON, "-m", "xmodal.cli", "index", *what, "--local", "--model-repository", str(REPOSITORY),
                "--manifest", str(manifest), "--split", "all", "--milvus-uri", str(db), "--workers", "2",

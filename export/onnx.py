@@ -20,9 +20,9 @@ import contextlib
 import dataclasses
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Sequence
 
 import numpy as np

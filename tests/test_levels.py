@@ -14,7 +14,7 @@ import pytest
 import tritonclient.http as triton_http
 
 import tinymodel
-from xmodal import store
+from xmodal import contract, store
 from xmodal.client import AsyncClient, Client
 from xmodal.indexer import index_captions, index_images
 
@@ -41,7 +41,7 @@ def stack(tmp_path_factory, ray_local):
             # A collection as an earlier xmodal filled it for this model: the fused vector only.
             milvus = store.connect(db)
             flat = dataclasses.replace(card, embeddings={"global": card.embeddings["global"]})
-            store.create_image_collection(milvus, "global_only", flat)
+            store.create_collection(milvus, "global_only", flat, contract.IMAGE_KIND)
             milvus.close()
             yield {"card": card, "url": server.url, "db": db, "pairs": pairs, "images": images, "manifest": manifest,
                    "repository": repository}
@@ -330,7 +330,7 @@ def test_fuse_levels_counts_a_row_missing_from_a_levels_list_as_0():
                {"id": "b", "distance": 0.5, "entity": {"image": "/b.png"}}]
     exterior = [{"id": "b", "distance": 0.8, "entity": {"image": "/b.png"}},
                 {"id": "c", "distance": 0.7, "entity": {"image": "/c.png"}}]
-    hits = fuse_levels([concept, exterior], [0.5, 0.5], 2)
+    hits = fuse_levels([concept, exterior], [0.5, 0.5], 2, contract.IMAGE_KIND)
     assert [(h.id, h.image) for h in hits] == [("b", "/b.png"), ("a", "/a.png")]
     assert [h.score for h in hits] == pytest.approx([0.65, 0.45])
-    assert [h.id for h in fuse_levels([concept, exterior], [0.5, 0.5], 10)] == ["b", "a", "c"]
+    assert [h.id for h in fuse_levels([concept, exterior], [0.5, 0.5], 10, contract.IMAGE_KIND)] == ["b", "a", "c"]

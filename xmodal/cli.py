@@ -185,11 +185,12 @@ def _index_input(args: argparse.Namespace) -> dict:
 
 
 def _serves_reranker(triton_url: str) -> bool:
+    from xmodal import contract
     from xmodal.client import triton
 
-    client = triton.connect(triton_url, models=(triton.IMAGE_MODEL,))
+    client = triton.connect(triton_url, models=(contract.EMBED_IMAGE,))
     try:
-        return bool(triton.fetch_card(client, triton.IMAGE_MODEL).reranker)
+        return bool(triton.fetch_card(client, contract.EMBED_IMAGE).reranker)
     finally:
         client.close()
 

@@ -22,13 +22,13 @@ from typing import Any, Callable, Collection
 
 import numpy as np
 
-from xmodal import settings, store
+from xmodal import contract, settings, store
 from xmodal.card import ModelCard
 from xmodal.client import triton
 from xmodal.indexer import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH, formats, sources, state
 from xmodal.indexer.embed import TritonEmbedder
 from xmodal.indexer.state import deadletter_path, progress_path  # noqa: F401 - re-exported by xmodal.indexer
-from xmodal.indexer.write import ROW_BUILDERS, MilvusWriteStage, records
+from xmodal.indexer.write import MilvusWriteStage, records
 
 # Writer actors for a Milvus server when not told (milvus-lite always has one writer: the driver).
 DEFAULT_SERVER_WRITERS = 2
@@ -263,7 +263,7 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
             # milvus-lite bring them), its forks make grpcio print no fork warnings.
             ray_started = start_ray(ray_address)
         client = store.connect(milvus_uri, token=token)
-        created = store.ensure_collection(client, collection, card, kind=kind, index_type=index_type,
+        created = store.ensure_collection(client, collection, card, kind=contract.KINDS[kind], index_type=index_type,
                                           index_params=index_params)
         if not plan.items:  # nothing selected: the files of earlier runs stay as they are
             return _finish(IndexReport(collection=collection, model=card.name, fingerprint=card.fingerprint,
@@ -327,7 +327,7 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
                     fn_constructor_args=(milvus_uri, token, collection, kind, list(dims), max(timeout, 60.0)),
                     compute=ray.data.ActorPoolStrategy(size=writers), num_cpus=0,
                 )
-            build_row = ROW_BUILDERS[kind]
+            build_row = contract.KINDS[kind].row
             bar = tqdm(total=plan.items, initial=plan.items - items_todo, unit="item", desc=f"index {collection}",
                        disable=not progress, file=sys.stderr, dynamic_ncols=True)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -486,7 +486,7 @@ def index_images(
 
     return _run(plan=plan, input_identity=_input_identity(plan),
                 prepare=functools.partial(sources.read_images, image_store=str(image_store)),
-                model=triton.IMAGE_MODEL, input_name=triton.IMAGE_INPUT, kind="image",
+                model=contract.EMBED_IMAGE, input_name=contract.IMAGE_INPUT, kind="image",
                 to_deadletter=to_deadletter, triton_url=triton_url, model_repository=model_repository,
                 milvus_uri=milvus_uri, milvus_token=milvus_token, writers=writers, collection=collection,
                 batch_size=batch_size, embed_workers=embed_workers, embed_threads=embed_threads,
@@ -540,7 +540,7 @@ def index_captions(
                                 "collection": collection})
 
     return _run(plan=plan, input_identity=_input_identity(plan),
-                prepare=None, model=triton.TEXT_MODEL, input_name=triton.TEXT_INPUT, kind="caption",
+                prepare=None, model=contract.EMBED_TEXT, input_name=contract.TEXT_INPUT, kind="caption",
                 to_deadletter=to_deadletter, triton_url=triton_url, model_repository=model_repository,
                 milvus_uri=milvus_uri, milvus_token=milvus_token, writers=writers, collection=collection,
                 batch_size=batch_size, embed_workers=embed_workers, embed_threads=embed_threads,

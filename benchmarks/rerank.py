@@ -47,7 +47,7 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
     from xmodal.client.rerank import Reranker
     from xmodal.export.onnx import export_run
     from xmodal.export.repository import write_model_repository
-    from xmodal.indexer import index_images
+    from xmodal.indexer import IndexJob
     from xmodal.indexer.sides import index_sides
     from xmodal.sidestore import SideStore, side_store_path
     from xmodal.training.manifest import read_manifest
@@ -69,8 +69,8 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
         milvus_uri = str(workdir / "xmodal.db")
         indexed = time.perf_counter()
         for manifest in manifests:
-            index_images(manifest, triton_url=server.url, milvus_uri=milvus_uri, split="test", styles=test_styles,
-                         progress=False)
+            IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=milvus_uri, split="test", styles=test_styles,
+                     progress=False).run()
         sides = index_sides(triton_url=server.url, milvus_uri=milvus_uri, progress=False)
         log(f"{run.name}: indexed {sides.rows} images and their sides in {time.perf_counter() - indexed:.1f} s "
             f"(sides {sides.seconds:.1f} s, {sides.failed} failed)")

@@ -22,7 +22,7 @@ from xmodal.client.searcher import Searcher, check_k, check_level_weights
 # One image: a path, encoded bytes, or a PIL image.
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Any]
 
-CAPTION_HINT = "index captions first (xmodal.indexer.index_captions)"
+CAPTION_HINT = 'index captions first (xmodal index --captions; in Python xmodal.indexer.IndexJob(kind="caption"))'
 
 
 class Client:

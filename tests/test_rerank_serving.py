@@ -17,7 +17,7 @@ from xmodal.client.rerank import Reranker
 from xmodal.contract import RERANK_MODELS
 from xmodal.export.onnx import export_run
 from xmodal.export.repository import write_model_repository
-from xmodal.indexer import index_images
+from xmodal.indexer import IndexJob
 from xmodal.indexer.sides import index_sides
 from xmodal.indexer.sources import content_id
 from xmodal.preprocessing import preprocess_image_bytes
@@ -49,7 +49,7 @@ def served(tmp_path_factory, npm_cache):
     try:
         server.wait_ready()
         milvus_uri = str(data / "xmodal.db")
-        index_images(manifest, triton_url=server.url, milvus_uri=milvus_uri, split=None, progress=False)
+        IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=milvus_uri, split=None, progress=False).run()
         sides = index_sides(triton_url=server.url, milvus_uri=milvus_uri, progress=False)
         yield {"manifest": manifest, "run": run, "exported": exported, "server": server, "milvus_uri": milvus_uri,
                "sides": sides, "model": load_run(run)}

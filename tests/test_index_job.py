@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tinymodel
-from xmodal import settings, store
+from xmodal import contract, settings, store
 from xmodal.indexer import IndexJob, sources
 from xmodal.indexer.job import KINDS
 from xmodal.indexer.local import LocalEmbedder
@@ -98,7 +98,7 @@ def test_the_sink_is_the_driver_for_milvus_lite_and_writer_actors_for_a_server(t
     assert lite.apply(dataset, ["global"]) is dataset
     row = lite.row(record, vectors)
     assert (row["id"], row["image"], row["captions"]) == ("k", "a.png", ["a cat"])
-    assert row[store.vector_field("global")] == [1.0, 1.0]
+    assert row[contract.vector_field("global")] == [1.0, 1.0]
 
     monkeypatch.setenv("XMODAL_MILVUS_TOKEN", "user:secret")
     server = build_sink(IndexJob(kind="caption", manifest="m.jsonl", triton_url="t", milvus_uri=SERVER,

@@ -6,7 +6,7 @@ Layout (``<v>`` is ``version``, ``<p>`` the version kept from before, if any)::
     image_encoder/config.pbtxt, <p>/ <v>/model.onnx, warmup/   backend "onnxruntime", dynamic batching
     text_encoder/config.pbtxt,  <p>/ <v>/model.onnx, warmup/   backend "onnxruntime", dynamic batching
     preprocess_image/config.pbtxt, <p>/ <v>/{model.py, preprocessing.py, params.json}, warmup/   python
-    preprocess_text/config.pbtxt,  <p>/ <v>/{model.py, tokenizer.json, params.json}, warmup/     python
+    preprocess_text/config.pbtxt,  <p>/ <v>/{model.py, text_preprocessing.py, tokenizer.json, params.json}, warmup/   python
     embed_image/config.pbtxt, <p>/ <v>/card.json   ensemble IMAGE -> every embedding in the card
     embed_text/config.pbtxt,  <p>/ <v>/card.json   ensemble TEXT  -> every embedding in the card
 
@@ -48,8 +48,9 @@ execution accelerator at FP16; the preprocessing models run on CPU instances the
 
 The ensembles carry the card JSON as the config parameter ``xmodal_card``; that is how a
 client learns the dimensions and the fingerprint. The Python models are copied from the
-top-level ``model_repository/`` folder of this source tree, and ``xmodal/preprocessing.py``
-goes next to ``preprocess_image``'s model so the server runs the trainer's own preprocessing.
+top-level ``model_repository/`` folder of this source tree; ``xmodal/preprocessing.py`` goes
+next to ``preprocess_image``'s model and ``xmodal/text_preprocessing.py`` next to
+``preprocess_text``'s, so the server runs the trainer's and the local indexer's own preprocessing.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ import uuid
 from pathlib import Path
 
 from xmodal import preprocessing as _preprocessing
+from xmodal import text_preprocessing as _text_preprocessing
 from xmodal.card import CARD_FILENAME, CARD_PARAMETER, ModelCard, fingerprint_files
 from xmodal.contract import (EMBED_IMAGE, EMBED_IMAGE_SIDE, EMBED_MODELS, EMBED_TEXT, ENSEMBLES, FIRST_STAGE, GLOBAL,
                              IMAGE_ENCODER, IMAGE_INPUT, INPUT_IDS, PIXEL_VALUES, PREPROCESS_IMAGE, PREPROCESS_TEXT, RERANK,
@@ -72,6 +74,7 @@ from xmodal.contract import (EMBED_IMAGE, EMBED_IMAGE_SIDE, EMBED_MODELS, EMBED_
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
 PREPROCESSING_PY = Path(_preprocessing.__file__).resolve()
+TEXT_PREPROCESSING_PY = Path(_text_preprocessing.__file__).resolve()
 
 IMAGE_PARAMETER = "xmodal_image"
 TEXT_PARAMETER = "xmodal_text"
@@ -395,7 +398,7 @@ def write_model_repository(
         PREPROCESS_IMAGE: TEMPLATES / PREPROCESS_IMAGE / "1" / "model.py",
         PREPROCESS_TEXT: TEMPLATES / PREPROCESS_TEXT / "1" / "model.py",
     }
-    for path in [*templates.values(), PREPROCESSING_PY]:
+    for path in [*templates.values(), PREPROCESSING_PY, TEXT_PREPROCESSING_PY]:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: the repository writer needs the xmodal source tree "
@@ -586,6 +589,7 @@ def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, to
         extra=preprocess_extra + warmup(PREPROCESS_TEXT, {TEXT_INPUT: ("TYPE_STRING", [1], text_file)}),
         parameters={TEXT_PARAMETER: text_params}))
     shutil.copyfile(templates[PREPROCESS_TEXT], target / "model.py")
+    shutil.copyfile(TEXT_PREPROCESSING_PY, target / "text_preprocessing.py")
     shutil.copyfile(tokenizer_json, target / "tokenizer.json")
     (target / PARAMS_FILE).write_text(text_params + "\n")
 

@@ -316,8 +316,8 @@ def test_the_local_embedder_refuses_bad_items_one_by_one(stack):
     texts = [b"red ellipse", b"  ", b"\xff\xfe", b"red ellipse"]
     out = LocalEmbedder(stack["repository"], "text", dims)(
         {"item": np.arange(4), "data": np.array(texts, dtype=object), "error": np.array([""] * 4, dtype=object)})
-    assert list(out["error"]) == ["", "local: empty text", out["error"][2], ""]
-    assert out["error"][2].startswith("local: not valid UTF-8")
+    assert list(out["error"]) == ["", "local: text is empty", out["error"][2], ""]
+    assert out["error"][2].startswith("local: text is not valid UTF-8")
     served = triton_outputs(stack["url"], "embed_text", "TEXT", [texts[0]])
     for level in LEVELS:
         column = "vector" if level == "global" else f"vector_{level}"

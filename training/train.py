@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from xmodal import settings
 from xmodal.preprocessing import decode_image, image_to_array
+from xmodal.text_preprocessing import pad_ids
 from xmodal.training.evaluate import evaluate_report, format_metrics
 from xmodal.training.manifest import ManifestRow, read_manifest
 from xmodal.training.models import FRAGMENT_OUTPUTS, DualEncoder, needs_fragments, served_outputs
@@ -149,12 +150,7 @@ def load_features(rows: Sequence[ManifestRow], config: dict[str, Any], backbone:
 
 def tokenize(tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """Token ids padded with PAD_ID to the batch's longest caption."""
-    encodings = tokenizer.encode_batch(list(texts))
-    length = max(1, max(len(e.ids) for e in encodings))
-    ids = torch.full((len(encodings), length), PAD_ID, dtype=torch.long)
-    for i, encoding in enumerate(encodings):
-        ids[i, : len(encoding.ids)] = torch.tensor(encoding.ids, dtype=torch.long)
-    return ids
+    return torch.from_numpy(pad_ids([encoding.ids for encoding in tokenizer.encode_batch(list(texts))], PAD_ID))
 
 
 def make_tokenizer(config: dict[str, Any], rows: Sequence[ManifestRow]) -> Tokenizer:

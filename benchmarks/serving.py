@@ -197,7 +197,7 @@ def export(run_dir: Path, out_dir: Path, manifests: list[Path], *, gate: bool) -
     from xmodal.card import ModelCard
     from xmodal.export.onnx import (IMAGE_INT8_ONNX, IMAGE_ONNX, TEXT_INT8_ONNX, TEXT_ONNX, QuantizationRejected,
                                     export_run)
-    from xmodal.training.train import TOKENIZER_FILE
+    from xmodal.training.run import TOKENIZER_FILE
 
     started = time.monotonic()
     gate_record = None
@@ -261,7 +261,7 @@ def bench_encoders(run_dir: Path, exported: Exported, items: Items, tokenizer, p
 
     from xmodal.export.onnx import inference_form
     from xmodal.training.models import ServedTower
-    from xmodal.training.train import load_run
+    from xmodal.training.run import load_run
 
     torch.set_num_threads(threads)
     model, _, config = load_run(run_dir)

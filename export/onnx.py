@@ -30,13 +30,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from xmodal.export import variants
-from xmodal.export.variants import QuantizationRejected  # noqa: F401 - re-exported for callers
 from xmodal.card import ImagePreprocessing, ModelCard, TokenizerSpec, fingerprint_files
 from xmodal.contract import IMAGE_ENCODER, INPUT_IDS, PIXEL_VALUES, TEXT_ENCODER
+from xmodal.export import variants
+from xmodal.export.variants import QuantizationRejected  # noqa: F401 - re-exported for callers
+from xmodal.training.evaluate import RERANK_TOP_N
 from xmodal.training.models import ServedTower, embedding_dims
+from xmodal.training.run import EVAL_FILE, TOKENIZER_FILE, load_run
 from xmodal.training.tokenizer import PAD_ID, max_length, vocab_hash
-from xmodal.training.train import EVAL_FILE, RERANK_TOP_N, TOKENIZER_FILE, load_run
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4

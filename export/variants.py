@@ -233,7 +233,8 @@ def heldout_recall(
     """
     from xmodal.preprocessing import decode_image, image_to_array
     from xmodal.training.evaluate import first_relevant_ranks, recall_summary
-    from xmodal.training.train import tokenize
+    from xmodal.text_preprocessing import pad_ids
+    from xmodal.training.tokenizer import PAD_ID
 
     arrays, keys = [], []
     for row in rows:
@@ -250,7 +251,8 @@ def heldout_recall(
     text_keys = list(labels)
     pixels = [np.stack(arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)]
     texts = [labels[k] for k in text_keys]
-    ids = [tokenize(tokenizer, texts[i:i + batch_size]).numpy() for i in range(0, len(texts), batch_size)]
+    ids = [pad_ids([e.ids for e in tokenizer.encode_batch(texts[i:i + batch_size])], PAD_ID)
+           for i in range(0, len(texts), batch_size)]
     results = {}
     for name, (image_onnx, text_onnx) in models.items():
         image = embed_with_onnx(image_onnx, PIXEL_VALUES, pixels)

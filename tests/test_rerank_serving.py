@@ -24,7 +24,8 @@ from xmodal.preprocessing import preprocess_image_bytes
 from xmodal.server import TritonServer, free_port
 from xmodal.sidestore import SideStore, SideStoreError, side_store_path
 from xmodal.training.manifest import read_manifest
-from xmodal.training.train import load_run, tokenize, train
+from xmodal.training.run import load_run
+from xmodal.training.train import tokenize, train
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -548,7 +548,7 @@ def run_size(n: int, args, card, repository: Path | None) -> dict:
 def end_to_end(stores: dict, repository: Path, args, budget: float) -> dict:
     from xmodal import contract
     from xmodal.client import Client
-    from xmodal.client import triton as tri
+    from xmodal import triton as tri
 
     out: dict[str, Any] = {}
     with triton_server(repository) as server:

@@ -146,7 +146,7 @@ def sentence_queries(run_dir: Path, manifests: list[Path], k: int = 3) -> dict[s
     import numpy as np
     import torch
 
-    from xmodal.training.manifest import read_manifest
+    from xmodal.manifest import read_manifest
     from xmodal.training.run import load_run
     from xmodal.training.train import Trainee, embed_image_set, embed_texts, load_features
 

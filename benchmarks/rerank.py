@@ -50,7 +50,7 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
     from xmodal.indexer import IndexJob
     from xmodal.indexer.sides import index_sides
     from xmodal.sidestore import SideStore, side_store_path
-    from xmodal.training.manifest import read_manifest
+    from xmodal.manifest import read_manifest
 
     evaluation = json.loads((run / "eval.json").read_text())
     test_styles = evaluation["test_styles"]

@@ -15,7 +15,7 @@ Measured side by side in one process, on the same 64 images and captions of the 
    ensembles ``embed_text`` / ``embed_image`` against tokenise or decode + ORT in-process,
    the bare encoders against ORT alone.
 3. The p50/p99 latency of one ``embed_text`` query through the SDK's embedder
-   (``xmodal.client.triton.Embedder``, HTTP), with Triton's own per-model breakdown, alternating
+   (``xmodal.triton.Embedder``, HTTP), with Triton's own per-model breakdown, alternating
    in blocks with the same queries in-process (whose tail is the machine's noise floor).
 4. NVIDIA's ``perf_analyzer`` against the same server, when one is found (``--perf-analyzer``,
    else ``perf_analyzer`` on PATH or beside the Python); otherwise the reason is recorded.
@@ -242,7 +242,7 @@ class Items:
 
 def load_items(manifest: Path, card) -> Items:
     from xmodal.preprocessing import preprocess_image_bytes
-    from xmodal.training.manifest import read_manifest
+    from xmodal.manifest import read_manifest
 
     rows = read_manifest(manifest)
     rows = rows[:: max(1, len(rows) // ITEMS)][:ITEMS]  # spread over the styles the manifest holds
@@ -329,7 +329,7 @@ def bench_encoders(run_dir: Path, exported: Exported, items: Items, tokenizer, p
 
 def request_payloads(model: str, size: int, items: Items, tokenizer) -> list[Any]:
     """What each request of ``size`` items carries, cycling over the same items."""
-    from xmodal.client.triton import IMAGE_MODEL, TEXT_MODEL
+    from xmodal.triton import IMAGE_MODEL, TEXT_MODEL
     from xmodal.contract import IMAGE_ENCODER
 
     starts = range(0, ITEMS, size)
@@ -344,7 +344,7 @@ def request_payloads(model: str, size: int, items: Items, tokenizer) -> list[Any
 
 def in_process_call(model: str, payloads: list[Any], sessions: dict[str, Any], tokenizer, card) -> Callable[[], Any]:
     """One request's work done in this process: tokenise or decode + preprocess, then ORT."""
-    from xmodal.client.triton import IMAGE_MODEL, TEXT_MODEL
+    from xmodal.triton import IMAGE_MODEL, TEXT_MODEL
     from xmodal.contract import IMAGE_ENCODER
     from xmodal.preprocessing import preprocess_image_bytes
     from xmodal.training.train import tokenize
@@ -373,7 +373,7 @@ def request_tensors(protocol: str, model: str, payload: Any):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
-    from xmodal.client.triton import IMAGE_INPUT, IMAGE_MODEL, OUTPUT, TEXT_INPUT, TEXT_MODEL
+    from xmodal.triton import IMAGE_INPUT, IMAGE_MODEL, OUTPUT, TEXT_INPUT, TEXT_MODEL
     from xmodal.contract import IMAGE_ENCODER
 
     module = httpclient if protocol == "http" else grpcclient
@@ -406,7 +406,7 @@ def drive(server, scenario: Scenario, payloads: list[Any], *, seconds: float, mi
     """``scenario.clients`` threads, one client each, send requests back to back for ``seconds``
     (at least ``min_requests`` each); items/s is every item answered over the time until the
     last answer, and the latency distribution is over every request."""
-    from xmodal.client.triton import OUTPUT
+    from xmodal.triton import OUTPUT
 
     count = scenario.clients
     latencies: list[list[float]] = [[] for _ in range(count)]
@@ -494,7 +494,7 @@ def stats_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
 
 
 def matrix_scenarios() -> list[Scenario]:
-    from xmodal.client.triton import IMAGE_MODEL, TEXT_MODEL
+    from xmodal.triton import IMAGE_MODEL, TEXT_MODEL
     from xmodal.contract import IMAGE_ENCODER, TEXT_ENCODER
 
     scenarios = [Scenario(model, protocol, clients, size) for model in (TEXT_MODEL, IMAGE_MODEL)
@@ -507,7 +507,7 @@ def matrix_scenarios() -> list[Scenario]:
 
 def bench_triton_vs_ort(server, admin, scenarios: list[Scenario], items: Items, tokenizer, card,
                         sessions: dict[str, Any], plan: Plan) -> dict:
-    from xmodal.client.triton import IMAGE_MODEL, TEXT_MODEL
+    from xmodal.triton import IMAGE_MODEL, TEXT_MODEL
 
     payloads = {(s.model, s.size): request_payloads(s.model, s.size, items, tokenizer) for s in scenarios}
     references = {key: in_process_call(key[0], value, sessions, tokenizer, card) for key, value in payloads.items()}
@@ -571,7 +571,7 @@ def bench_embed_text_latency(server, admin, items: Items, tokenizer, card, sessi
     """Sequential single-text queries through the SDK's embedder, as ``Client.embed_text`` sends
     them, in blocks alternating with the same queries done in-process (tokenise + ORT): the
     in-process tail shows how much of the served tail is this machine's noise."""
-    from xmodal.client.triton import TEXT_INPUT, TEXT_MODEL, Embedder
+    from xmodal.triton import TEXT_INPUT, TEXT_MODEL, Embedder
 
     texts = [text.encode() for text in items.texts]
     in_process = in_process_call(TEXT_MODEL, [[text] for text in texts], sessions, tokenizer, card)
@@ -598,7 +598,7 @@ def bench_embed_text_latency(server, admin, items: Items, tokenizer, card, sessi
         breakdown = stats_delta(before, server_stats(admin))
     finally:
         embedder.close()
-    return {"path": "xmodal.client.triton.Embedder (the SDK's embed_text), HTTP, one text per request, sequential",
+    return {"path": "xmodal.triton.Embedder (the SDK's embed_text), HTTP, one text per request, sequential",
             "latency": distribution(served), "in_process_latency": distribution(local), "server": breakdown}
 
 
@@ -627,7 +627,7 @@ def find_perf_analyzer(explicit: str | None) -> tuple[str | None, str]:
 
 def perf_analyzer_data(model: str, items: Items, directory: Path) -> Path:
     """perf_analyzer's --input-data file: one step per item; images as Triton's raw BYTES layout in base64."""
-    from xmodal.client.triton import IMAGE_INPUT, TEXT_INPUT, TEXT_MODEL
+    from xmodal.triton import IMAGE_INPUT, TEXT_INPUT, TEXT_MODEL
     from xmodal.export.repository import serialize_bytes
 
     if model == TEXT_MODEL:
@@ -946,7 +946,7 @@ def run_latency_only(args: argparse.Namespace) -> dict:
 
 
 def judge(summary_: dict) -> list[dict]:
-    from xmodal.client.triton import IMAGE_MODEL, TEXT_MODEL
+    from xmodal.triton import IMAGE_MODEL, TEXT_MODEL
 
     targets = []
     for encoder, by_batch in summary_["encoders"].items():

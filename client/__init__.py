@@ -2,7 +2,7 @@
 ``AsyncClient``, ``Hit``, ``format_hits``, ``Retry`` (the retry policy for Triton calls).
 
 Importing it loads neither torch nor ray. The names load on first use, so the indexer's Ray
-workers can import ``xmodal.client.triton`` without pymilvus.
+workers can import ``xmodal.triton`` without pymilvus.
 """
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from xmodal.client.aio import AsyncClient
     from xmodal.client.hits import Hit
-    from xmodal.client.retry import Retry
+    from xmodal.retry import Retry
     from xmodal.client.sdk import Client
     from xmodal.client.table import format_hits
 
 __all__ = ["AsyncClient", "Client", "Hit", "Retry", "format_hits"]
 _HOMES = {"Client": "xmodal.client.sdk", "AsyncClient": "xmodal.client.aio", "Hit": "xmodal.client.hits",
-          "Retry": "xmodal.client.retry", "format_hits": "xmodal.client.table"}
+          "Retry": "xmodal.retry", "format_hits": "xmodal.client.table"}
 
 
 def __getattr__(name: str) -> Any:

@@ -23,10 +23,10 @@ from tritonclient.utils import InferenceServerException
 
 from xmodal import contract, settings, store
 from xmodal.card import ModelCard
-from xmodal.client import triton
+from xmodal import triton
 from xmodal.client.hits import Hit
 from xmodal.client.rerank import Reranker, open_reranker, rerank_depth
-from xmodal.client.retry import DEFAULT_RETRY, Retry, describe, is_transient, unavailable
+from xmodal.retry import DEFAULT_RETRY, Retry, describe, is_transient, unavailable
 from xmodal.client.sdk import (CAPTION_HINT, ImageLike, check_cards, check_levels, empty_levels, encode_images,
                                encode_texts, is_image_list, query_levels, query_vectors, raise_item_errors, run_search)
 from xmodal.client.searcher import Searcher, check_k, check_level_weights

@@ -21,9 +21,9 @@ from tritonclient.utils import InferenceServerException
 
 from xmodal import contract
 from xmodal.card import ModelCard
-from xmodal.client import triton
+from xmodal import triton
 from xmodal.client.hits import Hit
-from xmodal.client.retry import DEFAULT_RETRY, Retry
+from xmodal.retry import DEFAULT_RETRY, Retry
 from xmodal.sidestore import SideStore
 
 

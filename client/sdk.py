@@ -13,10 +13,10 @@ import numpy as np
 
 from xmodal import contract, settings, store
 from xmodal.card import ModelCard
-from xmodal.client import triton
+from xmodal import triton
 from xmodal.client.hits import Hit
 from xmodal.client.rerank import Reranker, open_reranker, rerank_depth
-from xmodal.client.retry import DEFAULT_RETRY, Retry
+from xmodal.retry import DEFAULT_RETRY, Retry
 from xmodal.client.searcher import Searcher, check_k, check_level_weights
 
 # One image: a path, encoded bytes, or a PIL image.

@@ -326,7 +326,7 @@ def _fp16_variant(towers, raw: dict[str, Path], out_dir: Path) -> tuple[Variant 
 def _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer, config, max_drop, text_only=False):
     """Quantise (both encoders, or the text encoder alone), optimise, run the held-out set through
     FP32 and INT8: (gate record, variant or None)."""
-    from xmodal.training.manifest import read_manifest
+    from xmodal.manifest import read_manifest
 
     manifests = [manifests] if isinstance(manifests, (str, Path)) else list(manifests)
     styles = evaluation.get("test_styles") or None

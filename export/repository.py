@@ -58,7 +58,6 @@ import dataclasses
 import io
 import json
 import os
-import re
 import shutil
 import struct
 import tempfile
@@ -69,8 +68,9 @@ from xmodal import preprocessing as _preprocessing
 from xmodal import text_preprocessing as _text_preprocessing
 from xmodal.card import CARD_FILENAME, CARD_PARAMETER, ModelCard, fingerprint_files
 from xmodal.contract import (EMBED_IMAGE, EMBED_IMAGE_SIDE, EMBED_MODELS, EMBED_TEXT, ENSEMBLES, FIRST_STAGE, GLOBAL,
-                             IMAGE_ENCODER, IMAGE_INPUT, INPUT_IDS, PIXEL_VALUES, PREPROCESS_IMAGE, PREPROCESS_TEXT, RERANK,
-                             RERANK_IMAGE_SIDE, RERANK_MODELS, RERANK_TEXT, SCORES, TEXT_ENCODER, TEXT_INPUT)
+                             IMAGE_ENCODER, PARAMS_FILE, IMAGE_INPUT, INPUT_IDS, PIXEL_VALUES, PREPROCESS_IMAGE, PREPROCESS_TEXT, RERANK,
+                             RERANK_IMAGE_SIDE, RERANK_MODELS, RERANK_TEXT, SCORES, TEXT_ENCODER, TEXT_INPUT,
+                             pinned_version)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
 PREPROCESSING_PY = Path(_preprocessing.__file__).resolve()
@@ -78,7 +78,6 @@ TEXT_PREPROCESSING_PY = Path(_text_preprocessing.__file__).resolve()
 
 IMAGE_PARAMETER = "xmodal_image"
 TEXT_PARAMETER = "xmodal_text"
-PARAMS_FILE = "params.json"  # per-version preprocessing parameters (read before the config's)
 WARMUP_DIR = "warmup"
 TARGETS = ("cpu", "gpu")
 WARMUP_TEXT = "warm up"
@@ -264,15 +263,6 @@ def _looks_like_repository(path: Path) -> bool:
         if not (child.is_dir() and (child / "config.pbtxt").is_file()):
             return False
     return True
-
-
-def pinned_version(repository: Path) -> int | None:
-    """The version the ensembles of an existing repository run (their first step's ``model_version``)."""
-    config = Path(repository) / EMBED_TEXT / "config.pbtxt"
-    if not config.is_file():
-        return None
-    match = re.search(r"model_version:\s*(-?\d+)", config.read_text())
-    return int(match.group(1)) if match and int(match.group(1)) > 0 else None
 
 
 def repository_versions(repository: Path) -> dict[str, list[int]]:

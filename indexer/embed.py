@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from xmodal.client.triton import Embedder
+from xmodal.triton import Embedder
 from xmodal.contract import GLOBAL
 
 VECTOR_COLUMN = "vector"

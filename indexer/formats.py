@@ -3,7 +3,7 @@ the formats users bring (CSV/TSV and JSONL tables, the Karpathy split JSON, Parq
 tar shards; DATA.md, "Formats users bring").
 
 Each format is parsed by the one reader that ``xmodal data import`` uses too
-(``xmodal.training.readers.file_rows``); here its rows become the indexer's ``Row`` (image,
+(``xmodal.readers.file_rows``); here its rows become the indexer's ``Row`` (image,
 captions, concept, style, and what identifies the row for the shard digests), filtered by split
 and style, and started again at any row's position, which is how a read task finds its shard:
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmodal.training import readers
-from xmodal.training.manifest import parse_row
+from xmodal import readers
+from xmodal.manifest import parse_row
 
 MANIFEST = "manifest"
 FORMATS = (MANIFEST, *readers.FORMATS)

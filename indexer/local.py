@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from xmodal.card import ModelCard
-from xmodal.contract import IMAGE_ENCODER, INPUT_IDS, PIXEL_VALUES, PREPROCESS_IMAGE, PREPROCESS_TEXT, TEXT_ENCODER
-from xmodal.export.repository import PARAMS_FILE, pinned_version
+from xmodal.contract import (IMAGE_ENCODER, INPUT_IDS, PARAMS_FILE, PIXEL_VALUES, PREPROCESS_IMAGE, PREPROCESS_TEXT,
+                             TEXT_ENCODER, pinned_version)
 from xmodal.indexer.embed import EmbedStage
 
 

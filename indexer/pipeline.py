@@ -28,7 +28,7 @@ import numpy as np
 
 from xmodal import contract, settings, store
 from xmodal.card import ModelCard
-from xmodal.client import triton
+from xmodal import triton
 from xmodal.indexer import sources, state
 from xmodal.indexer.embed import EmbedStage, TritonEmbedder
 from xmodal.indexer.job import KINDS, IndexJob

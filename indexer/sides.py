@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal import contract, settings, store
-from xmodal.client import triton
+from xmodal import triton
 from xmodal.sidestore import SideStore, side_store_path
 
 PAGE_ROWS = 1000

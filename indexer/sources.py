@@ -390,7 +390,7 @@ def read_images(batch: dict[str, np.ndarray], image_store: str | None = None) ->
     is an image. Bytes held by the source that are an image are written once, by content, under
     `image_store` (``<sha256[:2]>/<sha256[:32]>.<ext>``, as ``xmodal data import`` writes them), and
     the item's path becomes that file's: the collection's rows point at files the client can show."""
-    from xmodal.training.readers import ImageStore
+    from xmodal.readers import ImageStore
 
     n = len(batch["path"])
     ids = np.full(n, "", dtype=object)

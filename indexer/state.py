@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.sidestore import beside_collection
-from xmodal.training.emoji import write_atomic
+from xmodal.files import write_atomic
 
 PROGRESS_FORMAT = 1
 # The identity fields a progress file must share with a run for the run to continue it

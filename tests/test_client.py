@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 import tinymodel
 from xmodal import store
 from xmodal.client import AsyncClient, Client, Hit, Retry, format_hits
-from xmodal.client.retry import is_transient
+from xmodal.retry import is_transient
 from xmodal.indexer import IndexJob
 
 pytestmark = pytest.mark.timeout(180)

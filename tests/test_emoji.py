@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from xmodal.files import SkipLog
 from xmodal.training.emoji import (
     NPM_CACHE_ENV,
     STYLE_SOURCES,
     DataFetchError,
     NpmPackage,
-    SkipLog,
     build_captions,
     concept_key,
     concepts_from_emojibase,
@@ -25,7 +25,7 @@ from xmodal.training.emoji import (
     render_svg_or_skip,
     style_files,
 )
-from xmodal.training.manifest import read_manifest
+from xmodal.manifest import read_manifest
 
 GOOD_SVG = (
     b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72">'

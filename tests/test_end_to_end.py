@@ -23,7 +23,7 @@ from xmodal.preprocessing import preprocess_image_bytes
 from xmodal.server import TritonServer, free_port
 from xmodal.store import release_local
 from xmodal.training.evaluate import recall_summary
-from xmodal.training.manifest import read_manifest
+from xmodal.manifest import read_manifest
 from xmodal.training.tokenizer import load_tokenizer
 from xmodal.training.train import tokenize, train
 

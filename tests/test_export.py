@@ -160,7 +160,7 @@ def test_quantize_needs_the_held_out_manifests(run, tmp_path):
 
 def test_export_command_serves_the_int8_variant_as_a_new_version(run, tmp_path, capsys):
     from xmodal.cli import main
-    from xmodal.export.repository import pinned_version
+    from xmodal.contract import pinned_version
 
     repository = tmp_path / "repo"
     common = ["export", "--run", str(run["run"]), "--model-repository", str(repository)]

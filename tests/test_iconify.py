@@ -21,7 +21,7 @@ from xmodal.training.iconify import (
     set_chars,
     slug,
 )
-from xmodal.training.manifest import read_manifest
+from xmodal.manifest import read_manifest
 
 # --- licences and set choice ---------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xmodal.training.manifest import ManifestRow, read_manifest, write_manifest
+from xmodal.manifest import ManifestRow, read_manifest, write_manifest
 
 
 def record(style: str, concept: str, split: str, **overrides: object) -> dict:

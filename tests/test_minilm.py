@@ -301,7 +301,7 @@ def tiny_export(tiny_run) -> dict:
 
 def test_frozen_minilm_run_trains_evaluates_and_exports(tiny_run, tiny_export, minilm) -> None:
     from xmodal.export.onnx import TEXT_ONNX
-    from xmodal.training.manifest import read_manifest
+    from xmodal.manifest import read_manifest
 
     report, run = tiny_run["report"], tiny_run["run"]
     assert report["epochs"] == 2 and all(np.isfinite(h["loss"]) for h in report["history"])
@@ -340,7 +340,7 @@ def test_minilm_int8_goes_through_the_recall_gate(tiny_run, tiny_export) -> None
     """
     from xmodal.export import variants
     from xmodal.export.onnx import IMAGE_INT8_ONNX, TEXT_INT8_ONNX, TEXT_ONNX, QuantizationRejected
-    from xmodal.training.manifest import read_manifest
+    from xmodal.manifest import read_manifest
 
     out, gate = tiny_export["out"], tiny_export["card"].evaluation["int8_gate"]
     assert gate["metric"] == "R@10" and gate["max_drop_points"] == 1.0

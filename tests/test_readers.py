@@ -12,8 +12,8 @@ from PIL import Image
 
 import tinymodel
 
-from xmodal.training.manifest import read_manifest
-from xmodal.training.readers import detect_format, hash_split, import_corpus, wds_key
+from xmodal.manifest import read_manifest
+from xmodal.readers import detect_format, hash_split, import_corpus, wds_key
 
 COLOURS = ["red", "green", "blue", "yellow"]
 

@@ -23,7 +23,7 @@ from xmodal.indexer.sources import content_id
 from xmodal.preprocessing import preprocess_image_bytes
 from xmodal.server import TritonServer, free_port
 from xmodal.sidestore import SideStore, SideStoreError, side_store_path
-from xmodal.training.manifest import read_manifest
+from xmodal.manifest import read_manifest
 from xmodal.training.run import load_run
 from xmodal.training.train import tokenize, train
 

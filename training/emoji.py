@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from xmodal.training.manifest import ManifestRow, write_manifest
+from xmodal.files import SkipLog, write_atomic
+from xmodal.manifest import ManifestRow, write_manifest
 
 NPM_CACHE_ENV = "XMODAL_NPM_CACHE"
 IMAGE_SIZE = 64
@@ -259,28 +260,6 @@ def choose_concepts(concepts: Sequence[Concept], files: dict[str, dict[str, str]
         return list(concepts)
     in_every_style = [c for c in concepts if all(c.key in style_map for style_map in files.values())]
     return in_every_style[:limit]
-
-
-class SkipLog:
-    """Images that could not be produced, one JSON line each (path + reason); started empty per run."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.count = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("", encoding="utf-8")
-
-    def record(self, source: str, reason: str) -> None:
-        self.count += 1
-        with self.path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps({"path": source, "reason": reason}, ensure_ascii=False) + "\n")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    # a half-written image would be trusted as done by the next run's skip-existing check
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def render_svg(svg: bytes, size: int = IMAGE_SIZE) -> bytes:

@@ -27,6 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from xmodal.files import SkipLog
 from xmodal.training.emoji import (
     EMOJIBASE,
     EMOJIBASE_DATA,
@@ -34,7 +35,6 @@ from xmodal.training.emoji import (
     Concept,
     DataFetchError,
     NpmPackage,
-    SkipLog,
     concept_key,
     iter_tar_files,
     npm_cache_dir,
@@ -43,7 +43,7 @@ from xmodal.training.emoji import (
     read_tar_files,
     render_svg_or_skip,
 )
-from xmodal.training.manifest import ManifestRow, write_manifest
+from xmodal.manifest import ManifestRow, write_manifest
 
 ICONIFY = NpmPackage("@iconify/json", "2.2.535")
 ICONIFY_COLLECTIONS = "package/collections.json"

@@ -28,7 +28,7 @@ from xmodal import settings
 from xmodal.preprocessing import decode_image, image_to_array
 from xmodal.text_preprocessing import pad_ids
 from xmodal.training.evaluate import KS, RERANK_TOP_N, evaluate_report, format_metrics, ranks_in_scores, recall_summary, reranked_scores
-from xmodal.training.manifest import ManifestRow, read_manifest
+from xmodal.manifest import ManifestRow, read_manifest
 from xmodal.training.models import FRAGMENT_OUTPUTS, DualEncoder, needs_fragments, served_outputs
 from xmodal.training.objectives import EpochStart, LossContext, Step, build_objectives, term_key
 from xmodal.training.recipes import recipe_config, stage_at, stage_plan

@@ -15,7 +15,7 @@ from xmodal.indexer import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, DEFAULT_WRITE
 from xmodal.training.recipes import RECIPES
 
 
-# The formats users bring (training/readers.py), as `data import` and `index --input` take them.
+# The formats users bring (xmodal/readers.py), as `data import` and `index --input` take them.
 INPUT_FORMATS = ("auto", "csv", "jsonl", "karpathy", "parquet", "webdataset")
 
 
@@ -46,7 +46,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_data_import(args: argparse.Namespace) -> int:
-    from xmodal.training.readers import import_corpus
+    from xmodal.readers import import_corpus
 
     out = args.out or settings.data_dir() / (args.name or Path(args.source).stem)
     manifest = import_corpus(
@@ -186,7 +186,7 @@ def _index_input(args: argparse.Namespace) -> dict:
 
 def _serves_reranker(triton_url: str) -> bool:
     from xmodal import contract
-    from xmodal.client import triton
+    from xmodal import triton
 
     client = triton.connect(triton_url, models=(contract.EMBED_IMAGE,))
     try:

@@ -13,7 +13,9 @@ export writes from these constants.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 # ---- Triton: models of a repository --------------------------------------------------------
@@ -31,6 +33,22 @@ RERANK_TEXT = "rerank_text"  # ensemble: text, first-stage scores, candidates' s
 EMBED_MODELS = (IMAGE_ENCODER, TEXT_ENCODER, PREPROCESS_IMAGE, PREPROCESS_TEXT, EMBED_IMAGE, EMBED_TEXT)
 RERANK_MODELS = (RERANK_IMAGE_SIDE, RERANK, EMBED_IMAGE_SIDE, RERANK_TEXT)
 ENSEMBLES = (EMBED_IMAGE, EMBED_TEXT, EMBED_IMAGE_SIDE, RERANK_TEXT)
+
+# ---- Triton: the repository's layout ---------------------------------------------------------
+# Each preprocessing version reads its parameters (image size and normalisation, pad id) from
+# <model>/<version>/params.json, so two versions served side by side may differ there.
+PARAMS_FILE = "params.json"
+
+
+def pinned_version(repository: str | Path) -> int | None:
+    """The version the ensembles of a repository run (their first step's ``model_version``);
+    None where there is no xmodal repository."""
+    config = Path(repository) / EMBED_TEXT / "config.pbtxt"
+    if not config.is_file():
+        return None
+    match = re.search(r"model_version:\s*(-?\d+)", config.read_text())
+    return int(match.group(1)) if match and int(match.group(1)) > 0 else None
+
 
 # ---- Triton and ONNX: tensors ---------------------------------------------------------------
 IMAGE_INPUT = "IMAGE"  # BYTES [1]: one encoded image a row

@@ -72,7 +72,7 @@ def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
     from xmodal.training.emoji import fetch_emoji
     from xmodal.training.evaluate import recall_summary
     from xmodal.training.iconify import fetch_iconify
-    from xmodal.training.manifest import read_manifest
+    from xmodal.manifest import read_manifest
     from xmodal.training.train import train
 
     data = settings.data_dir()

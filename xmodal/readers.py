@@ -42,8 +42,8 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
-from xmodal.training.emoji import SkipLog, write_atomic
-from xmodal.training.manifest import ManifestRow, json_object, write_manifest
+from xmodal.files import SkipLog, write_atomic
+from xmodal.manifest import ManifestRow, json_object, write_manifest
 
 FORMATS = ("csv", "jsonl", "karpathy", "parquet", "webdataset")
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})

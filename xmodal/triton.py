@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from xmodal.card import CARD_PARAMETER, ModelCard
 from xmodal.contract import EMBED_IMAGE, EMBED_TEXT, GLOBAL
-from xmodal.client.retry import DEFAULT_RETRY, Retry, is_transient, unavailable
+from xmodal.retry import DEFAULT_RETRY, Retry, is_transient, unavailable
 
 
 

@@ -2,9 +2,11 @@
 no torch, Ray, ONNX Runtime or tritonserver, whose Python answers a query against the tiny
 stack (the real Triton server and a milvus-lite collection) with the full install's hits.
 
-Slow the first time: the venv is built once per pyproject.toml and Python version under
+Slow the first time: the venv is built once per set of base dependencies and Python version under
 ~/.cache/xmodal/client-venv ($XMODAL_CLIENT_VENV_CACHE), and xmodal itself once per state
 of its source; a rerun with both cached costs the tiny stack and a few subprocesses.
+$XMODAL_CLIENT_PYTHON picks another interpreter for the client venv (the client installs on
+Python 3.13, where the full stack does not).
 """
 from __future__ import annotations
 
@@ -84,19 +86,23 @@ def client_env() -> dict[str, str]:
     """The environment of a Python that has the client install only.
 
     The venv holds the dependencies `pip install <repo>` resolved (xmodal itself uninstalled
-    again), keyed by pyproject.toml; xmodal is a build of the current source put first on
+    again), keyed by the base dependencies in pyproject.toml; xmodal is a build of the current source put first on
     PYTHONPATH, keyed by that source, so a code change costs one wheel build, not a venv.
     """
-    pyproject_key = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
-    python_tag = f"py{sys.version_info.major}.{sys.version_info.minor}"
+    base_python = os.environ.get("XMODAL_CLIENT_PYTHON", sys.executable)
+    python_tag = subprocess.run([base_python, "-c", "import sys; print('py%d.%d' % sys.version_info[:2])"],
+                                check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    dependencies = json.dumps([project["build-system"], project["project"]["dependencies"]])
+    dependencies_key = hashlib.sha256(dependencies.encode()).hexdigest()[:16]
 
     def build_venv(path: Path) -> None:
-        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
+        subprocess.run([base_python, "-m", "venv", str(path)], check=True, timeout=120)
         pip(path / "bin" / "python", str(REPO))
         subprocess.run([str(path / "bin" / "python"), "-m", "pip", "uninstall", "--quiet", "--yes", "xmodal"],
                        check=True, timeout=120)
 
-    venv = cached(cache_root() / f"venv-{python_tag}-{pyproject_key}", build_venv)
+    venv = cached(cache_root() / f"venv-{python_tag}-{dependencies_key}", build_venv)
     python = venv / "bin" / "python"
     build = cached(cache_root() / f"xmodal-{python_tag}-{source_digest()}",
                    lambda path: pip(python, "--no-deps", "--no-compile", "--target", str(path), str(REPO)))

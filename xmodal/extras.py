@@ -88,5 +88,5 @@ def require(command: str, *extras: str, onnxruntime: bool = False) -> None:
     if runtime_missing:
         parts.append("an ONNX Runtime: xmodal[cpu], or xmodal[gpu] on a GPU machine (never both)")
     install = ",".join(needed + (["cpu"] if runtime_missing else []))
-    raise MissingExtra(f"`xmodal {command}` needs {' and '.join(parts)}; install it with "
+    raise MissingExtra(f"`xmodal {command}` needs {' and '.join(parts)}; install with "
                        f"pip install 'xmodal[{install}]' (from a clone of the repository: pip install '.[{install}]')")

@@ -22,17 +22,17 @@ def main() -> int:
     parser.add_argument("collection")
     parser.add_argument("out")
     args = parser.parse_args()
-    from xmodal import store
+    from xmodal import contract, store
 
     client = store.connect(args.milvus_uri)
     try:
         store.ensure_loaded(client, args.collection)
         rows = client.get_collection_stats(args.collection)["row_count"]
         vectors = []
-        iterator = client.query_iterator(args.collection, batch_size=5000, filter='id != ""', output_fields=[store.vector_field("global")])
+        iterator = client.query_iterator(args.collection, batch_size=5000, filter='id != ""', output_fields=[contract.vector_field(contract.GLOBAL)])
         with tqdm(total=rows, unit="row", file=sys.stderr) as bar:
             while batch := iterator.next():
-                vectors.append(np.asarray([row[store.vector_field("global")] for row in batch], dtype=np.float32))
+                vectors.append(np.asarray([row[contract.vector_field(contract.GLOBAL)] for row in batch], dtype=np.float32))
                 bar.update(len(batch))
         iterator.close()
     finally:

@@ -200,12 +200,12 @@ def encoder_alone(files: list[Path], batch_size: int, threads: int | None) -> di
 def pipeline_run(directory: Path, manifest: Path, items: int | None, workers: int, threads: int | None,
                  batch_size: int) -> dict:
     from xmodal import store
-    from xmodal.indexer import index_images
+    from xmodal.indexer import IndexJob
 
     db = directory / f"images-{workers}-{time.monotonic_ns()}.db"
     try:
-        report = index_images(manifest, model_repository=REPOSITORY, milvus_uri=str(db), split=None, limit=items,
-                              batch_size=batch_size, embed_workers=workers, embed_threads=threads, progress=False)
+        report = IndexJob(manifest=manifest, model_repository=REPOSITORY, milvus_uri=str(db), split=None, limit=items,
+                          batch_size=batch_size, embed_workers=workers, embed_threads=threads, progress=False).run()
     finally:
         store.release_local(db)
     return {"workers": workers, "threads_per_worker": threads, "items": report.items_read,

@@ -217,7 +217,7 @@ class Lite25Server:
 
 
 def build_collection(milvus, card, x: np.ndarray, index_type: str, index_params: dict) -> dict:
-    from xmodal import store
+    from xmodal import contract, store
 
     store.ensure_collection(milvus, COLLECTION, card, index_type=index_type, index_params=index_params)
     started = time.perf_counter()
@@ -263,7 +263,7 @@ def open_store(kind: str, n: int, args, card, x: np.ndarray) -> dict:
     """Connect (building the collection when not cached); {'uri', 'milvus', 'build', ...}."""
     from pymilvus import MilvusClient
 
-    from xmodal import store
+    from xmodal import contract, store
 
     if kind == "lite3" and args.lite3_index.upper() == "HNSW":
         index_type, index_params = store.DEFAULT_INDEX_TYPE, dict(store.DEFAULT_INDEX_PARAMS)
@@ -323,7 +323,7 @@ def open_store(kind: str, n: int, args, card, x: np.ndarray) -> dict:
 
 def search_call(milvus, q: np.ndarray, *, params: dict, level: str | None = "Bounded",
                 output_fields: list[str] | None = None, describe: bool = False, batch: int = 1):
-    from xmodal import store
+    from xmodal import contract, store
 
     kwargs: dict[str, Any] = {"output_fields": output_fields or []}
     if level:
@@ -372,8 +372,8 @@ def bench_store(info: dict, q: np.ndarray, truth: np.ndarray, args, budget: floa
     chosen = min(good, key=lambda t: t["p50_ms"]) if good else max(out["tuning"], key=lambda t: t["recall@10"] or 0)
     out["chosen_params"] = {"metric_type": "IP", "params": chosen["params"]}
     params = out["chosen_params"]
-    from xmodal import store
-    fields = list(store.IMAGE_OUTPUT_FIELDS)
+    from xmodal import contract, store
+    fields = list(contract.IMAGE_KIND.output_fields)
     variants = {
         "before: Bounded, 4 output fields, describe_index per search": dict(level="Bounded", output_fields=fields,
                                                                              describe=True),
@@ -506,13 +506,13 @@ def run_size(n: int, args, card, repository: Path | None) -> dict:
         from pymilvus import MilvusClient
         contenders: dict[str, Callable[[], Callable[[int], Any]]] = {
             "numpy exact": lambda: (lambda i: numpy_search(xr, q[i % len(q)]))}
-        from xmodal import store
+        from xmodal import contract, store
         for kind, info in stores.items():
             params = result[kind]["chosen_params"]
             contenders[f"{kind} search"] = (
                 lambda info=info, params=params: search_call(MilvusClient(uri=info["uri"]), q, params=params,
                                                              level=args.level,
-                                                             output_fields=list(store.IMAGE_OUTPUT_FIELDS)))
+                                                             output_fields=list(contract.IMAGE_KIND.output_fields)))
         rounds: dict[str, list[dict]] = {name: [] for name in contenders}
         calls = {name: make() for name, make in contenders.items()}
         for r in range(args.rounds):
@@ -540,20 +540,21 @@ def run_size(n: int, args, card, repository: Path | None) -> dict:
             if info.get("server") is not None:
                 info["server"].close()
         if "lite3" in stores:
-            from xmodal import store
+            from xmodal import contract, store
             store.release_local(stores["lite3"]["db"])
     return result
 
 
 def end_to_end(stores: dict, repository: Path, args, budget: float) -> dict:
+    from xmodal import contract
     from xmodal.client import Client
     from xmodal.client import triton as tri
 
     out: dict[str, Any] = {}
     with triton_server(repository) as server:
-        embedder = tri.Embedder(server.url, tri.TEXT_MODEL, tri.TEXT_INPUT, timeout=10)
+        embedder = tri.Embedder(server.url, contract.EMBED_TEXT, contract.TEXT_INPUT, timeout=10)
         texts = [t.encode() for t in QUERY_TEXTS]
-        embedder.embed_outputs([texts[0]], [tri.OUTPUT])
+        embedder.embed_outputs([texts[0]], [contract.GLOBAL])
         # A store where no model record can be read (milvus-lite 2.5.1 before xmodal.store kept
         # the record in its metadata collection) fails the Client's model check: against it the
         # same sequence runs by hand (the Client's embedder, then a search with the Client's
@@ -561,7 +562,7 @@ def end_to_end(stores: dict, repository: Path, args, budget: float) -> dict:
         clients = {kind: Client(server.url, info["uri"], caption_collection=None)
                    for kind, info in stores.items() if info["properties_kept"]}
         from pymilvus import MilvusClient
-        from xmodal import store
+        from xmodal import contract, store
         manual = {}
         for kind, info in stores.items():
             if kind in clients:
@@ -572,17 +573,17 @@ def end_to_end(stores: dict, repository: Path, args, budget: float) -> dict:
             params = info["chosen_params"]
 
             def by_hand(text, milvus=milvus, params=params, embedder_client=embedder_client):
-                v = embedder.embed_outputs([text.encode()], [tri.OUTPUT])[0][tri.OUTPUT]
+                v = embedder.embed_outputs([text.encode()], [contract.GLOBAL])[0][contract.GLOBAL]
                 return milvus.search(COLLECTION, data=v.tolist(), limit=K, anns_field="global",
                                      search_params=params, consistency_level=args.level,
-                                     output_fields=list(store.IMAGE_OUTPUT_FIELDS))
+                                     output_fields=list(contract.IMAGE_KIND.output_fields))
             clients[kind + " (embed + search by hand)"] = type("ByHand", (), {
                 "search_text": staticmethod(lambda text, k=K, f=by_hand: f(text)),
                 "close": staticmethod(lambda m=milvus: m.close())})()
         try:
             calls: dict[str, Callable[[int], Any]] = {
                 "embed_text (Triton, SDK embedder)": lambda i: embedder.embed_outputs([texts[i % len(texts)]],
-                                                                                       [tri.OUTPUT])}
+                                                                                       [contract.GLOBAL])}
             for kind, client in clients.items():
                 client.search_text(QUERY_TEXTS[0], k=K)
                 calls[f"Client.search_text -> {kind}"] = (

@@ -147,7 +147,8 @@ def sentence_queries(run_dir: Path, manifests: list[Path], k: int = 3) -> dict[s
     import torch
 
     from xmodal.training.manifest import read_manifest
-    from xmodal.training.train import Trainee, embed_image_set, embed_texts, load_features, load_run
+    from xmodal.training.run import load_run
+    from xmodal.training.train import Trainee, embed_image_set, embed_texts, load_features
 
     model, tokenizer, config = load_run(run_dir)
     rows = [row for m in manifests for row in read_manifest(m, split="test")]

@@ -47,7 +47,7 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
     from xmodal.client.rerank import Reranker
     from xmodal.export.onnx import export_run
     from xmodal.export.repository import write_model_repository
-    from xmodal.indexer import index_images
+    from xmodal.indexer import IndexJob
     from xmodal.indexer.sides import index_sides
     from xmodal.sidestore import SideStore, side_store_path
     from xmodal.training.manifest import read_manifest
@@ -58,8 +58,8 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
     exported = export_run(run, workdir / "onnx")
     repository = write_model_repository(workdir / "model_repository", exported.card, image_onnx=exported.image_onnx,
                                         text_onnx=exported.text_onnx, tokenizer_json=exported.tokenizer_json)
-    log(f"{run.name}: exported in {time.perf_counter() - started:.1f} s; re-ranker {exported.card.reranker['kind']} "
-        f"parity {exported.card.reranker['parity_max_abs_diff']}")
+    log(f"{run.name}: exported in {time.perf_counter() - started:.1f} s; re-ranker {exported.card.reranker.kind} "
+        f"parity {exported.card.reranker.parity_max_abs_diff}")
     rows = [row for manifest in manifests for row in read_manifest(manifest, split="test", styles=test_styles)]
     queries: dict[str, str] = {}
     for row in rows:
@@ -69,8 +69,8 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
         milvus_uri = str(workdir / "xmodal.db")
         indexed = time.perf_counter()
         for manifest in manifests:
-            index_images(manifest, triton_url=server.url, milvus_uri=milvus_uri, split="test", styles=test_styles,
-                         progress=False)
+            IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=milvus_uri, split="test", styles=test_styles,
+                     progress=False).run()
         sides = index_sides(triton_url=server.url, milvus_uri=milvus_uri, progress=False)
         log(f"{run.name}: indexed {sides.rows} images and their sides in {time.perf_counter() - indexed:.1f} s "
             f"(sides {sides.seconds:.1f} s, {sides.failed} failed)")
@@ -98,7 +98,7 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
                 reranker.close()
     in_process = evaluation["test"]
     return {
-        "run": str(run), "recipe": evaluation["recipe"], "kind": exported.card.reranker["kind"],
+        "run": str(run), "recipe": evaluation["recipe"], "kind": exported.card.reranker.kind,
         "top_n": top_n, "queries": len(concepts), "images": sides.rows, "test_styles": test_styles,
         "served_text_to_image": {"first_stage": recall(first_ranks), "reranked": recall(reranked_ranks)},
         "in_process_text_to_image": {
@@ -109,7 +109,7 @@ def bench_run(run: Path, manifests: list[Path], workdir: Path, top_n: int, max_q
         "latency": {"first_stage": distribution(first_seconds), "rerank": distribution(rerank_seconds),
                     "whole": distribution([a + b for a, b in zip(first_seconds, rerank_seconds)])},
         "side_store": {"path_name": Path(sides.path).name, "bytes_per_image": 4 * sum(
-            math.prod(spec["shape"]) for spec in exported.card.reranker["side"].values()),
+            math.prod(shape) for shape in exported.card.reranker.shapes.values()),
             "sides_seconds": round(sides.seconds, 1)},
     }
 

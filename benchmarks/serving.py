@@ -197,7 +197,7 @@ def export(run_dir: Path, out_dir: Path, manifests: list[Path], *, gate: bool) -
     from xmodal.card import ModelCard
     from xmodal.export.onnx import (IMAGE_INT8_ONNX, IMAGE_ONNX, TEXT_INT8_ONNX, TEXT_ONNX, QuantizationRejected,
                                     export_run)
-    from xmodal.training.train import TOKENIZER_FILE
+    from xmodal.training.run import TOKENIZER_FILE
 
     started = time.monotonic()
     gate_record = None
@@ -261,7 +261,7 @@ def bench_encoders(run_dir: Path, exported: Exported, items: Items, tokenizer, p
 
     from xmodal.export.onnx import inference_form
     from xmodal.training.models import ServedTower
-    from xmodal.training.train import load_run
+    from xmodal.training.run import load_run
 
     torch.set_num_threads(threads)
     model, _, config = load_run(run_dir)
@@ -330,7 +330,7 @@ def bench_encoders(run_dir: Path, exported: Exported, items: Items, tokenizer, p
 def request_payloads(model: str, size: int, items: Items, tokenizer) -> list[Any]:
     """What each request of ``size`` items carries, cycling over the same items."""
     from xmodal.client.triton import IMAGE_MODEL, TEXT_MODEL
-    from xmodal.export.repository import IMAGE_ENCODER
+    from xmodal.contract import IMAGE_ENCODER
 
     starts = range(0, ITEMS, size)
     if model == TEXT_MODEL:
@@ -345,7 +345,7 @@ def request_payloads(model: str, size: int, items: Items, tokenizer) -> list[Any
 def in_process_call(model: str, payloads: list[Any], sessions: dict[str, Any], tokenizer, card) -> Callable[[], Any]:
     """One request's work done in this process: tokenise or decode + preprocess, then ORT."""
     from xmodal.client.triton import IMAGE_MODEL, TEXT_MODEL
-    from xmodal.export.repository import IMAGE_ENCODER
+    from xmodal.contract import IMAGE_ENCODER
     from xmodal.preprocessing import preprocess_image_bytes
     from xmodal.training.train import tokenize
 
@@ -374,7 +374,7 @@ def request_tensors(protocol: str, model: str, payload: Any):
     import tritonclient.http as httpclient
 
     from xmodal.client.triton import IMAGE_INPUT, IMAGE_MODEL, OUTPUT, TEXT_INPUT, TEXT_MODEL
-    from xmodal.export.repository import IMAGE_ENCODER
+    from xmodal.contract import IMAGE_ENCODER
 
     module = httpclient if protocol == "http" else grpcclient
     if model in (TEXT_MODEL, IMAGE_MODEL):
@@ -495,7 +495,7 @@ def stats_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
 
 def matrix_scenarios() -> list[Scenario]:
     from xmodal.client.triton import IMAGE_MODEL, TEXT_MODEL
-    from xmodal.export.repository import IMAGE_ENCODER, TEXT_ENCODER
+    from xmodal.contract import IMAGE_ENCODER, TEXT_ENCODER
 
     scenarios = [Scenario(model, protocol, clients, size) for model in (TEXT_MODEL, IMAGE_MODEL)
                  for protocol in PROTOCOLS for clients in CONCURRENCY for size in (1, CLIENT_BATCH)]
@@ -726,7 +726,7 @@ def bench_instance_sweep(exported: Exported, workdir: Path, items: Items, tokeni
                          default_groups: dict) -> dict:
     import tritonclient.http as httpclient
 
-    from xmodal.export.repository import IMAGE_ENCODER, PREPROCESS_IMAGE, PREPROCESS_TEXT, TEXT_ENCODER
+    from xmodal.contract import IMAGE_ENCODER, PREPROCESS_IMAGE, PREPROCESS_TEXT, TEXT_ENCODER
 
     scenarios = sweep_scenarios(plan)
     payloads = {(s.model, s.size): request_payloads(s.model, s.size, items, tokenizer) for s in scenarios}
@@ -825,7 +825,7 @@ def machine() -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     from xmodal.cli import resolve_data
-    from xmodal.export.repository import IMAGE_ENCODER, PREPROCESS_IMAGE, PREPROCESS_TEXT, TEXT_ENCODER
+    from xmodal.contract import IMAGE_ENCODER, PREPROCESS_IMAGE, PREPROCESS_TEXT, TEXT_ENCODER
     from xmodal.training.tokenizer import load_tokenizer
 
     plan = QUICK if args.quick else FULL

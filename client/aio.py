@@ -21,7 +21,7 @@ import numpy as np
 import tritonclient.http.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from xmodal import settings, store
+from xmodal import contract, settings, store
 from xmodal.card import ModelCard
 from xmodal.client import triton
 from xmodal.client.hits import Hit
@@ -85,12 +85,12 @@ class AsyncClient:
         try:
             await self._check_server()
             configs = {}
-            for model in (triton.IMAGE_MODEL, triton.TEXT_MODEL):
+            for model in (contract.EMBED_IMAGE, contract.EMBED_TEXT):
                 configs[model] = await self._call(self._triton.get_model_config, model,
                                                   what=f"the config of {model}")
                 self._batch[model] = int(configs[model].get("max_batch_size", 0) or 0)
-            self.card = triton.card_from_config(configs[triton.IMAGE_MODEL], triton.IMAGE_MODEL)
-            text_card = triton.card_from_config(configs[triton.TEXT_MODEL], triton.TEXT_MODEL)
+            self.card = triton.card_from_config(configs[contract.EMBED_IMAGE], contract.EMBED_IMAGE)
+            text_card = triton.card_from_config(configs[contract.EMBED_TEXT], contract.EMBED_TEXT)
             check_cards(self.triton_url, self.card, text_card)
             self._searcher = await self._run(
                 Searcher, self.milvus_uri, self.card, token=self.token, timeout=self.timeout,
@@ -112,7 +112,7 @@ class AsyncClient:
             raise ConnectionError(f"cannot reach Triton at {self.triton_url}: {reason}") from None
         if not live:
             raise ConnectionError(f"cannot reach Triton at {self.triton_url}: the server is not live")
-        for model in (triton.IMAGE_MODEL, triton.TEXT_MODEL):
+        for model in (contract.EMBED_IMAGE, contract.EMBED_TEXT):
             if not await self._triton.is_model_ready(model):
                 raise ConnectionError(f"Triton at {self.triton_url} is up but model {model!r} is not ready")
 
@@ -172,24 +172,24 @@ class AsyncClient:
 
     async def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
         """Unit vectors [N, D] for one text or a list of texts (the "global" embedding)."""
-        return (await self.embed_text_levels(texts, [triton.OUTPUT]))[triton.OUTPUT]
+        return (await self.embed_text_levels(texts, [contract.GLOBAL]))[contract.GLOBAL]
 
     async def embed_image(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Unit vectors [N, D] for one image or a list (paths, encoded bytes, PIL images)."""
-        return (await self.embed_image_levels(images, [triton.OUTPUT]))[triton.OUTPUT]
+        return (await self.embed_image_levels(images, [contract.GLOBAL]))[contract.GLOBAL]
 
     async def embed_text_levels(self, texts: str | Sequence[str], levels: Sequence[str] | None = None,
                                 ) -> dict[str, np.ndarray]:
         """{level: vectors [N, D_level]} for the card's levels (or `levels`)."""
         card = self._opened().card
-        return await self._embed(triton.TEXT_MODEL, triton.TEXT_INPUT, encode_texts(texts), "text",
+        return await self._embed(contract.EMBED_TEXT, contract.TEXT_INPUT, encode_texts(texts), "text",
                                  check_levels(levels, card))
 
     async def embed_image_levels(self, images: ImageLike | Sequence[ImageLike], levels: Sequence[str] | None = None,
                                  ) -> dict[str, np.ndarray]:
         """{level: vectors [N, D_level]} of images for the card's levels (or `levels`)."""
         card = self._opened().card
-        return await self._embed(triton.IMAGE_MODEL, triton.IMAGE_INPUT, encode_images(images), "image",
+        return await self._embed(contract.EMBED_IMAGE, contract.IMAGE_INPUT, encode_images(images), "image",
                                  check_levels(levels, card))
 
     async def _embed(self, model: str, input_name: str, items: list[bytes], what: str,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from xmodal.store import decode_captions
+from xmodal.contract import CollectionKind
 
 
 @dataclass(frozen=True)
@@ -17,15 +17,8 @@ class Hit:
     style: str
 
     @classmethod
-    def from_milvus(cls, hit: dict[str, Any]) -> "Hit":
+    def from_milvus(cls, hit: dict[str, Any], kind: CollectionKind) -> "Hit":
+        """A Milvus search hit of a collection of `kind` (its entity decoded as the kind says)."""
         entity = hit.get("entity") or {}
-        # The caption collection holds one caption a row; show it as the hit's only caption.
-        captions = [entity["caption"]] if "caption" in entity else decode_captions(entity.get("captions"))
-        return cls(
-            id=str(hit.get("id", entity.get("id", ""))),
-            score=float(hit.get("distance", 0.0)),
-            image=str(entity.get("image", "")),
-            captions=captions,
-            concept=str(entity.get("concept", "")),
-            style=str(entity.get("style", "")),
-        )
+        return cls(id=str(hit.get("id", entity.get("id", ""))), score=float(hit.get("distance", 0.0)),
+                   **kind.hit(entity))

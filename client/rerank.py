@@ -19,15 +19,13 @@ import numpy as np
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
+from xmodal import contract
 from xmodal.card import ModelCard
 from xmodal.client import triton
 from xmodal.client.hits import Hit
 from xmodal.client.retry import DEFAULT_RETRY, Retry
 from xmodal.sidestore import SideStore
 
-RERANK_MODEL = "rerank_text"
-SIDE_MODEL, SIDE_INPUT = "embed_image_side", "IMAGE"
-SCORES = "scores"
 
 
 def rerank_depth(card: ModelCard, k: int, rerank_top: int | None) -> int:
@@ -37,7 +35,7 @@ def rerank_depth(card: ModelCard, k: int, rerank_top: int | None) -> int:
         raise ValueError(f"rerank=True needs a model with a re-ranker; {card.name} (recipe {card.recipe!r}) has none "
                          "(the cran and mcsm recipes have one)")
     if rerank_top is None:
-        return max(k, int(card.reranker.get("top_n") or k))
+        return max(k, card.reranker.top_n)
     if isinstance(rerank_top, bool) or not isinstance(rerank_top, int) or rerank_top < k:
         raise ValueError(f"rerank_top must be an integer at least k={k} (the first-stage hits re-ranked), "
                          f"got {rerank_top!r}")
@@ -71,9 +69,9 @@ class Reranker:
             raise ValueError(f"model {card.name} has no re-ranker (recipe {card.recipe!r}; CRAN and MCSM have one)")
         self.card = card
         self.sides = sides
-        self.names = list(card.reranker["side"])
-        self._caller = triton.Embedder(url, RERANK_MODEL, triton.TEXT_INPUT, timeout=timeout, retry=retry,
-                                       outputs=(SCORES,))
+        self.names = list(card.reranker.side)
+        self._caller = triton.Embedder(url, contract.RERANK_TEXT, contract.TEXT_INPUT, timeout=timeout, retry=retry,
+                                       outputs=(contract.SCORES,))
         self.last_missing = 0
         self._own_sides = own_sides
 
@@ -88,8 +86,8 @@ class Reranker:
         first_stage = np.asarray(first_stage, dtype=np.float32).reshape(1, -1)
         text_data = np.empty((1, 1), dtype=object)
         text_data[0, 0] = text.encode("utf-8")
-        inputs = [triton_http.InferInput(triton.TEXT_INPUT, [1, 1], "BYTES"),
-                  triton_http.InferInput("first_stage", list(first_stage.shape), "FP32")]
+        inputs = [triton_http.InferInput(contract.TEXT_INPUT, [1, 1], "BYTES"),
+                  triton_http.InferInput(contract.FIRST_STAGE, list(first_stage.shape), "FP32")]
         inputs[0].set_data_from_numpy(text_data, binary_data=True)
         inputs[1].set_data_from_numpy(first_stage, binary_data=True)
         for name in self.names:
@@ -97,13 +95,13 @@ class Reranker:
             tensor = triton_http.InferInput(name, list(value.shape), "FP32")
             tensor.set_data_from_numpy(value, binary_data=True)
             inputs.append(tensor)
-        outputs = [triton_http.InferRequestedOutput(SCORES, binary_data=True)]
+        outputs = [triton_http.InferRequestedOutput(contract.SCORES, binary_data=True)]
         try:
-            result = self._caller._call(lambda client: client.infer(RERANK_MODEL, inputs, outputs=outputs),
-                                        what=RERANK_MODEL)
+            result = self._caller._call(lambda client: client.infer(contract.RERANK_TEXT, inputs, outputs=outputs),
+                                        what=contract.RERANK_TEXT)
         except InferenceServerException as exc:
-            raise ValueError(f"{RERANK_MODEL} refused the query {text!r}: {exc.message() or exc}") from None
-        return np.asarray(result.as_numpy(SCORES), dtype=np.float32).reshape(-1)
+            raise ValueError(f"{contract.RERANK_TEXT} refused the query {text!r}: {exc.message() or exc}") from None
+        return np.asarray(result.as_numpy(contract.SCORES), dtype=np.float32).reshape(-1)
 
     def rerank(self, text: str, hits: Sequence[Hit], k: int) -> list[RerankedHit]:
         """The best ``k`` of ``hits`` (one query's first stage, best first) by the re-ranker."""

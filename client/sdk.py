@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from xmodal import settings, store
+from xmodal import contract, settings, store
 from xmodal.card import ModelCard
 from xmodal.client import triton
 from xmodal.client.hits import Hit
@@ -22,7 +22,7 @@ from xmodal.client.searcher import Searcher, check_k, check_level_weights
 # One image: a path, encoded bytes, or a PIL image.
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Any]
 
-CAPTION_HINT = "index captions first (xmodal.indexer.index_captions)"
+CAPTION_HINT = 'index captions first (xmodal index --captions; in Python xmodal.indexer.IndexJob(kind="caption"))'
 
 
 class Client:
@@ -98,17 +98,17 @@ class Client:
         self._searcher = self._image = self._text = self._reranker = None
         server = triton.connect(self.triton_url, timeout=timeout, retry=retry)
         try:
-            self.card: ModelCard = triton.fetch_card(server, triton.IMAGE_MODEL)
-            text_card = triton.fetch_card(server, triton.TEXT_MODEL)
+            self.card: ModelCard = triton.fetch_card(server, contract.EMBED_IMAGE)
+            text_card = triton.fetch_card(server, contract.EMBED_TEXT)
         finally:
             server.close()
         check_cards(self.triton_url, self.card, text_card)
         levels = store.card_levels(self.card)
         try:
             # Embedders keep one HTTP client per thread (see triton.Embedder).
-            self._image = triton.Embedder(self.triton_url, triton.IMAGE_MODEL, triton.IMAGE_INPUT,
+            self._image = triton.Embedder(self.triton_url, contract.EMBED_IMAGE, contract.IMAGE_INPUT,
                                           timeout=timeout, retry=retry, outputs=levels)
-            self._text = triton.Embedder(self.triton_url, triton.TEXT_MODEL, triton.TEXT_INPUT,
+            self._text = triton.Embedder(self.triton_url, contract.EMBED_TEXT, contract.TEXT_INPUT,
                                          timeout=timeout, retry=retry, outputs=levels)
             self._searcher = Searcher(self.milvus_uri, self.card, token=token, timeout=timeout,
                                       consistency_level=consistency_level)
@@ -150,11 +150,11 @@ class Client:
 
     def embed_text(self, texts: str | Sequence[str]) -> np.ndarray:
         """Unit vectors [N, D] for one text or a list of texts (the "global" embedding)."""
-        return self.embed_text_levels(texts, [triton.OUTPUT])[triton.OUTPUT]
+        return self.embed_text_levels(texts, [contract.GLOBAL])[contract.GLOBAL]
 
     def embed_image(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Unit vectors [N, D] for one image or a list (paths, encoded bytes, PIL images)."""
-        return self.embed_image_levels(images, [triton.OUTPUT])[triton.OUTPUT]
+        return self.embed_image_levels(images, [contract.GLOBAL])[contract.GLOBAL]
 
     def embed_text_levels(self, texts: str | Sequence[str], levels: Sequence[str] | None = None,
                           ) -> dict[str, np.ndarray]:
@@ -316,7 +316,7 @@ def check_levels(levels: Sequence[str] | None, card: ModelCard) -> list[str]:
 
 def query_levels(weights: dict[str, float] | None) -> list[str]:
     """The embeddings a search needs of its queries: the weighted levels, or the fused one."""
-    return list(weights) if weights else [triton.OUTPUT]
+    return list(weights) if weights else [contract.GLOBAL]
 
 
 def empty_levels(card: ModelCard, levels: Sequence[str]) -> dict[str, np.ndarray]:
@@ -330,7 +330,7 @@ def query_vectors(vector: Any, card: ModelCard, weights: dict[str, float] | None
             raise ValueError("vectors by level need level_weights (which levels, how much each); "
                              "without them search_vector takes one \"global\" vector or an array of them")
         array = check_vectors(vector, card.dim)
-        return {triton.OUTPUT: array.reshape(-1, card.dim)}, array.ndim == 1
+        return {contract.GLOBAL: array.reshape(-1, card.dim)}, array.ndim == 1
     if not isinstance(vector, Mapping):
         raise ValueError(f"with level_weights, vector must map each weighted level ({', '.join(map(repr, weights))}) "
                          f"to its vector, as embed_text_levels returns them; got {type(vector).__name__}")
@@ -350,7 +350,7 @@ def run_search(searcher: Searcher, name: str, vectors: dict[str, np.ndarray], k:
                weights: dict[str, float] | None) -> list[list[Hit]]:
     """The fused vector's search, or the level-weighted one when there are weights."""
     if weights is None:
-        return searcher.search(name, vectors[triton.OUTPUT], k, filter)
+        return searcher.search(name, vectors[contract.GLOBAL], k, filter)
     return searcher.search_levels(name, vectors, weights, k, filter)
 
 

@@ -19,6 +19,7 @@ from pymilvus.exceptions import MilvusException
 
 from xmodal import store
 from xmodal.card import ModelCard
+from xmodal.contract import GLOBAL, CollectionKind, vector_field
 from xmodal.client.hits import Hit
 
 # How many query vectors go into one Milvus search call.
@@ -106,7 +107,7 @@ def check_level_weights(level_weights: Any, card: ModelCard) -> dict[str, float]
     return {level: weight / total for level, weight in weights.items() if weight > 0}
 
 
-def fuse_levels(level_hits: list[Any], weights: list[float], k: int) -> list[Hit]:
+def fuse_levels(level_hits: list[Any], weights: list[float], k: int, kind: CollectionKind) -> list[Hit]:
     """The top `k` rows of one query by ``Σ weight × similarity`` over the levels' hit lists
     (a row missing from a level's list adds 0 for it); ties keep the order first seen."""
     scores: dict[str, float] = {}
@@ -117,7 +118,7 @@ def fuse_levels(level_hits: list[Any], weights: list[float], k: int) -> list[Hit
             scores[key] = scores.get(key, 0.0) + weight * float(hit.get("distance", 0.0))
             first.setdefault(key, hit)
     best = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
-    return [dataclasses.replace(Hit.from_milvus(first[key]), score=scores[key]) for key in best]
+    return [dataclasses.replace(Hit.from_milvus(first[key], kind), score=scores[key]) for key in best]
 
 
 class Searcher:
@@ -141,6 +142,7 @@ class Searcher:
         self._lock = threading.RLock() if store.is_local_uri(self.uri) else contextlib.nullcontext()
         self._open_lock = threading.Lock()
         self._fields: dict[str, list[str]] = {}  # collection -> output fields
+        self._kinds: dict[str, CollectionKind] = {}  # collection -> its kind
         self._vector_fields: dict[str, dict[str, int]] = {}  # collection -> vector field -> dim
         self._index_types: dict[tuple[str, str], str] = {}  # (collection, vector field) -> index type
 
@@ -170,15 +172,15 @@ class Searcher:
             store.check_collection_model(milvus, name, self.card)
             store.ensure_loaded(milvus, name)
             present = {f["name"] for f in milvus.describe_collection(name)["fields"]}
-            wanted = store.CAPTION_OUTPUT_FIELDS if "caption" in present else store.IMAGE_OUTPUT_FIELDS
+            kind = self._kinds[name] = store.collection_kind(milvus, name)
             self._vector_fields[name] = store.collection_vector_fields(milvus, name)
             for field in self._vector_fields[name]:
                 self._index_types[(name, field)] = store.index_type(milvus, name, field)
-            self._fields[name] = [f for f in wanted if f in present]
+            self._fields[name] = [f for f in kind.output_fields if f in present]
             return self._fields[name]
 
     def search(self, name: str, vectors: np.ndarray, k: int, filter: str | None = None, *,
-               field: str = store.VECTOR_FIELD) -> list[list[Hit]]:
+               field: str = GLOBAL) -> list[list[Hit]]:
         """Hit lists, one per row of `vectors` [N, D], from the vector `field` ("global", the
         model's fused vector, by default); a filter the server refuses is a ValueError."""
         expression = store.normalize_filter(filter)
@@ -193,7 +195,7 @@ class Searcher:
                 output_fields=output_fields, search_params=params,
                 consistency_level=self.consistency_level, timeout=self.timeout,
             ))
-            results.extend([Hit.from_milvus(hit) for hit in hits] for hits in found)
+            results.extend([Hit.from_milvus(hit, self._kinds[name]) for hit in hits] for hits in found)
         return results
 
     def search_levels(self, name: str, vectors: Mapping[str, np.ndarray], weights: Mapping[str, float], k: int,
@@ -213,10 +215,10 @@ class Searcher:
         """
         if len(weights) == 1:
             (level,) = weights
-            return self.search(name, vectors[level], k, filter, field=store.vector_field(level))
+            return self.search(name, vectors[level], k, filter, field=vector_field(level))
         expression = store.normalize_filter(filter)
         output_fields = self.open(name)
-        fields = {level: store.vector_field(level) for level in weights}
+        fields = {level: vector_field(level) for level in weights}
         self._require_fields(name, list(fields.values()))
         candidates = level_candidates(k)
         params = {level: self.search_params(name, candidates, field) for level, field in fields.items()}
@@ -232,11 +234,11 @@ class Searcher:
                         output_fields=output_fields, search_params=params[level],
                         consistency_level=self.consistency_level, timeout=self.timeout))))
             level_weights = list(weights.values())
-            results.extend(fuse_levels([found[i] for found in per_level], level_weights, k)
+            results.extend(fuse_levels([found[i] for found in per_level], level_weights, k, self._kinds[name])
                            for i in range(len(per_level[0])))
         return results
 
-    def search_params(self, name: str, k: int, field: str = store.VECTOR_FIELD) -> dict[str, Any]:
+    def search_params(self, name: str, k: int, field: str = GLOBAL) -> dict[str, Any]:
         """The search parameters for `field`'s index, from the index type read when the collection
         was opened (not described again on every search: a round trip each)."""
         return store.search_params(None, name, self.card.metric, k, field, index=self._index_types.get((name, field), ""))

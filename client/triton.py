@@ -12,13 +12,9 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from xmodal.card import CARD_PARAMETER, ModelCard
+from xmodal.contract import EMBED_IMAGE, EMBED_TEXT, GLOBAL
 from xmodal.client.retry import DEFAULT_RETRY, Retry, is_transient, unavailable
 
-IMAGE_MODEL, IMAGE_INPUT = "embed_image", "IMAGE"
-TEXT_MODEL, TEXT_INPUT = "embed_text", "TEXT"
-# The fused output every model has; hierarchical models add one output per level, named as
-# in the card's `embeddings` (export/repository.py maps each encoder output to the ensemble's).
-OUTPUT = "global"
 
 
 def host_port(url: str) -> str:
@@ -29,7 +25,7 @@ def host_port(url: str) -> str:
     return url.rstrip("/")
 
 
-def connect(url: str, *, timeout: float = 10.0, models: Sequence[str] = (IMAGE_MODEL, TEXT_MODEL),
+def connect(url: str, *, timeout: float = 10.0, models: Sequence[str] = (EMBED_IMAGE, EMBED_TEXT),
             retry: Retry = DEFAULT_RETRY) -> triton_http.InferenceServerClient:
     """A client for a live server whose `models` are ready; ConnectionError naming the URL if not.
 
@@ -72,7 +68,7 @@ def _ready_models(client: triton_http.InferenceServerClient) -> list[str]:
         return []
 
 
-def fetch_card(client: triton_http.InferenceServerClient, model: str = IMAGE_MODEL) -> ModelCard:
+def fetch_card(client: triton_http.InferenceServerClient, model: str = EMBED_IMAGE) -> ModelCard:
     """The model card that export put into the ensemble's config ``parameters``."""
     return card_from_config(client.get_model_config(model), model)
 
@@ -106,7 +102,7 @@ class Embedder:
     """
 
     def __init__(self, url: str, model: str, input_name: str, *, timeout: float = 10.0,
-                 batch_limit: int | None = None, retry: Retry = DEFAULT_RETRY, outputs: Sequence[str] = (OUTPUT,)):
+                 batch_limit: int | None = None, retry: Retry = DEFAULT_RETRY, outputs: Sequence[str] = (GLOBAL,)):
         self.url = host_port(url)
         self.model = model
         self.input_name = input_name
@@ -195,7 +191,7 @@ class Embedder:
         return infer_outputs(result, self.model, len(chunk), outputs)
 
 
-def infer_request(input_name: str, chunk: Sequence[bytes], *, batched: bool, outputs: Sequence[str] = (OUTPUT,)):
+def infer_request(input_name: str, chunk: Sequence[bytes], *, batched: bool, outputs: Sequence[str] = (GLOBAL,)):
     """The inputs and requested outputs of one request for `chunk` (one item when not batched).
 
     tritonclient.http.aio uses the same InferInput classes, so the asyncio client shares this.
@@ -209,10 +205,6 @@ def infer_request(input_name: str, chunk: Sequence[bytes], *, batched: bool, out
     request = triton_http.InferInput(input_name, list(data.shape), "BYTES")
     request.set_data_from_numpy(data, binary_data=True)
     return [request], [triton_http.InferRequestedOutput(name, binary_data=True) for name in outputs]
-
-
-def infer_output(result, model: str, count: int) -> np.ndarray:
-    return infer_outputs(result, model, count, (OUTPUT,))[OUTPUT]
 
 
 def infer_outputs(result, model: str, count: int, outputs: Sequence[str]) -> dict[str, np.ndarray]:

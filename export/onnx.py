@@ -30,12 +30,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from xmodal.card import ImagePreprocessing, ModelCard, TokenizerSpec, fingerprint_files
+from xmodal.contract import IMAGE_ENCODER, INPUT_IDS, PIXEL_VALUES, TEXT_ENCODER
 from xmodal.export import variants
 from xmodal.export.variants import QuantizationRejected  # noqa: F401 - re-exported for callers
-from xmodal.card import ImagePreprocessing, ModelCard, TokenizerSpec, fingerprint_files
+from xmodal.training.evaluate import RERANK_TOP_N
 from xmodal.training.models import ServedTower, embedding_dims
+from xmodal.training.run import EVAL_FILE, TOKENIZER_FILE, load_run
 from xmodal.training.tokenizer import PAD_ID, max_length, vocab_hash
-from xmodal.training.train import EVAL_FILE, RERANK_TOP_N, TOKENIZER_FILE, load_run
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
@@ -190,14 +192,14 @@ def export_run(
 
     image_tower, text_tower = ServedTower(model.image, config), ServedTower(model.text, config)
     towers = {
-        "image_encoder": (image_tower, "pixel_values", torch.randn(5, 3, size, size, generator=generator)),
-        "text_encoder": (text_tower, "input_ids", _parity_ids(config, length, generator)),
+        IMAGE_ENCODER: (image_tower, PIXEL_VALUES, torch.randn(5, 3, size, size, generator=generator)),
+        TEXT_ENCODER: (text_tower, INPUT_IDS, _parity_ids(config, length, generator)),
     }
-    raw = {"image_encoder": out_dir / IMAGE_RAW_ONNX, "text_encoder": out_dir / TEXT_RAW_ONNX}
-    served = {"image_encoder": out_dir / IMAGE_ONNX, "text_encoder": out_dir / TEXT_ONNX}
-    export_encoder(image_tower, torch.randn(2, 3, size, size), raw["image_encoder"], "pixel_values", {0: "batch"})
+    raw = {IMAGE_ENCODER: out_dir / IMAGE_RAW_ONNX, TEXT_ENCODER: out_dir / TEXT_RAW_ONNX}
+    served = {IMAGE_ENCODER: out_dir / IMAGE_ONNX, TEXT_ENCODER: out_dir / TEXT_ONNX}
+    export_encoder(image_tower, torch.randn(2, 3, size, size), raw[IMAGE_ENCODER], PIXEL_VALUES, {0: "batch"})
     export_encoder(
-        text_tower, torch.ones(2, 5, dtype=torch.long), raw["text_encoder"], "input_ids", {0: "batch", 1: "sequence"}
+        text_tower, torch.ones(2, 5, dtype=torch.long), raw[TEXT_ENCODER], INPUT_IDS, {0: "batch", 1: "sequence"}
     )
     for encoder in towers:
         variants.optimize_onnx(raw[encoder], served[encoder], level="extended")
@@ -215,11 +217,11 @@ def export_run(
                     f"{encoder} ({label} ONNX): ONNX Runtime differs from PyTorch by {diff:.2e} > {PARITY_TOLERANCE:.0e}")
 
     found: dict[str, Variant] = {
-        "fp32": Variant("fp32", served["image_encoder"], served["text_encoder"],
-                        fingerprint_files([served["image_encoder"], served["text_encoder"]]),
+        "fp32": Variant("fp32", served[IMAGE_ENCODER], served[TEXT_ENCODER],
+                        fingerprint_files([served[IMAGE_ENCODER], served[TEXT_ENCODER]]),
                         {"graph_optimization": "ORT_ENABLE_EXTENDED (offline, CPU provider)"}),
-        "fp32-portable": Variant("fp32-portable", raw["image_encoder"], raw["text_encoder"],
-                                 fingerprint_files([raw["image_encoder"], raw["text_encoder"]]),
+        "fp32-portable": Variant("fp32-portable", raw[IMAGE_ENCODER], raw[TEXT_ENCODER],
+                                 fingerprint_files([raw[IMAGE_ENCODER], raw[TEXT_ENCODER]]),
                                  {"graph_optimization": "none (as exported)"}),
     }
     onnx_info: dict[str, Any] = {
@@ -247,9 +249,7 @@ def export_run(
     if model.scorer is not None:
         from xmodal.export.reranker import export_reranker  # it imports this module's constants
 
-        reranker = export_reranker(model, config, out_dir)
-        reranker["fingerprint"] = fingerprint_files([out_dir / name for name in reranker["files"]])
-        reranker["top_n"] = RERANK_TOP_N
+        reranker = export_reranker(model, config, out_dir, top_n=RERANK_TOP_N)
 
     tokenizer_path = out_dir / TOKENIZER_FILE
     shutil.copyfile(run_dir / TOKENIZER_FILE, tokenizer_path)
@@ -281,7 +281,7 @@ def export_run(
         reranker=reranker,
     )
     card.save(out_dir)
-    exported = ExportedModel(out_dir, card, served["image_encoder"], served["text_encoder"], tokenizer_path, parity,
+    exported = ExportedModel(out_dir, card, served[IMAGE_ENCODER], served[TEXT_ENCODER], tokenizer_path, parity,
                              variants=found, int8_gate=gate)
     if gate is not None:
         variants.require_int8_gate(gate)
@@ -296,7 +296,7 @@ def _parity_ids(config: dict[str, Any], length: int, generator: torch.Generator)
 
 def _fp16_variant(towers, raw: dict[str, Path], out_dir: Path) -> tuple[Variant | None, dict[str, Any]]:
     """FP16 files from the raw export; compared with PyTorch loosely where the CPU provider runs them."""
-    paths = {"image_encoder": out_dir / IMAGE_FP16_ONNX, "text_encoder": out_dir / TEXT_FP16_ONNX}
+    paths = {IMAGE_ENCODER: out_dir / IMAGE_FP16_ONNX, TEXT_ENCODER: out_dir / TEXT_FP16_ONNX}
     info: dict[str, Any] = {"tolerance": FP16_TOLERANCE, "parity_max_abs_diff": {}, "not_run_on_cpu": {}}
     for encoder, (tower, input_name, inputs) in towers.items():
         info.update(variants.convert_fp16(raw[encoder], paths[encoder]))
@@ -318,7 +318,7 @@ def _fp16_variant(towers, raw: dict[str, Path], out_dir: Path) -> tuple[Variant 
                         if info["parity_max_abs_diff"] else "not run here (no CPU kernels); check on a GPU")
     if not info["not_run_on_cpu"]:
         del info["not_run_on_cpu"]
-    variant = Variant("fp16", paths["image_encoder"], paths["text_encoder"],
+    variant = Variant("fp16", paths[IMAGE_ENCODER], paths[TEXT_ENCODER],
                       fingerprint_files(list(paths.values())), info)
     return variant, info
 
@@ -334,10 +334,10 @@ def _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer
     if not rows:
         raise ValueError(f"no held-out rows (split 'test'{f', styles {styles}' if styles else ''}) in "
                          f"{', '.join(map(str, manifests))}: the INT8 gate has nothing to measure on")
-    quantized = ["text_encoder"] if text_only else list(towers)
-    paths = {"image_encoder": out_dir / IMAGE_INT8_ONNX, "text_encoder": out_dir / TEXT_INT8_ONNX}
+    quantized = [TEXT_ENCODER] if text_only else list(towers)
+    paths = {IMAGE_ENCODER: out_dir / IMAGE_INT8_ONNX, TEXT_ENCODER: out_dir / TEXT_INT8_ONNX}
     if text_only:
-        paths["image_encoder"] = served["image_encoder"]
+        paths[IMAGE_ENCODER] = served[IMAGE_ENCODER]
     notes: dict[str, Any] = {"quantized": quantized}
     for encoder in quantized:
         unoptimised = out_dir / f".{encoder}.int8.unoptimised.onnx"
@@ -347,8 +347,8 @@ def _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer
         finally:
             unoptimised.unlink(missing_ok=True)
     recall, images = variants.heldout_recall(
-        {"fp32": (served["image_encoder"], served["text_encoder"]),
-         "int8": (paths["image_encoder"], paths["text_encoder"])},
+        {"fp32": (served[IMAGE_ENCODER], served[TEXT_ENCODER]),
+         "int8": (paths[IMAGE_ENCODER], paths[TEXT_ENCODER])},
         rows, tokenizer, config)
     gate = variants.int8_gate(recall["fp32"], recall["int8"], max_drop=max_drop)
     gate["images"] = images
@@ -370,7 +370,7 @@ def _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer
             "fp32": round(variants.latency_ms(served[encoder], feeds, repeats=5)["median_ms"], 3),
             "int8": round(variants.latency_ms(paths[encoder], feeds, repeats=5)["median_ms"], 3),
         }
-    return gate, Variant("int8-text" if text_only else "int8", paths["image_encoder"], paths["text_encoder"],
+    return gate, Variant("int8-text" if text_only else "int8", paths[IMAGE_ENCODER], paths[TEXT_ENCODER],
                          fingerprint_files(list(paths.values())), notes)
 
 

@@ -6,7 +6,7 @@ Layout (``<v>`` is ``version``, ``<p>`` the version kept from before, if any)::
     image_encoder/config.pbtxt, <p>/ <v>/model.onnx, warmup/   backend "onnxruntime", dynamic batching
     text_encoder/config.pbtxt,  <p>/ <v>/model.onnx, warmup/   backend "onnxruntime", dynamic batching
     preprocess_image/config.pbtxt, <p>/ <v>/{model.py, preprocessing.py, params.json}, warmup/   python
-    preprocess_text/config.pbtxt,  <p>/ <v>/{model.py, tokenizer.json, params.json}, warmup/     python
+    preprocess_text/config.pbtxt,  <p>/ <v>/{model.py, text_preprocessing.py, tokenizer.json, params.json}, warmup/   python
     embed_image/config.pbtxt, <p>/ <v>/card.json   ensemble IMAGE -> every embedding in the card
     embed_text/config.pbtxt,  <p>/ <v>/card.json   ensemble TEXT  -> every embedding in the card
 
@@ -48,8 +48,9 @@ execution accelerator at FP16; the preprocessing models run on CPU instances the
 
 The ensembles carry the card JSON as the config parameter ``xmodal_card``; that is how a
 client learns the dimensions and the fingerprint. The Python models are copied from the
-top-level ``model_repository/`` folder of this source tree, and ``xmodal/preprocessing.py``
-goes next to ``preprocess_image``'s model so the server runs the trainer's own preprocessing.
+top-level ``model_repository/`` folder of this source tree; ``xmodal/preprocessing.py`` goes
+next to ``preprocess_image``'s model and ``xmodal/text_preprocessing.py`` next to
+``preprocess_text``'s, so the server runs the trainer's and the local indexer's own preprocessing.
 """
 from __future__ import annotations
 
@@ -65,28 +66,20 @@ import uuid
 from pathlib import Path
 
 from xmodal import preprocessing as _preprocessing
+from xmodal import text_preprocessing as _text_preprocessing
 from xmodal.card import CARD_FILENAME, CARD_PARAMETER, ModelCard, fingerprint_files
+from xmodal.contract import (EMBED_IMAGE, EMBED_IMAGE_SIDE, EMBED_MODELS, EMBED_TEXT, ENSEMBLES, FIRST_STAGE, GLOBAL,
+                             IMAGE_ENCODER, IMAGE_INPUT, INPUT_IDS, PIXEL_VALUES, PREPROCESS_IMAGE, PREPROCESS_TEXT, RERANK,
+                             RERANK_IMAGE_SIDE, RERANK_MODELS, RERANK_TEXT, SCORES, TEXT_ENCODER, TEXT_INPUT)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
 PREPROCESSING_PY = Path(_preprocessing.__file__).resolve()
+TEXT_PREPROCESSING_PY = Path(_text_preprocessing.__file__).resolve()
 
-IMAGE_ENCODER = "image_encoder"
-TEXT_ENCODER = "text_encoder"
-PREPROCESS_IMAGE = "preprocess_image"
-PREPROCESS_TEXT = "preprocess_text"
-EMBED_IMAGE = "embed_image"
-EMBED_TEXT = "embed_text"
 IMAGE_PARAMETER = "xmodal_image"
 TEXT_PARAMETER = "xmodal_text"
 PARAMS_FILE = "params.json"  # per-version preprocessing parameters (read before the config's)
 WARMUP_DIR = "warmup"
-RERANK_IMAGE_SIDE = "rerank_image_side"
-RERANK = "rerank"
-EMBED_IMAGE_SIDE = "embed_image_side"
-RERANK_TEXT = "rerank_text"
-MODELS = (IMAGE_ENCODER, TEXT_ENCODER, PREPROCESS_IMAGE, PREPROCESS_TEXT, EMBED_IMAGE, EMBED_TEXT)
-RERANK_MODELS = (RERANK_IMAGE_SIDE, RERANK, EMBED_IMAGE_SIDE, RERANK_TEXT)
-ENSEMBLES = (EMBED_IMAGE, EMBED_TEXT, EMBED_IMAGE_SIDE, RERANK_TEXT)
 TARGETS = ("cpu", "gpu")
 WARMUP_TEXT = "warm up"
 
@@ -285,7 +278,7 @@ def pinned_version(repository: Path) -> int | None:
 def repository_versions(repository: Path) -> dict[str, list[int]]:
     """Every xmodal model's version directories on disk (the re-ranker's where it has one)."""
     found = {}
-    for model in (*MODELS, *RERANK_MODELS):
+    for model in (*EMBED_MODELS, *RERANK_MODELS):
         directory = Path(repository) / model
         if model in RERANK_MODELS and not directory.is_dir():
             continue
@@ -298,8 +291,8 @@ def _signature(card: ModelCard) -> dict:
     signature = {"image_size": int(card.image.size),
                  "embeddings": {name: int(spec["dim"]) for name, spec in card.embeddings.items()}}
     if card.reranker:
-        signature["reranker"] = {"kind": card.reranker["kind"],
-                                 "side": {name: spec["shape"] for name, spec in card.reranker["side"].items()}}
+        signature["reranker"] = {"kind": card.reranker.kind,
+                                 "side": {name: list(shape) for name, shape in card.reranker.shapes.items()}}
     return signature
 
 
@@ -383,7 +376,7 @@ def write_model_repository(
             raise ValueError(f"{label} must be >= 1, got {count}")
     if max_queue_delay_microseconds is not None and int(max_queue_delay_microseconds) < 0:
         raise ValueError(f"max_queue_delay_microseconds must be >= 0, got {max_queue_delay_microseconds}")
-    if "global" not in card.embeddings:
+    if GLOBAL not in card.embeddings:
         raise ValueError("the card's embeddings must include 'global'")
     if verify_fingerprint:
         actual = fingerprint_files([image_onnx, text_onnx])
@@ -394,18 +387,18 @@ def write_model_repository(
     reranker_files: list[Path] = []
     if card.reranker:
         reranker_dir = Path(reranker_dir) if reranker_dir is not None else image_onnx.parent
-        reranker_files = [reranker_dir / name for name in card.reranker["files"]]
+        reranker_files = [reranker_dir / name for name in card.reranker.files]
         missing = [str(path) for path in reranker_files if not path.is_file()]
         if missing:
             raise FileNotFoundError(f"the card's re-ranker files are missing: {missing} (pass reranker_dir)")
-        if verify_fingerprint and fingerprint_files(reranker_files) != card.reranker["fingerprint"]:
-            raise ValueError(f"the card's re-ranker fingerprint {card.reranker['fingerprint']} is not that of "
+        if verify_fingerprint and fingerprint_files(reranker_files) != card.reranker.fingerprint:
+            raise ValueError(f"the card's re-ranker fingerprint {card.reranker.fingerprint} is not that of "
                              f"{[str(p) for p in reranker_files]}; export the card from these files")
     templates = {
         PREPROCESS_IMAGE: TEMPLATES / PREPROCESS_IMAGE / "1" / "model.py",
         PREPROCESS_TEXT: TEMPLATES / PREPROCESS_TEXT / "1" / "model.py",
     }
-    for path in [*templates.values(), PREPROCESSING_PY]:
+    for path in [*templates.values(), PREPROCESSING_PY, TEXT_PREPROCESSING_PY]:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: the repository writer needs the xmodal source tree "
@@ -421,8 +414,8 @@ def write_model_repository(
             previous, previous_card = _previous_to_keep(out_dir, card, int(version))
 
     embeddings = list(card.embeddings)
-    _check_encoder(image_onnx, "image encoder", "pixel_values", embeddings)
-    _check_encoder(text_onnx, "text encoder", "input_ids", embeddings)
+    _check_encoder(image_onnx, "image encoder", PIXEL_VALUES, embeddings)
+    _check_encoder(text_onnx, "text encoder", INPUT_IDS, embeddings)
     from tokenizers import Tokenizer
 
     try:
@@ -492,7 +485,7 @@ def _link_or_copy(source: str, target: str) -> None:
 def _carry_version(source_repo: Path, target_repo: Path, version: int, card: ModelCard) -> None:
     """Copy (hard-link where possible) every model's ``<version>/`` directory; fill in what older writers left out."""
     v = str(version)
-    for model in (*MODELS, *(RERANK_MODELS if card.reranker else ())):
+    for model in (*EMBED_MODELS, *(RERANK_MODELS if card.reranker else ())):
         shutil.copytree(source_repo / model / v, target_repo / model / v, copy_function=_link_or_copy)
     # Written before per-version parameters existed: they came from the (shared) config.
     params = target_repo / PREPROCESS_IMAGE / v / PARAMS_FILE
@@ -560,42 +553,43 @@ def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, to
                    versions=options.versions)
 
     target = model_dir(IMAGE_ENCODER, model_config(
-        IMAGE_ENCODER, inputs=[("pixel_values", "TYPE_FP32", [3, size, size])],
-        extra=encoder_extra + warmup(IMAGE_ENCODER, {"pixel_values": ("TYPE_FP32", [3, size, size], None)}),
+        IMAGE_ENCODER, inputs=[(PIXEL_VALUES, "TYPE_FP32", [3, size, size])],
+        extra=encoder_extra + warmup(IMAGE_ENCODER, {PIXEL_VALUES: ("TYPE_FP32", [3, size, size], None)}),
         parameters=options.encoder_parameters(CPU_ENCODER_PARAMETERS), **encoder))
     shutil.copyfile(image_onnx, target / "model.onnx")
 
     ids = _warmup_ids(tokenizer_json)
-    ids_file = warmup_file(TEXT_ENCODER, "input_ids", struct.pack(f"<{len(ids)}q", *ids)) if options.warmup else None
+    ids_file = warmup_file(TEXT_ENCODER, INPUT_IDS, struct.pack(f"<{len(ids)}q", *ids)) if options.warmup else None
     target = model_dir(TEXT_ENCODER, model_config(
-        TEXT_ENCODER, inputs=[("input_ids", "TYPE_INT64", [-1])],
-        extra=encoder_extra + warmup(TEXT_ENCODER, {"input_ids": ("TYPE_INT64", [len(ids)], ids_file)}),
+        TEXT_ENCODER, inputs=[(INPUT_IDS, "TYPE_INT64", [-1])],
+        extra=encoder_extra + warmup(TEXT_ENCODER, {INPUT_IDS: ("TYPE_INT64", [len(ids)], ids_file)}),
         parameters=options.encoder_parameters(CPU_ENCODER_PARAMETERS), **encoder))
     shutil.copyfile(text_onnx, target / "model.onnx")
 
     image_params = _image_params(card)
-    image_file = (warmup_file(PREPROCESS_IMAGE, "IMAGE", serialize_bytes([_warmup_png(size)]))
+    image_file = (warmup_file(PREPROCESS_IMAGE, IMAGE_INPUT, serialize_bytes([_warmup_png(size)]))
                   if options.warmup else None)
     target = model_dir(PREPROCESS_IMAGE, model_config(
         PREPROCESS_IMAGE, backend="python", max_batch_size=max_batch_size, versions=options.versions,
-        inputs=[("IMAGE", "TYPE_STRING", [1])],
-        outputs=[("pixel_values", "TYPE_FP32", [3, size, size])],
-        extra=preprocess_extra + warmup(PREPROCESS_IMAGE, {"IMAGE": ("TYPE_STRING", [1], image_file)}),
+        inputs=[(IMAGE_INPUT, "TYPE_STRING", [1])],
+        outputs=[(PIXEL_VALUES, "TYPE_FP32", [3, size, size])],
+        extra=preprocess_extra + warmup(PREPROCESS_IMAGE, {IMAGE_INPUT: ("TYPE_STRING", [1], image_file)}),
         parameters={IMAGE_PARAMETER: image_params}))
     shutil.copyfile(templates[PREPROCESS_IMAGE], target / "model.py")
     shutil.copyfile(PREPROCESSING_PY, target / "preprocessing.py")
     (target / PARAMS_FILE).write_text(image_params + "\n")
 
     text_params = _text_params(card)
-    text_file = (warmup_file(PREPROCESS_TEXT, "TEXT", serialize_bytes([WARMUP_TEXT.encode()]))
+    text_file = (warmup_file(PREPROCESS_TEXT, TEXT_INPUT, serialize_bytes([WARMUP_TEXT.encode()]))
                  if options.warmup else None)
     target = model_dir(PREPROCESS_TEXT, model_config(
         PREPROCESS_TEXT, backend="python", max_batch_size=max_batch_size, versions=options.versions,
-        inputs=[("TEXT", "TYPE_STRING", [1])],
-        outputs=[("input_ids", "TYPE_INT64", [-1])],
-        extra=preprocess_extra + warmup(PREPROCESS_TEXT, {"TEXT": ("TYPE_STRING", [1], text_file)}),
+        inputs=[(TEXT_INPUT, "TYPE_STRING", [1])],
+        outputs=[(INPUT_IDS, "TYPE_INT64", [-1])],
+        extra=preprocess_extra + warmup(PREPROCESS_TEXT, {TEXT_INPUT: ("TYPE_STRING", [1], text_file)}),
         parameters={TEXT_PARAMETER: text_params}))
     shutil.copyfile(templates[PREPROCESS_TEXT], target / "model.py")
+    shutil.copyfile(TEXT_PREPROCESSING_PY, target / "text_preprocessing.py")
     shutil.copyfile(tokenizer_json, target / "tokenizer.json")
     (target / PARAMS_FILE).write_text(text_params + "\n")
 
@@ -608,13 +602,13 @@ def _write(root: Path, card: ModelCard, *, image_onnx: Path, text_onnx: Path, to
             parameters={CARD_PARAMETER: card_json}))
         (target / CARD_FILENAME).write_text(served.to_json() + "\n")
 
-    ensemble(EMBED_IMAGE, max_batch_size, [("IMAGE", "TYPE_STRING", [1])], embedding_outputs, [
-        (PREPROCESS_IMAGE, {"IMAGE": "IMAGE"}, {"pixel_values": "pixel_values"}),
-        (IMAGE_ENCODER, {"pixel_values": "pixel_values"}, passthrough),
+    ensemble(EMBED_IMAGE, max_batch_size, [(IMAGE_INPUT, "TYPE_STRING", [1])], embedding_outputs, [
+        (PREPROCESS_IMAGE, {IMAGE_INPUT: IMAGE_INPUT}, {PIXEL_VALUES: PIXEL_VALUES}),
+        (IMAGE_ENCODER, {PIXEL_VALUES: PIXEL_VALUES}, passthrough),
     ])
-    ensemble(EMBED_TEXT, max_batch_size, [("TEXT", "TYPE_STRING", [1])], embedding_outputs, [
-        (PREPROCESS_TEXT, {"TEXT": "TEXT"}, {"input_ids": "input_ids"}),
-        (TEXT_ENCODER, {"input_ids": "input_ids"}, passthrough),
+    ensemble(EMBED_TEXT, max_batch_size, [(TEXT_INPUT, "TYPE_STRING", [1])], embedding_outputs, [
+        (PREPROCESS_TEXT, {TEXT_INPUT: TEXT_INPUT}, {INPUT_IDS: INPUT_IDS}),
+        (TEXT_ENCODER, {INPUT_IDS: INPUT_IDS}, passthrough),
     ])
     if card.reranker:
         _write_reranker(card, options, encoder=encoder, encoder_extra=encoder_extra, model_dir=model_dir,
@@ -628,12 +622,12 @@ def _write_reranker(card: ModelCard, options: _Options, *, encoder: dict, encode
     (one query a request), each behind an ensemble that runs the card's preprocessing first."""
     size = int(card.image.size)
     image_side_onnx, rerank_onnx = options.reranker_files
-    side = [(name, "TYPE_FP32", [int(d) for d in spec["shape"]]) for name, spec in card.reranker["side"].items()]
+    side = [(name, "TYPE_FP32", list(shape)) for name, shape in card.reranker.shapes.items()]
     side_passthrough = {name: name for name, _, _ in side}
 
     target = model_dir(RERANK_IMAGE_SIDE, model_config(
-        RERANK_IMAGE_SIDE, inputs=[("pixel_values", "TYPE_FP32", [3, size, size])],
-        extra=encoder_extra + warmup(RERANK_IMAGE_SIDE, {"pixel_values": ("TYPE_FP32", [3, size, size], None)}),
+        RERANK_IMAGE_SIDE, inputs=[(PIXEL_VALUES, "TYPE_FP32", [3, size, size])],
+        extra=encoder_extra + warmup(RERANK_IMAGE_SIDE, {PIXEL_VALUES: ("TYPE_FP32", [3, size, size], None)}),
         parameters=options.encoder_parameters(CPU_ENCODER_PARAMETERS), **{**encoder, "outputs": side}))
     shutil.copyfile(image_side_onnx, target / "model.onnx")
 
@@ -641,17 +635,17 @@ def _write_reranker(card: ModelCard, options: _Options, *, encoder: dict, encode
     candidates = [(name, dtype, [-1, *dims]) for name, dtype, dims in side]
     target = model_dir(RERANK, model_config(
         RERANK, backend="onnxruntime", max_batch_size=1, versions=options.versions,
-        inputs=[("input_ids", "TYPE_INT64", [-1]), ("first_stage", "TYPE_FP32", [-1]), *candidates],
-        outputs=[("scores", "TYPE_FP32", [-1])],
+        inputs=[(INPUT_IDS, "TYPE_INT64", [-1]), (FIRST_STAGE, "TYPE_FP32", [-1]), *candidates],
+        outputs=[(SCORES, "TYPE_FP32", [-1])],
         extra=encoder_extra, parameters=options.encoder_parameters(CPU_ENCODER_PARAMETERS)))
     shutil.copyfile(rerank_onnx, target / "model.onnx")
 
-    ensemble(EMBED_IMAGE_SIDE, options.max_batch_size, [("IMAGE", "TYPE_STRING", [1])], side, [
-        (PREPROCESS_IMAGE, {"IMAGE": "IMAGE"}, {"pixel_values": "pixel_values"}),
-        (RERANK_IMAGE_SIDE, {"pixel_values": "pixel_values"}, side_passthrough),
+    ensemble(EMBED_IMAGE_SIDE, options.max_batch_size, [(IMAGE_INPUT, "TYPE_STRING", [1])], side, [
+        (PREPROCESS_IMAGE, {IMAGE_INPUT: IMAGE_INPUT}, {PIXEL_VALUES: PIXEL_VALUES}),
+        (RERANK_IMAGE_SIDE, {PIXEL_VALUES: PIXEL_VALUES}, side_passthrough),
     ])
-    ensemble(RERANK_TEXT, 1, [("TEXT", "TYPE_STRING", [1]), ("first_stage", "TYPE_FP32", [-1]), *candidates],
-             [("scores", "TYPE_FP32", [-1])], [
-        (PREPROCESS_TEXT, {"TEXT": "TEXT"}, {"input_ids": "input_ids"}),
-        (RERANK, {"input_ids": "input_ids", "first_stage": "first_stage", **side_passthrough}, {"scores": "scores"}),
+    ensemble(RERANK_TEXT, 1, [(TEXT_INPUT, "TYPE_STRING", [1]), (FIRST_STAGE, "TYPE_FP32", [-1]), *candidates],
+             [(SCORES, "TYPE_FP32", [-1])], [
+        (PREPROCESS_TEXT, {TEXT_INPUT: TEXT_INPUT}, {INPUT_IDS: INPUT_IDS}),
+        (RERANK, {INPUT_IDS: INPUT_IDS, FIRST_STAGE: FIRST_STAGE, **side_passthrough}, {SCORES: SCORES}),
     ])

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from xmodal.export import variants
+from xmodal.card import RerankerSpec, SideTensor, fingerprint_files
+from xmodal.contract import FIRST_STAGE, INPUT_IDS, PIXEL_VALUES, SCORES, side_tensor
 from xmodal.export.onnx import OPSET, PARITY_TOLERANCE, ParityError
 from xmodal.training.tokenizer import PAD_ID
 
@@ -43,9 +45,7 @@ RERANK_ONNX = "rerank.onnx"
 # them: the keys of CRANScorer.image_side / MCSMScorer.image_side.
 IMAGE_SIDE_KEYS: dict[str, tuple[str, ...]] = {"cran": ("fragments", "mask", "relation"), "mcsm": ("own", "projected")}
 
-IMAGE_INPUT = "pixel_values"
-QUERY_INPUTS = ("input_ids", "first_stage")
-SCORES = "scores"
+QUERY_INPUTS = (INPUT_IDS, FIRST_STAGE)
 
 # (N candidates or B images, L tokens, L's padded tail) traced, then checked: the checked sizes
 # differ from the traced ones, so a size that tracing froze into the graph fails here, not on the server.
@@ -55,7 +55,7 @@ PARITY_SHAPES = ((7, 5, 2), (2, 11, 4))
 
 def side_output_names(kind: str) -> list[str]:
     """The image-side file's output names, which are also the re-ranker's candidate input names."""
-    return [f"image_{key}" for key in _keys(kind)]
+    return [side_tensor(key) for key in _keys(kind)]
 
 
 def rerank_input_names(kind: str) -> list[str]:
@@ -111,16 +111,15 @@ class RerankModule(nn.Module):
         return self.scorer.score(image, text, first_stage[0], pairwise=True)["fused"][None]
 
 
-def export_reranker(model: nn.Module, config: dict[str, Any], out_dir: str | Path, *,
-                    opset: int = OPSET) -> dict[str, Any]:
+def export_reranker(model: nn.Module, config: dict[str, Any], out_dir: str | Path, *, top_n: int,
+                    opset: int = OPSET) -> RerankerSpec:
     """Export the pair scorer of ``model`` (a DualEncoder with a ``scorer``) as the image-side file
     and the re-ranker, check both, assert parity with PyTorch.
 
     Raises :class:`~xmodal.export.onnx.ParityError` when ONNX Runtime and PyTorch differ by more
-    than ``PARITY_TOLERANCE`` on any output. Returns what the model card's ``reranker`` records:
-    ``{"kind", "files", "parity_max_abs_diff": {"image_side", "rerank"}, "inputs", "outputs",
-    "side": {name: {"shape", "dtype"}}, "opset"}``, inputs and outputs by file name, side shapes
-    per image (without the batch axis).
+    than ``PARITY_TOLERANCE`` on any output. Returns the model card's ``reranker`` entry: the
+    files, their fingerprint, parity, inputs and outputs by file name, side shapes per image
+    (without the batch axis) and `top_n`, the first-stage hits it re-ranks.
     """
     if getattr(model, "scorer", None) is None:
         raise ValueError(f"recipe {config.get('recipe')!r} has no pair scorer to export as a re-ranker")
@@ -147,14 +146,14 @@ def export_reranker(model: nn.Module, config: dict[str, Any], out_dir: str | Pat
     # The exporter warns that an LSTM (MCSM) traced at a batch other than 1 may not run at another:
     # its zero initial state is built from the input's shape here, and the parity check below runs
     # batches other than the traced one.
-    image_axes = {name: {0: "batch"} for name in (IMAGE_INPUT, *side_names)}
-    torch.onnx.export(image_module, (pixels,), str(image_path), input_names=[IMAGE_INPUT], output_names=side_names,
+    image_axes = {name: {0: "batch"} for name in (PIXEL_VALUES, *side_names)}
+    torch.onnx.export(image_module, (pixels,), str(image_path), input_names=[PIXEL_VALUES], output_names=side_names,
                       dynamic_axes=image_axes, opset_version=opset, dynamo=False)
     variants.check(image_path)
 
     rerank_example = (_query_ids(traced_l, traced_padded, vocab, generator),
                       torch.rand(1, traced_n, generator=generator) * 2 - 1, *(side[None] for side in traced_side))
-    rerank_axes = {"input_ids": {1: "tokens"}, "first_stage": {1: "candidates"}, SCORES: {1: "candidates"},
+    rerank_axes = {INPUT_IDS: {1: "tokens"}, FIRST_STAGE: {1: "candidates"}, SCORES: {1: "candidates"},
                    **{name: {1: "candidates"} for name in side_names}}
     torch.onnx.export(rerank_module, rerank_example, str(rerank_path), input_names=rerank_inputs,
                       output_names=[SCORES], dynamic_axes=rerank_axes, opset_version=opset, dynamo=False)
@@ -163,7 +162,7 @@ def export_reranker(model: nn.Module, config: dict[str, Any], out_dir: str | Pat
 
     image_session, rerank_session = (ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                                      for path in (image_path, rerank_path))
-    _require_inputs(image_session, [IMAGE_INPUT], image_path)
+    _require_inputs(image_session, [PIXEL_VALUES], image_path)
     _require_inputs(rerank_session, rerank_inputs, rerank_path)
     parity = {"image_side": 0.0, "rerank": 0.0}
     for candidates, tokens, padded in PARITY_SHAPES:
@@ -173,7 +172,7 @@ def export_reranker(model: nn.Module, config: dict[str, Any], out_dir: str | Pat
         with torch.no_grad():
             side = image_module(pixels)
             expected = rerank_module(ids, first_stage, *(s[None] for s in side))
-        actual_side = image_session.run(side_names, {IMAGE_INPUT: pixels.numpy()})
+        actual_side = image_session.run(side_names, {PIXEL_VALUES: pixels.numpy()})
         parity["image_side"] = max(parity["image_side"], _max_abs_diff(actual_side, side))
         # The re-ranker is fed PyTorch's side, so each file's parity is its own.
         feeds = dict(zip(rerank_inputs, [ids.numpy(), first_stage.numpy(), *(s[None].numpy() for s in side)]))
@@ -184,16 +183,17 @@ def export_reranker(model: nn.Module, config: dict[str, Any], out_dir: str | Pat
     for name, diff in parity.items():
         if not diff <= PARITY_TOLERANCE:
             raise ParityError(f"{kind} {name}: ONNX Runtime differs from PyTorch by {diff:.2e} > {PARITY_TOLERANCE:.0e}")
-    return {
-        "kind": kind,
-        "files": [image_path.name, rerank_path.name],
-        "parity_max_abs_diff": parity,
-        "inputs": {image_path.name: [IMAGE_INPUT], rerank_path.name: rerank_inputs},
-        "outputs": {image_path.name: side_names, rerank_path.name: [SCORES]},
-        "side": {name: {"shape": list(value.shape[1:]), "dtype": "float32"}
-                 for name, value in zip(side_names, traced_side)},
-        "opset": opset,
-    }
+    return RerankerSpec(
+        kind=kind,
+        files=[image_path.name, rerank_path.name],
+        fingerprint=fingerprint_files([image_path, rerank_path]),
+        side={name: SideTensor(shape=list(value.shape[1:])) for name, value in zip(side_names, traced_side)},
+        top_n=top_n,
+        parity_max_abs_diff=parity,
+        inputs={image_path.name: [PIXEL_VALUES], rerank_path.name: rerank_inputs},
+        outputs={image_path.name: side_names, rerank_path.name: [SCORES]},
+        opset=opset,
+    )
 
 
 def _query_ids(tokens: int, padded: int, vocab: int, generator: torch.Generator) -> torch.Tensor:

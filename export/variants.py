@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from xmodal.contract import GLOBAL, INPUT_IDS, PIXEL_VALUES
+
 R10 = "R@10"
 DIRECTIONS = ("image_to_text", "text_to_image")
 MAX_INT8_RECALL_DROP = 1.0  # points of held-out R@10, each direction
@@ -212,7 +214,7 @@ def try_session(path: str | Path) -> tuple[Any, str | None]:
 
 def embed_with_onnx(path: str | Path, input_name: str, batches: Sequence[np.ndarray]) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(["global"], {input_name: batch})[0] for batch in batches])
+    return np.concatenate([session.run([GLOBAL], {input_name: batch})[0] for batch in batches])
 
 
 def heldout_recall(
@@ -231,7 +233,8 @@ def heldout_recall(
     """
     from xmodal.preprocessing import decode_image, image_to_array
     from xmodal.training.evaluate import first_relevant_ranks, recall_summary
-    from xmodal.training.train import tokenize
+    from xmodal.text_preprocessing import pad_ids
+    from xmodal.training.tokenizer import PAD_ID
 
     arrays, keys = [], []
     for row in rows:
@@ -248,11 +251,12 @@ def heldout_recall(
     text_keys = list(labels)
     pixels = [np.stack(arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)]
     texts = [labels[k] for k in text_keys]
-    ids = [tokenize(tokenizer, texts[i:i + batch_size]).numpy() for i in range(0, len(texts), batch_size)]
+    ids = [pad_ids([e.ids for e in tokenizer.encode_batch(texts[i:i + batch_size])], PAD_ID)
+           for i in range(0, len(texts), batch_size)]
     results = {}
     for name, (image_onnx, text_onnx) in models.items():
-        image = embed_with_onnx(image_onnx, "pixel_values", pixels)
-        text = embed_with_onnx(text_onnx, "input_ids", ids)
+        image = embed_with_onnx(image_onnx, PIXEL_VALUES, pixels)
+        text = embed_with_onnx(text_onnx, INPUT_IDS, ids)
         results[name] = {
             "image_to_text": recall_summary(first_relevant_ranks(image, text, keys, text_keys))[R10],
             "text_to_image": recall_summary(first_relevant_ranks(text, image, text_keys, keys))[R10],

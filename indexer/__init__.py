@@ -1,5 +1,6 @@
 """The Ray Data pipeline that fills Milvus: manifest -> read -> embed via Triton -> write,
-resumable shard by shard.
+resumable shard by shard. A run is described by an ``IndexJob``:
+``IndexJob(manifest="manifest.jsonl", triton_url="127.0.0.1:8000").run()`` -> ``IndexReport``.
 
 The names load on first use, so Ray workers importing ``xmodal.indexer.embed`` or
 ``xmodal.indexer.sources`` do not pay for pymilvus.
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from xmodal.indexer.formats import Source
-    from xmodal.indexer.pipeline import IndexReport, deadletter_path, index_captions, index_images, progress_path
+    from xmodal.indexer.job import IndexJob
+    from xmodal.indexer.pipeline import IndexReport, deadletter_path, progress_path
 
 # Items per shard: the unit of resumption (a killed run redoes at most the shards in flight).
 DEFAULT_SHARD_SIZE = 1000
@@ -20,7 +22,7 @@ DEFAULT_BATCH_SIZE = 64
 # Rows per upsert: large enough that Milvus's per-call cost vanishes, small enough to hold.
 DEFAULT_WRITE_BATCH = 5000
 
-__all__ = ["IndexReport", "Source", "deadletter_path", "index_captions", "index_images", "progress_path"]
+__all__ = ["IndexJob", "IndexReport", "Source", "deadletter_path", "progress_path"]
 
 
 def __getattr__(name: str) -> Any:
@@ -28,6 +30,10 @@ def __getattr__(name: str) -> Any:
         from xmodal.indexer.formats import Source
 
         return Source
+    if name == "IndexJob":
+        from xmodal.indexer.job import IndexJob
+
+        return IndexJob
     if name in __all__:
         from xmodal.indexer import pipeline
 

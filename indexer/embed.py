@@ -6,14 +6,15 @@ import time
 
 import numpy as np
 
-from xmodal.client.triton import OUTPUT, Embedder
+from xmodal.client.triton import Embedder
+from xmodal.contract import GLOBAL
 
 VECTOR_COLUMN = "vector"
 
 
 def vector_column(level: str) -> str:
     """The batch column that carries an embedding level: "vector" for "global", "vector_<level>" else."""
-    return VECTOR_COLUMN if level == OUTPUT else f"{VECTOR_COLUMN}_{level}"
+    return VECTOR_COLUMN if level == GLOBAL else f"{VECTOR_COLUMN}_{level}"
 
 
 class EmbedStage:
@@ -31,7 +32,7 @@ class EmbedStage:
     error_prefix = ""
 
     def __init__(self, dims: dict[str, int] | int):
-        self.dims = {OUTPUT: dims} if isinstance(dims, int) else dict(dims)
+        self.dims = {GLOBAL: dims} if isinstance(dims, int) else dict(dims)
 
     def embed_outputs(self, items: list[bytes]) -> tuple[dict[str, np.ndarray], list[str | None]]:
         raise NotImplementedError

@@ -2,10 +2,12 @@
 
 Each Ray actor runs what the Triton ensembles run, from the same model repository: the
 version its ensembles pin, that version's preprocessing (``xmodal/preprocessing.py`` with
-``preprocess_image/<v>/params.json``; ``preprocess_text/<v>/tokenizer.json`` with its
-``params.json``, padded to the same length buckets as ``preprocess_text``) and its encoder
-ONNX files, in-process with ONNX Runtime (the CUDA provider first where onnxruntime-gpu has
-it). The card is the repository's ``card.json``, the one the ensembles carry.
+``preprocess_image/<v>/params.json``; ``xmodal/text_preprocessing.py`` with
+``preprocess_text/<v>/tokenizer.json`` and its ``params.json``: the code ``preprocess_text``
+runs, so the same ids and the same refusals) and its encoder ONNX files, in-process with
+ONNX Runtime (the CUDA provider first where onnxruntime-gpu has it). The card is the
+repository's ``card.json``, the one the ensembles carry. A text refused there is refused
+here in the same words: ``local: text is empty`` for the server's ``TEXT[0] is empty``.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from xmodal.card import ModelCard
-from xmodal.export.repository import (IMAGE_ENCODER, PARAMS_FILE, PREPROCESS_IMAGE, PREPROCESS_TEXT, TEXT_ENCODER,
-                                      pinned_version)
+from xmodal.contract import IMAGE_ENCODER, INPUT_IDS, PIXEL_VALUES, PREPROCESS_IMAGE, PREPROCESS_TEXT, TEXT_ENCODER
+from xmodal.export.repository import PARAMS_FILE, pinned_version
 from xmodal.indexer.embed import EmbedStage
 
 
@@ -33,17 +35,6 @@ def repository_card(repository: str | Path) -> ModelCard:
     """The card the repository serves (its root ``card.json``)."""
     repository_version(repository)
     return ModelCard.load(Path(repository))
-
-
-def _padded_length(longest: int, max_length: int | None, texts: int) -> int:
-    # as preprocess_text pads: one text to a bucket (8, 16, 32, ... up to the max length), several
-    # to their longest; the same input_ids as the server
-    if texts > 1:
-        return longest
-    length = 8
-    while length < longest:
-        length *= 2
-    return min(length, max_length) if max_length else length
 
 
 class LocalEmbedder(EmbedStage):
@@ -66,15 +57,15 @@ class LocalEmbedder(EmbedStage):
         self.kind = kind
         if kind == "image":
             self.params = json.loads((root / PREPROCESS_IMAGE / version / PARAMS_FILE).read_text())
-            encoder, self.input_name = IMAGE_ENCODER, "pixel_values"
+            encoder, self.input_name = IMAGE_ENCODER, PIXEL_VALUES
         else:
-            from tokenizers import Tokenizer
+            from xmodal.text_preprocessing import TextPreprocessor
 
             directory = root / PREPROCESS_TEXT / version
-            self.params = json.loads((directory / PARAMS_FILE).read_text())
-            self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-            self.max_length = (self.tokenizer.truncation or {}).get("max_length")
-            encoder, self.input_name = TEXT_ENCODER, "input_ids"
+            params = json.loads((directory / PARAMS_FILE).read_text())
+            self.text_preprocessor = TextPreprocessor.from_file(directory / "tokenizer.json",
+                                                                int(params.get("pad_id", 0)))
+            encoder, self.input_name = TEXT_ENCODER, INPUT_IDS
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         options = ort.SessionOptions()
@@ -110,26 +101,5 @@ class LocalEmbedder(EmbedStage):
         return (np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0,), np.float32)), errors
 
     def _texts(self, items: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
-        # The checks of preprocess_text, item by item: a bad text fails alone.
-        texts, errors = [], []
-        for data in items:
-            try:
-                text = bytes(data).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                texts.append(None)
-                errors.append(f"not valid UTF-8: {exc}")
-                continue
-            texts.append(text)
-            errors.append(None if text.strip() else "empty text")
-        encodings = {i: self.tokenizer.encode(text) for i, text in enumerate(texts) if errors[i] is None}
-        for i, encoding in encodings.items():
-            if not encoding.ids or all(encoding.special_tokens_mask):
-                errors[i] = "no tokens (only characters the tokenizer removes)"
-        kept = [encodings[i] for i in sorted(encodings) if errors[i] is None]
-        if not kept:
-            return np.zeros((0, 0), dtype=np.int64), errors
-        width = _padded_length(max(len(e.ids) for e in kept), self.max_length, len(kept))
-        ids = np.full((len(kept), width), int(self.params.get("pad_id", 0)), dtype=np.int64)
-        for row, encoding in enumerate(kept):
-            ids[row, :len(encoding.ids)] = encoding.ids
-        return ids, errors
+        ids, reasons = self.text_preprocessor.input_ids(items)
+        return ids, [None if reason is None else f"text {reason}" for reason in reasons]

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from xmodal import settings, store
+from xmodal import contract, settings, store
 from xmodal.indexer import state
 
 
@@ -21,7 +21,7 @@ def collection_stats(milvus_uri: str, collection: str, *, token: str | None = No
         rows = client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"]
         vectors = store.collection_vector_fields(client, collection)
         try:
-            index = client.describe_index(collection, store.VECTOR_FIELD) or {}
+            index = client.describe_index(collection, contract.GLOBAL) or {}
         except Exception:  # noqa: BLE001 - a collection without an index describes none
             index = {}
     finally:

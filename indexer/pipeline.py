@@ -1,37 +1,39 @@
-"""Assembly: input -> Ray Data (read, embed in an actor pool) -> writer(s) into Milvus.
+"""Assembly: an ``IndexJob`` -> reader, embedding, sink -> Ray Data -> Milvus.
 
-The input (a manifest, or another format users bring: ``formats.py``) is scanned once by the
-driver (item count, hash, where each shard starts) and read by Ray tasks, one per shard still
-to do (``sources.dataset``): memory does not grow with the corpus. With milvus-lite (a
-database one process locks: its server is a child of the process that opened it) the driver is
-the only writer; with a Milvus server a pool of writer actors upserts (``write.py``).
-``upsert`` on content-hash keys makes re-runs idempotent. The progress file records the
-finished shards, so a killed run started again skips them (docs/indexing.md).
+The parts are built from the job, each by its own builder, as clip-retrieval assembles its
+inference runner from a reader, a mapper and a writer builder; ``run`` takes other builders
+in their place. `Reader`: the input (a manifest, or another format users bring:
+``formats.py``) scanned once by the driver (item count, hash, where each shard starts) and read
+by Ray tasks, one per shard still to do (``sources.dataset``): memory does not grow with the
+corpus. `Embedding`: the model's card and the actor pool that embeds (Triton clients, or ONNX
+Runtime in-process). `Sink`: with milvus-lite (a database one process locks: its server is a
+child of the process that opened it) the driver is the only writer; with a Milvus server a pool
+of writer actors upserts (``write.py``). ``upsert`` on content-hash keys makes re-runs
+idempotent. The progress file records the finished shards, so a killed run started again skips
+them (docs/indexing.md).
 """
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any
 
 import numpy as np
 
-from xmodal import settings, store
+from xmodal import contract, settings, store
 from xmodal.card import ModelCard
 from xmodal.client import triton
-from xmodal.indexer import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH, formats, sources, state
-from xmodal.indexer.embed import TritonEmbedder
+from xmodal.indexer import sources, state
+from xmodal.indexer.embed import EmbedStage, TritonEmbedder
+from xmodal.indexer.job import KINDS, IndexJob
 from xmodal.indexer.state import deadletter_path, progress_path  # noqa: F401 - re-exported by xmodal.indexer
-from xmodal.indexer.write import ROW_BUILDERS, MilvusWriteStage, records
-
-# Writer actors for a Milvus server when not told (milvus-lite always has one writer: the driver).
-DEFAULT_SERVER_WRITERS = 2
+from xmodal.indexer.write import MilvusWriteStage, records
 
 logger = logging.getLogger(__name__)
 
@@ -209,38 +211,175 @@ class _Writer:
         self.seconds += time.perf_counter() - started
 
 
-def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Callable | None,
-         model: str, input_name: str, kind: str, to_deadletter: Callable[[dict[str, Any]], dict[str, Any]],
-         triton_url: str | None, model_repository: str | os.PathLike[str] | None, milvus_uri: str | None,
-         milvus_token: str | None, writers: int | None, collection: str, batch_size: int, embed_workers: int,
-         embed_threads: int | None, write_batch: int, restart: bool, ray_address: str | None, progress: bool,
-         timeout: float, started: float, scan_seconds: float, index_type: str | None = None,
-         index_params: dict[str, Any] | None = None) -> IndexReport:
-    milvus_uri = str(milvus_uri or settings.default_milvus_uri())
-    token = settings.milvus_token(milvus_token)
-    local_db = store.is_local_uri(milvus_uri)
-    if writers is None:
-        writers = 1 if local_db else DEFAULT_SERVER_WRITERS
-    if writers < 1:
-        raise ValueError(f"writers must be at least 1, got {writers}")
-    if local_db and writers > 1:
-        raise ValueError(f"milvus-lite ({milvus_uri}) is a database one process holds: it takes one writer, "
-                         f"not {writers}; use a Milvus server URI for parallel writers")
-    if (triton_url is None) == (model_repository is None):
-        raise ValueError("give either triton_url (embed with a Triton server) or model_repository "
-                         "(embed in-process with ONNX Runtime, no server), not both or neither")
-    if model_repository is not None:
+# ---- the parts: each built from the job alone, each replaceable (``run``'s keyword arguments) ----
+
+@dataclass
+class Reader:
+    """The input planned and read: `plan` from the driver's one pass over it (the items, their
+    hash, where each shard starts), and the Ray dataset of the shards still to do."""
+
+    plan: sources.InputPlan
+    scan_seconds: float  # the driver's pass
+    batch_size: int
+    # the stage between reading and embedding (images: read and check the files), if any
+    prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """What the progress file records of the input: its spec (for another format than the
+        manifest also the format and the options that shape its rows), the limit, the items."""
+        return {**self.plan.spec.identity(), "limit": self.plan.limit, "items": self.plan.items,
+                "items_sha256": self.plan.items_sha256}
+
+    def dataset(self, shards: list[sources.Shard]):
+        """The items of `shards`, read by Ray tasks (one a shard), prepared, in blocks of two batches."""
+        ds = sources.dataset(self.plan.spec, shards, block_rows=2 * self.batch_size)
+        if self.prepare is not None:
+            ds = ds.map_batches(self.prepare, batch_size=self.batch_size, batch_format="numpy")
+        # Ray Data gathers a task's output into blocks of up to 128 MiB: a whole shard would
+        # go to one embedding actor. Blocks of about two batches (a streaming repartition)
+        # let the actors share a shard, and reach the driver as they are done.
+        return ds.repartition(target_num_rows_per_block=2 * self.batch_size)
+
+
+@dataclass
+class Embedding:
+    """The model that embeds, as its card (every level of it is asked for and stored in its own
+    vector field), and the pool of `workers` actors of `stage` that runs it."""
+
+    card: ModelCard
+    stage: type[EmbedStage]
+    args: tuple[Any, ...]  # the stage's constructor arguments
+    cpus: float  # the CPU share each actor holds
+    workers: int
+    batch_size: int
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return card_dims(self.card)
+
+    def apply(self, ds):
+        import ray.data
+
+        return ds.map_batches(self.stage, batch_size=self.batch_size, batch_format="numpy",
+                              fn_constructor_args=self.args, compute=ray.data.ActorPoolStrategy(size=self.workers),
+                              num_cpus=self.cpus)
+
+
+@dataclass
+class Sink:
+    """Where the rows go. Into milvus-lite (a database one process holds) the driver upserts
+    them, built by `row`; into a Milvus server a pool of `writers` actors upserts them, the
+    dataset's last stage. Either way the driver keeps the books (``_Writer``)."""
+
+    uri: str
+    token: str | None = field(repr=False)  # never printed
+    collection: str
+    kind: str
+    writers: int
+    write_batch: int  # rows per upsert
+    timeout: float
+    index_type: str | None = None
+    index_params: dict[str, Any] | None = None
+
+    @property
+    def local(self) -> bool:
+        return store.is_local_uri(self.uri)
+
+    def connect(self):
+        return store.connect(self.uri, token=self.token)
+
+    def ensure_collection(self, client, card: ModelCard) -> bool:
+        """Create the collection for `card` if it is missing (True then); ValueError if it holds another model's."""
+        return store.ensure_collection(client, self.collection, card, kind=contract.KINDS[self.kind],
+                                       index_type=self.index_type,
+                                       index_params=self.index_params)
+
+    def apply(self, ds, levels: Collection[str]):
+        if self.local:
+            return ds
+        import ray.data
+
+        # A Milvus server: the rows are upserted by a pool of writer actors, in batches of
+        # write_batch rows; only the small columns come back to the driver. They wait on the
+        # server and hold no CPU slot, as the driver's writer does not: with a share each, a
+        # 2-CPU Ray with one --local embedding actor (1 CPU) had no CPU left for a read task,
+        # and the run stalled.
+        return ds.map_batches(
+            MilvusWriteStage, batch_size=self.write_batch, batch_format="numpy",
+            fn_constructor_args=(self.uri, self.token, self.collection, self.kind, list(levels),
+                                 max(self.timeout, 60.0)),
+            compute=ray.data.ActorPoolStrategy(size=self.writers), num_cpus=0,
+        )
+
+    def row(self, record: dict[str, Any], vectors: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """The row the driver upserts for an embedded item; None where a writer actor upserted it."""
+        return {**contract.KINDS[self.kind].row(record), **store.vector_values(vectors)} if self.local else None
+
+    def books(self, client, progress: state.Progress) -> _Writer:
+        return _Writer(client, self.collection, progress, batch_rows=self.write_batch, flush=self.local)
+
+
+def card_dims(card: ModelCard) -> dict[str, int]:
+    """Each embedding level of the card and its width."""
+    return {level: int(spec["dim"]) for level, spec in card.embeddings.items()}
+
+
+def build_reader(job: IndexJob) -> Reader:
+    """Scan the job's input (ValueError, naming the file, for one that cannot be read as its format)."""
+    started = time.perf_counter()
+    plan = sources.scan(job.source(), kind=job.kind, split=job.split, styles=job.styles, limit=job.limit,
+                        shard_size=job.shard_size)
+    scan_seconds = time.perf_counter() - started
+    prepare = KINDS[job.kind].prepare
+    if prepare is not None:
+        # where the images a source holds as bytes are written: beside the collection, by content
+        prepare = functools.partial(prepare, image_store=str(state.image_store_path(job.milvus_uri, job.collection)))
+    return Reader(plan, scan_seconds, job.batch_size, prepare)
+
+
+def build_embedding(job: IndexJob) -> Embedding:
+    """The in-process ONNX Runtime actors of a `model_repository`, or the Triton clients of a
+    `triton_url` (ConnectionError when that server or its model is not ready)."""
+    kind = KINDS[job.kind]
+    if job.model_repository is not None:
         from xmodal.indexer import local
 
-        model_repository = Path(model_repository).expanduser().resolve()
-        card = local.repository_card(model_repository)
-    else:
-        card = _fetch_card(triton_url, model, timeout)
-    # Every level of the card is asked of the ensemble and stored in its own vector field.
-    dims = {level: int(spec["dim"]) for level, spec in card.embeddings.items()}
+        repository = Path(job.model_repository).expanduser().resolve()
+        card = local.repository_card(repository)
+        # The actors compute: up to a CPU each, the rest of the local Ray left to the readers.
+        return Embedding(card, local.LocalEmbedder, (str(repository), kind.local_input, card_dims(card),
+                                                     job.embed_threads),
+                         min(1.0, 1.0 / job.embed_workers), job.embed_workers, job.batch_size)
+    card = _fetch_card(job.triton_url, kind.model, job.timeout)
+    # The actors mostly wait on Triton: a fraction of a CPU each leaves the local two-CPU Ray
+    # room for the reading tasks.
+    return Embedding(card, TritonEmbedder, (job.triton_url, kind.model, kind.input_name, card_dims(card),
+                                            max(job.timeout, 60.0)),
+                     min(0.5, 1.0 / job.embed_workers), job.embed_workers, job.batch_size)
+
+
+def build_sink(job: IndexJob) -> Sink:
+    return Sink(job.milvus_uri, settings.milvus_token(job.milvus_token), job.collection, job.kind,
+                job.writer_count(), job.write_batch, job.timeout, job.index_type, job.index_params)
+
+
+# ---- the runner ----------------------------------------------------------------------------
+
+def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
+        embedding: Callable[[IndexJob], Embedding] = build_embedding,
+        sink: Callable[[IndexJob], Sink] = build_sink) -> IndexReport:
+    """Run `job` (``IndexJob.run``): its input scanned, the shards still to do read by Ray
+    tasks, embedded by an actor pool and written, the progress recorded shard by shard."""
+    started = time.perf_counter()
+    job.validate()
+    kind = KINDS[job.kind]
+    read = reader(job)
+    write = sink(job)
+    embed = embedding(job)
+    plan, card, dims, collection = read.plan, embed.card, embed.dims, job.collection
 
     def say(message: str) -> None:
-        if progress:
+        if job.progress:
             print(message, file=sys.stderr, flush=True)
         else:
             logger.info(message)
@@ -248,8 +387,7 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
     shard_size = plan.shard_size
     shard_of = lambda number: number // shard_size  # noqa: E731 - items are numbered in input order
     shards = len(plan.shards)
-    identity = {**input_identity, "items": plan.items, "items_sha256": plan.items_sha256,
-                "model": card.name, "fingerprint": card.fingerprint, "shard_size": shard_size}
+    identity = {**read.identity(), "model": card.name, "fingerprint": card.fingerprint, "shard_size": shard_size}
     stage_seconds = {"read": 0.0, "embed": 0.0, "write": 0.0}
     stage_items = {"read": 0, "embed": 0, "write": 0}
     duplicates = 0
@@ -261,23 +399,23 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
         if plan.items:
             # Ray first: started while this process has no gRPC threads (pymilvus and
             # milvus-lite bring them), its forks make grpcio print no fork warnings.
-            ray_started = start_ray(ray_address)
-        client = store.connect(milvus_uri, token=token)
-        created = store.ensure_collection(client, collection, card, kind=kind, index_type=index_type,
-                                          index_params=index_params)
+            ray_started = start_ray(job.ray_address)
+        client = write.connect()
+        created = write.ensure_collection(client, card)
         if not plan.items:  # nothing selected: the files of earlier runs stay as they are
             return _finish(IndexReport(collection=collection, model=card.name, fingerprint=card.fingerprint,
                                        items_read=0, rows_written=0, dead_letters=0,
-                                       seconds=time.perf_counter() - started, scan_seconds=round(scan_seconds, 6)),
-                           progress)
+                                       seconds=time.perf_counter() - started,
+                                       scan_seconds=round(read.scan_seconds, 6)),
+                           job.progress)
         run_progress, fresh_start = state.continue_or_start(
-            state.progress_path(milvus_uri, collection), identity, shards, collection_created=created,
-            restart=restart)
+            state.progress_path(write.uri, collection), identity, shards, collection_created=created,
+            restart=job.restart)
         if fresh_start:
             say(f"{run_progress.path}: {fresh_start}")
         finished_before = frozenset(run_progress.finished)
         dead = state.DeadLetters(
-            state.deadletter_path(milvus_uri, collection),
+            state.deadletter_path(write.uri, collection),
             keep_items=(lambda n: n is not None and shard_of(n) in finished_before) if finished_before else None)
         todo = [shard for shard in plan.shards if shard.number not in finished_before]
         items_todo = sum(shard.items for shard in todo)
@@ -285,7 +423,7 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
             say(f"resuming: {len(finished_before)} of {shards} shards were finished by an earlier run "
                 f"and are skipped; {items_todo} items to go")
         run_progress.save()
-        writer = _Writer(client, collection, run_progress, batch_rows=write_batch, flush=local_db)
+        writer = write.books(client, run_progress)
         if todo:
             import ray.data
             from tqdm import tqdm
@@ -295,41 +433,9 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
             ray.data.DataContext.get_current().execution_options.preserve_order = True
             left = {shard.number: shard.emitted for shard in todo}  # items still out, per shard
             unsent = {shard.number: shard.items - shard.emitted for shard in todo}  # repeated captions
-            ds = sources.dataset(plan.spec, todo, block_rows=2 * batch_size)
-            if prepare is not None:
-                ds = ds.map_batches(prepare, batch_size=batch_size, batch_format="numpy")
-            # Ray Data gathers a task's output into blocks of up to 128 MiB: a whole shard would
-            # go to one embedding actor. Blocks of about two batches (a streaming repartition)
-            # let the actors share a shard, and reach the driver as they are done.
-            ds = ds.repartition(target_num_rows_per_block=2 * batch_size)
-            if model_repository is not None:
-                # The actors compute: up to a CPU each, the rest of the local Ray left to the readers.
-                stage, stage_args, cpus = (local.LocalEmbedder,
-                                           (str(model_repository), kind_of_input[kind], dims, embed_threads),
-                                           min(1.0, 1.0 / embed_workers))
-            else:
-                # The actors mostly wait on Triton: a fraction of a CPU each leaves the local
-                # two-CPU Ray room for the reading tasks.
-                stage, stage_args, cpus = (TritonEmbedder, (triton_url, model, input_name, dims, max(timeout, 60.0)),
-                                           min(0.5, 1.0 / embed_workers))
-            ds = ds.map_batches(
-                stage, batch_size=batch_size, batch_format="numpy", fn_constructor_args=stage_args,
-                compute=ray.data.ActorPoolStrategy(size=embed_workers), num_cpus=cpus,
-            )
-            if not local_db:
-                # A Milvus server: the rows are upserted by a pool of writer actors, in batches
-                # of write_batch rows; only the small columns come back to the driver. They wait
-                # on the server and hold no CPU slot, as the driver's writer does not: with a
-                # share each, a 2-CPU Ray with one --local embedding actor (1 CPU) had no CPU
-                # left for a read task, and the run stalled.
-                ds = ds.map_batches(
-                    MilvusWriteStage, batch_size=write_batch, batch_format="numpy",
-                    fn_constructor_args=(milvus_uri, token, collection, kind, list(dims), max(timeout, 60.0)),
-                    compute=ray.data.ActorPoolStrategy(size=writers), num_cpus=0,
-                )
-            build_row = ROW_BUILDERS[kind]
+            ds = write.apply(embed.apply(read.dataset(todo)), dims)
             bar = tqdm(total=plan.items, initial=plan.items - items_todo, unit="item", desc=f"index {collection}",
-                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
+                       disable=not job.progress, file=sys.stderr, dynamic_ncols=True)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 n = len(batch["item"])
                 if not first_batch_at:
@@ -344,16 +450,15 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
                 for record, vectors in records(batch, dims):
                     shard = shard_of(record["item"])
                     if record["error"]:
-                        dead.write({"item": record["item"], **to_deadletter(record)})
+                        dead.write({"item": record["item"], **kind.letter(record, collection)})
                     else:
-                        row = {**build_row(record), **store.vector_values(vectors)} if local_db else None
-                        duplicates += writer.add(shard, record["id"], row)
+                        duplicates += writer.add(shard, record["id"], write.row(record, vectors))
                     left[shard] -= 1
                     if not left[shard]:
                         del left[shard]
                         writer.shard_done(shard)
                         done_items += unsent.pop(shard)
-                if not local_db:
+                if not write.local:
                     writer.write()  # these rows are acknowledged: record the shards they finished
                 bar.update(done_items)
                 bar.set_postfix(written=writer.rows, dead=dead.count, refresh=False)
@@ -372,7 +477,7 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
             import ray
 
             ray.shutdown()
-    if local_db:
+    if write.local:
         stage_seconds["write"] = writer.seconds
     stage_items["read"] = sum(shard.emitted for shard in todo)
     stage_items["write"] = writer.rows_sent
@@ -381,169 +486,14 @@ def _run(*, plan: sources.InputPlan, input_identity: dict[str, Any], prepare: Ca
         rows_written=writer.rows, dead_letters=dead.count, seconds=time.perf_counter() - started,
         deadletter_path=str(dead.path) if dead.count else None, duplicates=duplicates, shards=shards,
         shards_skipped=len(finished_before), items_skipped=plan.items - items_todo,
-        progress_path=str(run_progress.path), fresh_start=fresh_start, scan_seconds=round(scan_seconds, 6),
+        progress_path=str(run_progress.path), fresh_start=fresh_start, scan_seconds=round(read.scan_seconds, 6),
         startup_seconds=round(first_batch_at - started, 6) if first_batch_at else 0.0, startup_items=first_batch_items,
         stage_seconds={k: round(v, 6) for k, v in stage_seconds.items()}, stage_items=stage_items,
     )
-    return _finish(report, progress)
-
-
-# What the in-process embedder runs for each kind of collection.
-kind_of_input = {"image": "image", "caption": "text"}
+    return _finish(report, job.progress)
 
 
 def _finish(report: IndexReport, progress: bool) -> IndexReport:
     if progress:
         print(report, file=sys.stderr, flush=True)
     return report
-
-
-def _scan(kind: str, source: formats.Source, split: Any, styles: Collection[str] | str | None,
-          limit: int | None, shard_size: int, **sizes: int) -> tuple[sources.InputPlan, float]:
-    for name, value in (("shard_size", shard_size), *sizes.items()):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    started = time.perf_counter()
-    plan = sources.scan(source, kind=kind, split=split, styles=styles, limit=limit, shard_size=shard_size)
-    return plan, time.perf_counter() - started
-
-
-def _input_identity(plan: sources.InputPlan) -> dict[str, Any]:
-    """What the progress file records of the input, besides the items themselves: for another
-    format than the manifest also the format and the options that shape its rows."""
-    return {**plan.spec.identity(), "limit": plan.limit}
-
-
-def _letter(record: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
-    """The dead letter's fields; an item whose text Arrow could not carry brings it in `letter`."""
-    if record.get("letter"):
-        fields.update(json.loads(record["letter"]))
-    return fields
-
-
-def index_images(
-    manifest: str | os.PathLike[str] | None = None,
-    *,
-    input: formats.Source | str | os.PathLike[str] | None = None,  # noqa: A002 - the CLI's --input
-    triton_url: str | None = None,
-    model_repository: str | os.PathLike[str] | None = None,
-    milvus_uri: str | None = None,
-    milvus_token: str | None = None,
-    collection: str = settings.IMAGE_COLLECTION,
-    split: str | None = formats.SPLIT_DEFAULT,
-    styles: Collection[str] | str | None = None,
-    limit: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    embed_workers: int = 1,
-    embed_threads: int | None = None,
-    writers: int | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    write_batch: int = DEFAULT_WRITE_BATCH,
-    restart: bool = False,
-    ray_address: str | None = None,
-    progress: bool = True,
-    timeout: float = 10.0,
-    index_type: str | None = None,
-    index_params: dict[str, Any] | None = None,
-) -> IndexReport:
-    """Embed the images of a manifest, or of `input` in another format, with Triton's
-    ``embed_image`` and upsert them into Milvus.
-
-    `input`: a path (its format found from its name) or a ``formats.Source`` (format, image root,
-    Parquet columns, name): CSV/TSV or JSONL tables with an image folder, the Karpathy split
-    JSON, Parquet with an image-bytes or image-path column, WebDataset tar shards
-    (docs/indexing.md). Images the source holds as bytes are written once, by content, beside
-    the collection, and their rows point at those files. `split`: a manifest's ``test`` split
-    unless given; every row of another format unless given (None: every row).
-
-    Embedding is by the Triton server at `triton_url`, or, given `model_repository`
-    instead, in-process with ONNX Runtime from that repository (``xmodal index --local``,
-    ``xmodal.indexer.local``): the same preprocessing and encoders, the same rows.
-
-    The input is streamed: one pass in the driver finds the shards, Ray tasks read them
-    (memory does not grow with the corpus). Keys are content hashes, so re-running writes
-    the same rows again (no duplicates), and identical image files become one row (with the
-    path and captions of the last of them in the input). Unreadable files and images the server rejects go
-    to the dead-letter file (see :func:`deadletter_path`) and the run goes on. A run that
-    was cut short continues where it stopped when started again with the same input and
-    model: the shards (`shard_size` items) it finished are skipped (`restart` ignores them).
-
-    `milvus_token` (else $XMODAL_MILVUS_TOKEN) authenticates to a Milvus server; with a
-    server, `writers` actors upsert in parallel (default 2; milvus-lite takes one, the
-    driver). `embed_threads` sets ONNX Runtime's intra-op threads per actor with a
-    `model_repository` (default: ONNX Runtime's choice). `index_type`/`index_params` choose
-    the vector index of a collection this run creates (default: IVF_FLAT, nlist 1024 on
-    milvus-lite; HNSW, M 16, efConstruction 200 on a server); an existing collection keeps its own.
-    """
-    started = time.perf_counter()
-    plan, scan_seconds = _scan("image", formats.source_of(manifest, input), split, styles, limit, shard_size,
-                               batch_size=batch_size, embed_workers=embed_workers, write_batch=write_batch)
-    # where the images a source holds as bytes are written: beside the collection, by content
-    image_store = state.image_store_path(str(milvus_uri or settings.default_milvus_uri()), collection)
-
-    def to_deadletter(record: dict[str, Any]) -> dict[str, Any]:
-        return _letter(record, {"path": record["path"], "reason": record["error"], "collection": collection})
-
-    return _run(plan=plan, input_identity=_input_identity(plan),
-                prepare=functools.partial(sources.read_images, image_store=str(image_store)),
-                model=triton.IMAGE_MODEL, input_name=triton.IMAGE_INPUT, kind="image",
-                to_deadletter=to_deadletter, triton_url=triton_url, model_repository=model_repository,
-                milvus_uri=milvus_uri, milvus_token=milvus_token, writers=writers, collection=collection,
-                batch_size=batch_size, embed_workers=embed_workers, embed_threads=embed_threads,
-                write_batch=write_batch, restart=restart, ray_address=ray_address, progress=progress,
-                timeout=timeout, started=started, scan_seconds=scan_seconds, index_type=index_type,
-                index_params=index_params)
-
-
-def index_captions(
-    manifest: str | os.PathLike[str] | None = None,
-    *,
-    input: formats.Source | str | os.PathLike[str] | None = None,  # noqa: A002 - the CLI's --input
-    triton_url: str | None = None,
-    model_repository: str | os.PathLike[str] | None = None,
-    milvus_uri: str | None = None,
-    milvus_token: str | None = None,
-    collection: str = settings.CAPTION_COLLECTION,
-    split: str | None = formats.SPLIT_DEFAULT,
-    styles: Collection[str] | str | None = None,
-    limit: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    embed_workers: int = 1,
-    embed_threads: int | None = None,
-    writers: int | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    write_batch: int = DEFAULT_WRITE_BATCH,
-    restart: bool = False,
-    ray_address: str | None = None,
-    progress: bool = True,
-    timeout: float = 10.0,
-    index_type: str | None = None,
-    index_params: dict[str, Any] | None = None,
-) -> IndexReport:
-    """Embed the captions of a manifest, or of `input` in another format (as
-    :func:`index_images` takes it), with ``embed_text`` into the caption collection.
-
-    One row per distinct caption text (its hash is the key); the row keeps the concept,
-    style and image of the last row that has it (an image the source holds as bytes is named
-    by where it is there: ``<shard>:<key>.jpg``, ``<file>: row 3``; its bytes are not read). The items are the captions, repeats
-    included (``items_read`` counts them); a shard sends each distinct text of it once, and
-    a text repeated in later shards is embedded and upserted again, to the same row.
-    Empty captions and text Milvus cannot store (not UTF-8, too long) go to the dead-letter
-    file. Resumes as :func:`index_images` does.
-    """
-    started = time.perf_counter()
-    plan, scan_seconds = _scan("caption", formats.source_of(manifest, input), split, styles, limit, shard_size,
-                               batch_size=batch_size, embed_workers=embed_workers, write_batch=write_batch)
-
-    def to_deadletter(record: dict[str, Any]) -> dict[str, Any]:
-        return _letter(record, {"caption": record["caption"], "image": record["image"], "reason": record["error"],
-                                "collection": collection})
-
-    return _run(plan=plan, input_identity=_input_identity(plan),
-                prepare=None, model=triton.TEXT_MODEL, input_name=triton.TEXT_INPUT, kind="caption",
-                to_deadletter=to_deadletter, triton_url=triton_url, model_repository=model_repository,
-                milvus_uri=milvus_uri, milvus_token=milvus_token, writers=writers, collection=collection,
-                batch_size=batch_size, embed_workers=embed_workers, embed_threads=embed_threads,
-                write_batch=write_batch, restart=restart, ray_address=ray_address, progress=progress,
-                timeout=timeout, started=started, scan_seconds=scan_seconds, index_type=index_type,
-                index_params=index_params)

@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmodal import settings, store
+from xmodal import contract, settings, store
 from xmodal.client import triton
-from xmodal.client.rerank import SIDE_INPUT, SIDE_MODEL
 from xmodal.sidestore import SideStore, side_store_path
 
 PAGE_ROWS = 1000
@@ -64,14 +63,14 @@ def index_sides(*, triton_url: str, milvus_uri: str | None = None, collection: s
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
     milvus_uri = str(milvus_uri or settings.default_milvus_uri())
-    client = triton.connect(triton_url, timeout=timeout, models=(triton.IMAGE_MODEL,))
+    client = triton.connect(triton_url, timeout=timeout, models=(contract.EMBED_IMAGE,))
     try:
-        card = triton.fetch_card(client, triton.IMAGE_MODEL)
+        card = triton.fetch_card(client, contract.EMBED_IMAGE)
         if not card.reranker:
             raise ValueError(f"the served model {store.describe_model(card)} has no re-ranker "
                              f"(recipe {card.recipe!r}; the cran and mcsm recipes have one)")
-        if not client.is_model_ready(SIDE_MODEL):
-            raise ConnectionError(f"Triton at {triton_url} serves a re-ranker card but model {SIDE_MODEL!r} "
+        if not client.is_model_ready(contract.EMBED_IMAGE_SIDE):
+            raise ConnectionError(f"Triton at {triton_url} serves a re-ranker card but model {contract.EMBED_IMAGE_SIDE!r} "
                                   f"is not ready")
     finally:
         client.close()
@@ -79,10 +78,10 @@ def index_sides(*, triton_url: str, milvus_uri: str | None = None, collection: s
     if restart:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
-    names = list(card.reranker["side"])
-    shapes = {name: tuple(spec["shape"]) for name, spec in card.reranker["side"].items()}
+    names = list(card.reranker.side)
+    shapes = card.reranker.shapes
     milvus = store.connect(milvus_uri, token=settings.milvus_token(token))
-    embedder = triton.Embedder(triton_url, SIDE_MODEL, SIDE_INPUT, timeout=max(timeout, 60.0), outputs=names,
+    embedder = triton.Embedder(triton_url, contract.EMBED_IMAGE_SIDE, contract.IMAGE_INPUT, timeout=max(timeout, 60.0), outputs=names,
                                batch_limit=batch_size)
     sides = SideStore(path, card.reranker, create=True)
     bar = None

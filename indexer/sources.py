@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from xmodal import contract
 from xmodal.indexer import formats
 from xmodal.indexer.formats import InputSpec
 
@@ -192,17 +193,15 @@ def _safe_text(value: str) -> str:
 
 
 def _image_item(number: int, row: formats.Row) -> dict[str, Any]:
-    from xmodal import store  # here, not at the top: the workers that import this module need no pymilvus
-
     path = row.file or row.image
     captions = [caption for caption in row.captions if caption.strip()]
     error = _first_problem(
         row.problem,
         row.missing,
         "" if captions else "empty caption",
-        text_problem("image path", path, store.PATH_MAX_LENGTH),
-        text_problem("concept", row.concept, store.KEY_MAX_LENGTH),
-        text_problem("style", row.style, store.KEY_MAX_LENGTH),
+        text_problem("image path", path, contract.PATH_MAX_LENGTH),
+        text_problem("concept", row.concept, contract.KEY_MAX_LENGTH),
+        text_problem("style", row.style, contract.KEY_MAX_LENGTH),
         *(text_problem(f"caption {i + 1}", caption) for i, caption in enumerate(captions)),
     )
     # A refused item keeps its exact text in `letter` (JSON with \u escapes) for the dead-letter
@@ -215,16 +214,14 @@ def _image_item(number: int, row: formats.Row) -> dict[str, Any]:
 
 
 def _caption_item(number: int, row: formats.Row, caption: str | None) -> dict[str, Any]:
-    from xmodal import store
-
     caption = caption or ""
     error = _first_problem(
         row.problem,
         "empty caption" if not caption.strip() else "",
-        text_problem("caption", caption, store.TEXT_MAX_LENGTH),
-        text_problem("image path", row.image, store.PATH_MAX_LENGTH),
-        text_problem("concept", row.concept, store.KEY_MAX_LENGTH),
-        text_problem("style", row.style, store.KEY_MAX_LENGTH),
+        text_problem("caption", caption, contract.TEXT_MAX_LENGTH),
+        text_problem("image path", row.image, contract.PATH_MAX_LENGTH),
+        text_problem("concept", row.concept, contract.KEY_MAX_LENGTH),
+        text_problem("style", row.style, contract.KEY_MAX_LENGTH),
     )
     letter = json.dumps({"caption": caption, "image": row.image}) if error else ""
     return {"item": number, "caption": _safe_text(caption), "concept": _safe_text(row.concept),

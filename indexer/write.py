@@ -8,26 +8,13 @@ error, ...) travel on to the driver, which keeps the progress and dead-letter fi
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Iterable
 
 import numpy as np
 
+from xmodal import contract
 from xmodal.indexer.embed import vector_column
-
-
-def image_row(record: dict[str, Any]) -> dict[str, Any]:
-    return {"id": record["id"], "image": record["path"], "captions": json.loads(record["captions"]),
-            "concept": record["concept"], "style": record["style"]}
-
-
-def caption_row(record: dict[str, Any]) -> dict[str, Any]:
-    return {"id": record["id"], "caption": record["caption"], "concept": record["concept"],
-            "style": record["style"], "image": record["image"]}
-
-
-ROW_BUILDERS = {"image": image_row, "caption": caption_row}
 
 
 def _plain(value: Any) -> Any:
@@ -49,7 +36,7 @@ def milvus_rows(batch: dict[str, np.ndarray], kind: str, levels: Iterable[str]) 
     upsert may not repeat a key)."""
     from xmodal import store
 
-    build = ROW_BUILDERS[kind]
+    build = contract.KINDS[kind].row
     rows: dict[str, dict[str, Any]] = {}
     for record, vectors in records(batch, levels):
         if not record["error"]:

@@ -20,8 +20,8 @@ def npm_cache():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray for a module, started as the indexer starts its own (index_images leaves a
-    Ray it did not start running)."""
+    """One local Ray for a module, started as the indexer starts its own (a job's run leaves a Ray
+    it did not start running)."""
     import ray
 
     from xmodal.indexer.pipeline import start_ray

@@ -13,7 +13,7 @@ import tinymodel
 from xmodal import store
 from xmodal.client import AsyncClient, Client, Hit, Retry, format_hits
 from xmodal.client.retry import is_transient
-from xmodal.indexer import index_captions, index_images
+from xmodal.indexer import IndexJob
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -25,9 +25,11 @@ def stack(tmp_path_factory):
     manifest, images = tinymodel.write_corpus(directory)
     db = directory / "milvus" / "xmodal.db"
     with tinymodel.serving(repository) as server:
-        report = index_images(manifest, triton_url=server.url, milvus_uri=str(db), batch_size=4, progress=False)
+        report = IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=str(db), batch_size=4,
+                          progress=False).run()
         assert report.rows_written == len(images)
-        captions = index_captions(manifest, triton_url=server.url, milvus_uri=str(db), batch_size=8, progress=False)
+        captions = IndexJob(kind="caption", manifest=manifest, triton_url=server.url, milvus_uri=str(db),
+                            batch_size=8, progress=False).run()
         assert captions.rows_written == 2 * len(images)
         milvus = store.connect(db)  # a collection of another model, for the mismatch test
         store.ensure_collection(milvus, "older_model", tinymodel.make_card("0123456789abcdef", "older"))
@@ -198,7 +200,7 @@ def test_search_captions_with_a_filter(client, stack):
 def test_missing_caption_collection_says_how_to_fill_it(stack):
     with Client(stack["url"], stack["db"], caption_collection="no_captions_here") as client:
         assert client.search_text("red", k=1)  # the image side works without it
-        with pytest.raises(ValueError, match="'no_captions_here' does not exist.*index_captions"):
+        with pytest.raises(ValueError, match="'no_captions_here' does not exist.*index --captions"):
             client.search_captions(stack["images"][0])
     with Client(stack["url"], stack["db"], caption_collection=None) as client:
         with pytest.raises(ValueError, match="no caption collection"):

@@ -27,7 +27,7 @@ import pytest
 import tinymodel
 from xmodal import store
 from xmodal.client import Client
-from xmodal.indexer import index_images
+from xmodal.indexer import IndexJob
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -125,7 +125,8 @@ def stack(tmp_path_factory):
     manifest, images = tinymodel.write_corpus(directory)
     db = directory / "milvus" / "xmodal.db"
     with tinymodel.serving(repository) as server:
-        report = index_images(manifest, triton_url=server.url, milvus_uri=str(db), batch_size=4, progress=False)
+        report = IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=str(db), batch_size=4,
+                          progress=False).run()
         assert report.rows_written == len(images)
         with Client(server.url, db) as client:
             expected = client.search_text(QUERY, k=3)

@@ -18,7 +18,7 @@ from xmodal.client import Client
 from xmodal.demo import ranks_from_hits
 from xmodal.export.onnx import export_run
 from xmodal.export.repository import write_model_repository
-from xmodal.indexer import index_images
+from xmodal.indexer import IndexJob
 from xmodal.preprocessing import preprocess_image_bytes
 from xmodal.server import TritonServer, free_port
 from xmodal.store import release_local
@@ -49,7 +49,7 @@ def stack(tmp_path_factory, npm_cache):
     try:
         server.wait_ready()
         milvus_uri = str(data / "xmodal.db")
-        index_report = index_images(manifest, triton_url=server.url, milvus_uri=milvus_uri, split="train")
+        index_report = IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=milvus_uri, split="train").run()
         yield {
             "data": data, "manifest": manifest, "report": report, "exported": exported,
             "server": server, "milvus_uri": milvus_uri, "index_report": index_report,

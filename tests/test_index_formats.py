@@ -16,7 +16,7 @@ import pytest
 
 import tinymodel
 from xmodal import cli, store
-from xmodal.indexer import deadletter_path, index_captions, index_images, progress_path, sources
+from xmodal.indexer import IndexJob, deadletter_path, progress_path, sources
 from xmodal.indexer.formats import Source, input_spec
 from xmodal.indexer.state import image_store_path
 
@@ -53,9 +53,8 @@ def image_folder(directory: Path) -> dict[str, bytes]:
 
 
 def index(kind: str, source, repository: Path, db: Path, **options):
-    run = index_images if kind == "image" else index_captions
-    return run(input=source, model_repository=repository, milvus_uri=str(db), batch_size=4, progress=False,
-               **options)
+    return IndexJob(kind=kind, input=source, model_repository=repository, milvus_uri=str(db), batch_size=4,
+                    progress=False, **options).run()
 
 
 def stored(db: Path, collection: str, fields: list[str]) -> dict[str, dict]:
@@ -380,7 +379,7 @@ def test_inputs_are_found_and_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="cannot tell its format"):
         input_spec(Source(tmp_path / "notes.txt"), kind="image")
     with pytest.raises(ValueError, match="not both or neither"):
-        index_images(tmp_path / "m.jsonl", input=tmp_path / "a.parquet", progress=False)
+        IndexJob(manifest=tmp_path / "m.jsonl", input=tmp_path / "a.parquet", progress=False).run()
     # the split of a source without splits: every row, unless one is asked for
     assert input_spec(Source(tmp_path / "a.parquet"), kind="image").split is None
     assert input_spec(Source(tmp_path / "a.parquet"), kind="image", split="validation").split == "val"

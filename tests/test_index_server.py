@@ -16,7 +16,7 @@ import pytest
 
 import tinymodel
 from xmodal import store
-from xmodal.indexer import index_images
+from xmodal.indexer import IndexJob
 from xmodal.indexer.manage import collection_stats
 
 pytestmark = pytest.mark.timeout(180)
@@ -68,7 +68,7 @@ def test_writer_actors_fill_a_server_collection_idempotently(repository, ray_loc
     options = dict(model_repository=repository, milvus_uri=milvus_server, collection="served", split=None,
                    batch_size=4, shard_size=16, write_batch=8, writers=2, index_type="IVF_FLAT",
                    index_params={"nlist": 8}, milvus_token="root:Milvus", progress=False)
-    report = index_images(manifest, **options)
+    report = IndexJob(manifest=manifest, **options).run()
     assert (report.items_read, report.rows_written, report.dead_letters) == (60, 57, 3)
     assert report.stage_items["write"] == 57  # upserted by the writer actors, not the driver
     rows = server_rows(milvus_server, "served")
@@ -78,7 +78,7 @@ def test_writer_actors_fill_a_server_collection_idempotently(repository, ray_loc
     assert stats["rows"] == 57
     assert stats["index"]["type"] == "IVF_FLAT" and stats["index"]["params"].get("nlist") in (8, "8")
 
-    again = index_images(manifest, **{**options, "restart": True})
+    again = IndexJob(manifest=manifest, **{**options, "restart": True}).run()
     assert again.rows_written == 57 and server_rows(milvus_server, "served").keys() == rows.keys()
 
 
@@ -87,10 +87,10 @@ def test_index_options_are_checked(repository, ray_local, tmp_path) -> None:
     db = tmp_path / "lite.db"
     try:
         with pytest.raises(ValueError, match="milvus-lite builds only FLAT, IVF_FLAT, AUTOINDEX indexes, not 'HNSW'"):
-            index_images(manifest, model_repository=repository, milvus_uri=str(db), split=None, index_type="HNSW",
-                         progress=False)
-        report = index_images(manifest, model_repository=repository, milvus_uri=str(db), split=None,
-                              index_type="FLAT", progress=False)
+            IndexJob(manifest=manifest, model_repository=repository, milvus_uri=str(db), split=None, index_type="HNSW",
+                     progress=False).run()
+        report = IndexJob(manifest=manifest, model_repository=repository, milvus_uri=str(db), split=None,
+                          index_type="FLAT", progress=False).run()
         assert report.rows_written == 4
         assert collection_stats(str(db), "xmodal_images")["index"]["type"] == "FLAT"
     finally:

@@ -18,7 +18,7 @@ import pytest
 import tinymodel
 from xmodal import cli, store
 from xmodal.client import Client
-from xmodal.indexer import deadletter_path, index_captions, index_images, progress_path
+from xmodal.indexer import IndexJob, deadletter_path, progress_path
 from xmodal.indexer.embed import TritonEmbedder
 
 pytestmark = pytest.mark.timeout(180)
@@ -52,15 +52,15 @@ def test_every_image_once_and_reruns_are_idempotent(stack, ray_local, tmp_path, 
     copy = tinymodel.record("images/tiny/red-again.png", "red-again")  # same bytes as red.png: same row
     manifest, images = tinymodel.write_corpus(tmp_path, extra=[copy])
     (tmp_path / copy["image"]).write_bytes(images[0].read_bytes())
-    report = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=4,
-                          embed_workers=2, progress=False)
+    report = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=4,
+                      embed_workers=2, progress=False).run()
     assert (report.items_read, report.rows_written, report.dead_letters) == (len(images) + 1, len(images), 0)
     assert report.duplicates == 1
     assert report.fingerprint == stack["card"].fingerprint and report.items_per_second > 0
     assert report.deadletter_path is None and not deadletter_path(str(db), "xmodal_images").exists()
     assert count(db, "xmodal_images") == len(images)
 
-    again = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=3, progress=False)
+    again = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=3, progress=False).run()
     assert again.rows_written == len(images)
     assert count(db, "xmodal_images") == len(images)
 
@@ -105,7 +105,8 @@ def test_bad_inputs_go_to_the_dead_letter_file(stack, ray_local, tmp_path, db):
     not_utf8 = tinymodel.record("images/tiny/red.png", "not-utf8")  # a good image, a caption that is not UTF-8
     not_utf8["captions"] = ["red thing", "bytes \udcff that were not UTF-8"]
     manifest, images = tinymodel.write_corpus(tmp_path, extra=[*extra, not_utf8])
-    report = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=4, progress=False)
+    report = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=4,
+                      progress=False).run()
     bad = len(names) + 1
     assert (report.items_read, report.rows_written, report.dead_letters) == (len(images) + bad, len(images), bad)
     assert count(db, "xmodal_images") == len(images)
@@ -129,7 +130,8 @@ def test_bad_captions_go_to_the_dead_letter_file(stack, ray_local, tmp_path, db)
     odd = tinymodel.record("images/tiny/red.png", "odd")
     odd["captions"] = ["red heart", "  ", "a \udcff cat", "x" * 9000]
     manifest, images = tinymodel.write_corpus(tmp_path, extra=[odd])
-    report = index_captions(manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=4, progress=False)
+    report = IndexJob(kind="caption", manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=4,
+                      progress=False).run()
     assert (report.items_read, report.dead_letters) == (2 * len(images) + 4, 3)
     assert report.rows_written == count(db, "xmodal_captions") == 2 * len(images) + 1
     # one JSON object a line, the text that is not UTF-8 kept as its \\u escape
@@ -162,7 +164,7 @@ def test_a_collection_of_another_model_is_refused(stack, tmp_path, db):
     client.close()
     with pytest.raises(ValueError) as raised:
         # limit=0 selects nothing: the check must come before any work
-        index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), limit=0, progress=False)
+        IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), limit=0, progress=False).run()
     message = str(raised.value)
     assert "'older'" in message and "0123456789abcdef" in message
     assert "'tiny'" in message and stack["card"].fingerprint in message
@@ -172,15 +174,17 @@ def test_triton_down_is_a_connection_error(tmp_path, db):
     manifest, _ = tinymodel.write_corpus(tmp_path)
     (port,) = tinymodel.free_ports(1)
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
-        index_images(manifest, triton_url=f"127.0.0.1:{port}", milvus_uri=str(db), progress=False)
+        IndexJob(manifest=manifest, triton_url=f"127.0.0.1:{port}", milvus_uri=str(db), progress=False).run()
 
 
 def test_captions_one_row_per_distinct_text(stack, ray_local, tmp_path, db):
     manifest, images = tinymodel.write_corpus(tmp_path)
-    report = index_captions(manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=4, progress=False)
+    report = IndexJob(kind="caption", manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=4,
+                      progress=False).run()
     assert report.items_read == 2 * len(images)
     assert report.rows_written == count(db, "xmodal_captions") == 2 * len(images)  # all distinct here
-    again = index_captions(manifest, triton_url=stack["url"], milvus_uri=str(db), progress=False)
+    again = IndexJob(kind="caption", manifest=manifest, triton_url=stack["url"], milvus_uri=str(db),
+                     progress=False).run()
     assert again.rows_written == count(db, "xmodal_captions") == 2 * len(images)
 
     with Client(stack["url"], db, "xmodal_captions") as client:  # image -> captions works the same way
@@ -223,8 +227,8 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(stack, ray_loc
     assert "resuming: " in rerun.stderr
     assert json.loads(progress_file.read_text())["complete"]
 
-    reference = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), collection="reference",
-                             split=None, batch_size=4, progress=False)
+    reference = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), collection="reference",
+                         split=None, batch_size=4, progress=False).run()
     assert (reference.rows_written, reference.dead_letters) == (240 - 9, 9)
     resumed_ids = ids(db, "resumed")
     assert len(resumed_ids) == len(set(resumed_ids)) == count(db, "resumed") == 240 - 9
@@ -275,7 +279,8 @@ def test_an_embedding_worker_killed_mid_run_is_replaced_and_the_run_completes(st
 
 def test_another_input_starts_afresh_and_says_why(stack, ray_local, tmp_path, db):
     manifest, images = tinymodel.write_corpus(tmp_path)
-    first = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), limit=4, shard_size=2, progress=False)
+    first = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), limit=4, shard_size=2,
+                     progress=False).run()
     assert (first.shards, first.fresh_start) == (2, None)
     progress_file = progress_path(str(db), "xmodal_images")
     recorded = json.loads(progress_file.read_text())
@@ -284,15 +289,16 @@ def test_another_input_starts_afresh_and_says_why(stack, ray_local, tmp_path, db
     # the same input, as a killed run would have left it: the rerun skips the finished shard
     recorded.update(complete=False, finished=[1])
     progress_file.write_text(json.dumps(recorded))
-    resumed = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), limit=4, shard_size=2, progress=False)
+    resumed = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), limit=4, shard_size=2,
+                       progress=False).run()
     assert (resumed.shards_skipped, resumed.items_skipped, resumed.rows_written) == (1, 2, 2)
     assert resumed.items_processed == 2 and resumed.stage_items["embed"] == 2
 
     progress_file.write_text(json.dumps(recorded))
-    other = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), shard_size=2, progress=False)
+    other = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), shard_size=2, progress=False).run()
     assert other.shards_skipped == 0 and other.rows_written == len(images)
     assert "other input" in other.fresh_start and "items 4 -> 6" in other.fresh_start
-    again = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), shard_size=2, progress=False)
+    again = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), shard_size=2, progress=False).run()
     assert "finished" in again.fresh_start and again.rows_written == len(images)
 
 
@@ -300,8 +306,8 @@ def test_report_stats_and_delete(stack, ray_local, tmp_path, db, capsys):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "broken.png").write_bytes(b"broken")
     manifest, images = tinymodel.write_corpus(tmp_path, extra=[tinymodel.record("images/broken.png", "broken")])
-    report = index_images(manifest, triton_url=stack["url"], milvus_uri=str(db), shard_size=4, write_batch=3,
-                          progress=True)
+    report = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), shard_size=4, write_batch=3,
+                      progress=True).run()
     printed = capsys.readouterr().err
     assert "busy time per stage: read" in printed and "embed" in printed and "rows/s" in printed
     assert report.stage_items == {"read": len(images) + 1, "embed": len(images), "write": len(images)}

@@ -14,9 +14,9 @@ import pytest
 import tritonclient.http as triton_http
 
 import tinymodel
-from xmodal import store
+from xmodal import contract, store
 from xmodal.client import AsyncClient, Client
-from xmodal.indexer import index_captions, index_images
+from xmodal.indexer import IndexJob
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,14 +34,16 @@ def stack(tmp_path_factory, ray_local):
     db = directory / "milvus" / "xmodal.db"
     try:
         with tinymodel.serving(repository) as server:
-            report = index_images(manifest, triton_url=server.url, milvus_uri=str(db), batch_size=4, progress=False)
+            report = IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=str(db), batch_size=4,
+                              progress=False).run()
             assert (report.rows_written, report.dead_letters) == (len(images), 0)
-            captions = index_captions(manifest, triton_url=server.url, milvus_uri=str(db), progress=False)
+            captions = IndexJob(kind="caption", manifest=manifest, triton_url=server.url, milvus_uri=str(db),
+                                progress=False).run()
             assert captions.rows_written == 2 * len(images)
             # A collection as an earlier xmodal filled it for this model: the fused vector only.
             milvus = store.connect(db)
             flat = dataclasses.replace(card, embeddings={"global": card.embeddings["global"]})
-            store.create_image_collection(milvus, "global_only", flat)
+            store.create_collection(milvus, "global_only", flat, contract.IMAGE_KIND)
             milvus.close()
             yield {"card": card, "url": server.url, "db": db, "pairs": pairs, "images": images, "manifest": manifest,
                    "repository": repository}
@@ -217,8 +219,8 @@ def test_a_collection_without_level_fields_says_to_reindex(stack):
         with pytest.raises(ValueError, match=r"no vector field 'concept_vector', 'exterior_vector'.*index again"):
             client.search_text("red", level_weights={"concept": 1, "exterior": 1})
     with pytest.raises(ValueError, match=r"'global_only' has no vector field 'concept_vector'"):
-        index_images(stack["pairs"][0][0].parent.parent.parent / "manifest.jsonl", triton_url=stack["url"],
-                     milvus_uri=str(stack["db"]), collection="global_only", limit=0, progress=False)
+        IndexJob(manifest=stack["pairs"][0][0].parent.parent.parent / "manifest.jsonl", triton_url=stack["url"],
+                 milvus_uri=str(stack["db"]), collection="global_only", limit=0, progress=False).run()
 
 
 def test_async_client_gives_the_same_level_weighted_hits(client, stack):
@@ -273,8 +275,8 @@ def rows_by_id(db, collection: str) -> dict[str, dict]:
 def test_local_indexing_gives_tritons_rows(stack, capsys, tmp_path):
     from xmodal import cli
 
-    report = index_images(stack["manifest"], model_repository=stack["repository"], milvus_uri=str(stack["db"]),
-                          collection="local_images", batch_size=4, progress=False)
+    report = IndexJob(manifest=stack["manifest"], model_repository=stack["repository"], milvus_uri=str(stack["db"]),
+                      collection="local_images", batch_size=4, progress=False).run()
     assert (report.rows_written, report.dead_letters) == (len(stack["images"]), 0)
     assert (report.model, report.fingerprint) == ("tiny-mthcn", stack["card"].fingerprint)
     assert cli.main(["index", "--local", "--model-repository", str(stack["repository"]), "--captions", "--json",
@@ -289,9 +291,10 @@ def test_local_indexing_gives_tritons_rows(stack, capsys, tmp_path):
                 assert np.abs(np.array(row[field]) - np.array(by_triton[key][field])).max() <= 1e-5, (local, field)
 
     with pytest.raises(ValueError, match="either triton_url .* or model_repository"):
-        index_images(stack["manifest"], milvus_uri=str(stack["db"]), progress=False)
+        IndexJob(manifest=stack["manifest"], milvus_uri=str(stack["db"]), progress=False).run()
     with pytest.raises(ValueError, match="is not an xmodal model repository"):
-        index_images(stack["manifest"], model_repository=tmp_path, milvus_uri=str(stack["db"]), progress=False)
+        IndexJob(manifest=stack["manifest"], model_repository=tmp_path, milvus_uri=str(stack["db"]),
+                 progress=False).run()
     assert cli.main(["index", "--model-repository", str(stack["repository"]), "--milvus-uri", str(stack["db"])]) == 1
     assert "--model-repository is for --local" in capsys.readouterr().err
 
@@ -313,8 +316,8 @@ def test_the_local_embedder_refuses_bad_items_one_by_one(stack):
     texts = [b"red ellipse", b"  ", b"\xff\xfe", b"red ellipse"]
     out = LocalEmbedder(stack["repository"], "text", dims)(
         {"item": np.arange(4), "data": np.array(texts, dtype=object), "error": np.array([""] * 4, dtype=object)})
-    assert list(out["error"]) == ["", "local: empty text", out["error"][2], ""]
-    assert out["error"][2].startswith("local: not valid UTF-8")
+    assert list(out["error"]) == ["", "local: text is empty", out["error"][2], ""]
+    assert out["error"][2].startswith("local: text is not valid UTF-8")
     served = triton_outputs(stack["url"], "embed_text", "TEXT", [texts[0]])
     for level in LEVELS:
         column = "vector" if level == "global" else f"vector_{level}"
@@ -330,7 +333,7 @@ def test_fuse_levels_counts_a_row_missing_from_a_levels_list_as_0():
                {"id": "b", "distance": 0.5, "entity": {"image": "/b.png"}}]
     exterior = [{"id": "b", "distance": 0.8, "entity": {"image": "/b.png"}},
                 {"id": "c", "distance": 0.7, "entity": {"image": "/c.png"}}]
-    hits = fuse_levels([concept, exterior], [0.5, 0.5], 2)
+    hits = fuse_levels([concept, exterior], [0.5, 0.5], 2, contract.IMAGE_KIND)
     assert [(h.id, h.image) for h in hits] == [("b", "/b.png"), ("a", "/a.png")]
     assert [h.score for h in hits] == pytest.approx([0.65, 0.45])
-    assert [h.id for h in fuse_levels([concept, exterior], [0.5, 0.5], 10)] == ["b", "a", "c"]
+    assert [h.id for h in fuse_levels([concept, exterior], [0.5, 0.5], 10, contract.IMAGE_KIND)] == ["b", "a", "c"]

@@ -234,3 +234,33 @@ def test_hbtr_gradient_flows_to_both_modalities():
     HBTRLoss(margin=0.25, centroid_margin=0.15)(image, text).backward()
     for tensor in (image, text):
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+
+
+def test_every_recipe_term_builds_through_the_objective_registry():
+    from xmodal.training.objectives import OBJECTIVES, all_terms
+    from xmodal.training.recipes import RECIPES, recipe_config
+
+    used = {term["loss"] for name in RECIPES for term in all_terms(recipe_config(name)).values()}
+    assert used <= set(OBJECTIVES)
+
+
+def test_an_unknown_loss_is_a_clear_error():
+    from xmodal.training.objectives import LossContext, build_objectives
+    from xmodal.training.recipes import recipe_config
+
+    config = recipe_config("infonce", losses=[{"loss": "triplet", "level": "global", "weight": 1.0}])
+    with pytest.raises(ValueError, match="unknown loss 'triplet' in recipe 'infonce'"):
+        build_objectives(LossContext(config, model=None, num_classes=2, category_sizes={}))
+
+
+def test_an_objective_reads_its_level_and_targets_from_the_step():
+    from xmodal.training.objectives import InstanceObjective, LossContext, Step
+
+    image, text = torch.eye(3), torch.eye(3)
+    term = {"loss": "instance", "level": "concept", "weight": 1.0}
+    torch.manual_seed(0)
+    objective = InstanceObjective.build(term, LossContext({"dim": 3}, model=None, num_classes=3, category_sizes={}))
+    labels = torch.tensor([0, 2, 1])
+    step = Step(image_features={}, text_features={}, image={"concept": image}, text={"concept": text},
+                index=torch.arange(3), labels=labels, categories={}, scorer=None)
+    assert objective(step).item() == pytest.approx(objective.loss(image, text, labels).item())

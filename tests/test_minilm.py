@@ -535,3 +535,40 @@ def test_minilm_bad_text_is_that_requests_error(minilm_client, item, reason) -> 
         assert str(caught.value.status()) == "400"  # INVALID_ARG
         assert minilm_client.is_server_live() and minilm_client.is_server_ready()
     assert _infer_text(minilm_client, "embed_text", [b"a cat"]).as_numpy("global").shape == (1, 256)
+
+
+def test_minilm_triton_and_the_local_embedder_refuse_and_encode_texts_alike(tiny_export, minilm_server,
+                                                                             minilm_client) -> None:
+    """Both run xmodal/text_preprocessing.py: every bad text refused in the same words (the server
+    names the request's row, ``TEXT[1] is empty``; the local embedder the text, ``text is empty``),
+    and the same ids and vectors for the good ones, alone (a length bucket) and together."""
+    from tritonclient.utils import InferenceServerException
+
+    from xmodal.indexer.local import LocalEmbedder
+
+    dims = {level: spec["dim"] for level, spec in tiny_export["card"].embeddings.items()}
+    embedder = LocalEmbedder(minilm_server.model_repository, "text", dims, threads=1)
+    no_tokens = "has no tokens (only characters the tokenizer removes)"
+    refusals = {b"": "is empty", " \t\n\u3000 ".encode(): "is empty", b"caf\xe9": "is not valid UTF-8: ",
+                b"\xff\xfe\xfa": "is not valid UTF-8: ", "\u200b\u200b".encode(): no_tokens, b"\x00\x07": no_tokens}
+    bad = list(refusals)
+    good = [text.encode() for text in ("grinning face", TRICKY_TEXTS["emoji"], TRICKY_TEXTS["10k characters"])]
+    items = bad + good
+    out = embedder({"item": np.arange(len(items)), "data": np.array(items, dtype=object),
+                    "error": np.array([""] * len(items), dtype=object)})
+    assert list(out["error"][len(bad):]) == [""] * len(good)
+    for item, local in zip(bad, out["error"]):
+        assert local.startswith(f"local: text {refusals[item]}"), local
+        reason = local.removeprefix("local: text ")
+        with pytest.raises(InferenceServerException) as caught:
+            _infer_text(minilm_client, "embed_text", [b"a cat", item])
+        assert f"preprocess_text: TEXT[1] {reason}" in caught.value.message()
+        assert str(caught.value.status()) == "400"
+
+    for batch in [[text] for text in good] + [good]:
+        served = _infer_text(minilm_client, "preprocess_text", batch).as_numpy("input_ids")
+        local, reasons = embedder.text_preprocessor.input_ids(batch)
+        assert reasons == [None] * len(batch) and local.dtype == served.dtype == np.int64
+        assert np.array_equal(local, served)
+    served = _infer_text(minilm_client, "embed_text", good).as_numpy("global")
+    np.testing.assert_allclose(out["vector"][len(bad):], served, rtol=0, atol=1e-5)

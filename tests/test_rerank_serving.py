@@ -4,6 +4,7 @@ Triton's ``embed_image_side`` → a first-stage search → Triton's ``rerank_tex
 and scores checked against the PyTorch model."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import sqlite3
 
@@ -13,16 +14,18 @@ import torch
 
 from xmodal.client import Client
 from xmodal.client.rerank import Reranker
+from xmodal.contract import RERANK_MODELS
 from xmodal.export.onnx import export_run
-from xmodal.export.repository import RERANK_MODELS, write_model_repository
-from xmodal.indexer import index_images
+from xmodal.export.repository import write_model_repository
+from xmodal.indexer import IndexJob
 from xmodal.indexer.sides import index_sides
 from xmodal.indexer.sources import content_id
 from xmodal.preprocessing import preprocess_image_bytes
 from xmodal.server import TritonServer, free_port
 from xmodal.sidestore import SideStore, SideStoreError, side_store_path
 from xmodal.training.manifest import read_manifest
-from xmodal.training.train import load_run, tokenize, train
+from xmodal.training.run import load_run
+from xmodal.training.train import tokenize, train
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -47,7 +50,7 @@ def served(tmp_path_factory, npm_cache):
     try:
         server.wait_ready()
         milvus_uri = str(data / "xmodal.db")
-        index_images(manifest, triton_url=server.url, milvus_uri=milvus_uri, split=None, progress=False)
+        IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=milvus_uri, split=None, progress=False).run()
         sides = index_sides(triton_url=server.url, milvus_uri=milvus_uri, progress=False)
         yield {"manifest": manifest, "run": run, "exported": exported, "server": server, "milvus_uri": milvus_uri,
                "sides": sides, "model": load_run(run)}
@@ -80,11 +83,11 @@ def _pytorch_side(served, images: list[bytes]) -> dict[str, torch.Tensor]:
 
 def test_the_repository_serves_the_reranker(served) -> None:
     card = served["exported"].card
-    assert card.reranker["kind"] == "cran"
-    assert card.reranker["parity_max_abs_diff"]["rerank"] <= 1e-4
-    assert set(card.reranker["side"]) == {"image_fragments", "image_mask", "image_relation"}
+    assert card.reranker.kind == "cran"
+    assert card.reranker.parity_max_abs_diff["rerank"] <= 1e-4
+    assert set(card.reranker.side) == {"image_fragments", "image_mask", "image_relation"}
     with Client(served["server"].url, served["milvus_uri"], caption_collection=None) as client:
-        assert client.card.reranker["fingerprint"] == card.reranker["fingerprint"]
+        assert client.card.reranker.fingerprint == card.reranker.fingerprint
     import tritonclient.http as http
 
     triton = http.InferenceServerClient(served["server"].url)
@@ -176,11 +179,11 @@ def test_a_bad_rerank_request_is_a_value_error_and_the_server_stays_ready(served
 
 
 def test_the_store_refuses_another_rerankers_sides(served, tmp_path) -> None:
-    reranker = dict(served["exported"].card.reranker)
+    reranker = served["exported"].card.reranker
     path = tmp_path / "sides.sqlite"
     SideStore(path, reranker, create=True).close()
     with pytest.raises(SideStoreError, match="index the sides again"):
-        SideStore(path, {**reranker, "fingerprint": "0" * 16})
+        SideStore(path, dataclasses.replace(reranker, fingerprint="0" * 16))
     with pytest.raises(SideStoreError, match="xmodal index sides"):
         SideStore(tmp_path / "none.sqlite", reranker)
     with SideStore(path, reranker) as store:
@@ -190,7 +193,6 @@ def test_the_store_refuses_another_rerankers_sides(served, tmp_path) -> None:
 
 def test_client_search_text_reranks_and_async_agrees(served) -> None:
     import asyncio
-    import dataclasses
 
     from xmodal.client import AsyncClient
     from xmodal.client.rerank import RerankedHit, rerank_depth

@@ -9,9 +9,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from xmodal.contract import SCORES
 from xmodal.export.onnx import PARITY_TOLERANCE
 from xmodal.export.reranker import (
-    IMAGE_SIDE_KEYS, IMAGE_SIDE_ONNX, RERANK_ONNX, SCORES, export_reranker, rerank_input_names, side_output_names,
+    IMAGE_SIDE_KEYS, IMAGE_SIDE_ONNX, RERANK_ONNX, export_reranker, rerank_input_names, side_output_names,
 )
 from xmodal.training.models import DualEncoder
 from xmodal.training.recipes import recipe_config
@@ -48,9 +49,9 @@ def exported(request, tmp_path_factory):
     kind = request.param
     model, config = _model(kind)
     out = tmp_path_factory.mktemp(kind)
-    report = export_reranker(model, config, out)
+    report = export_reranker(model, config, out, top_n=20)
     sessions = {name: ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
-                for name in report["files"]}
+                for name in report.files}
     return kind, model, report, sessions[IMAGE_SIDE_ONNX], sessions[RERANK_ONNX], out
 
 
@@ -88,27 +89,27 @@ def _matrix_scores(model, pixels, ids, first_stage) -> np.ndarray:
 
 def test_report_and_graph_interface(exported) -> None:
     kind, _, report, image_session, rerank_session, out = exported
-    assert report["files"] == [IMAGE_SIDE_ONNX, RERANK_ONNX]
-    for name in report["files"]:
+    assert report.files == [IMAGE_SIDE_ONNX, RERANK_ONNX]
+    for name in report.files:
         onnx.checker.check_model(str(out / name))
-    assert all(diff <= PARITY_TOLERANCE for diff in report["parity_max_abs_diff"].values())
-    assert set(report["parity_max_abs_diff"]) == {"image_side", "rerank"}
+    assert all(diff <= PARITY_TOLERANCE for diff in report.parity_max_abs_diff.values())
+    assert set(report.parity_max_abs_diff) == {"image_side", "rerank"}
     side = [f"image_{key}" for key in IMAGE_SIDE_KEYS[kind]]
-    assert report["inputs"] == {IMAGE_SIDE_ONNX: ["pixel_values"], RERANK_ONNX: ["input_ids", "first_stage", *side]}
-    assert report["outputs"] == {IMAGE_SIDE_ONNX: side, RERANK_ONNX: [SCORES]}
+    assert report.inputs == {IMAGE_SIDE_ONNX: ["pixel_values"], RERANK_ONNX: ["input_ids", "first_stage", *side]}
+    assert report.outputs == {IMAGE_SIDE_ONNX: side, RERANK_ONNX: [SCORES]}
     # The sessions take exactly those names, MCSM's unread `first_stage` included.
     assert [i.name for i in image_session.get_inputs()] == ["pixel_values"]
     assert [o.name for o in image_session.get_outputs()] == side
-    assert [i.name for i in rerank_session.get_inputs()] == report["inputs"][RERANK_ONNX]
+    assert [i.name for i in rerank_session.get_inputs()] == report.inputs[RERANK_ONNX]
     shapes = {i.name: i.shape for i in rerank_session.get_inputs()}
     # A batch of one request; N and L symbolic, P and the feature widths fixed.
     assert shapes["input_ids"] == [1, "tokens"]
     assert shapes["first_stage"] == [1, "candidates"]
     assert all(shapes[name][:2] == [1, "candidates"] for name in side)
-    assert all(shapes[name][2:] == report["side"][name]["shape"] for name in side)
+    assert all(shapes[name][2:] == report.side[name].shape for name in side)
     assert [o.shape for o in rerank_session.get_outputs()] == [[1, "candidates"]]
     if kind == "cran":
-        assert report["side"]["image_fragments"]["shape"][0] == PATCHES
+        assert report.side["image_fragments"].shape[0] == PATCHES
 
 
 @pytest.mark.parametrize("count", [1, 5])
@@ -122,7 +123,7 @@ def test_image_side_matches_pytorch(exported, count: int) -> None:
     assert sorted(IMAGE_SIDE_KEYS[kind]) == sorted(expected)
     assert len(actual) == len(IMAGE_SIDE_KEYS[kind])
     for key, value in zip(IMAGE_SIDE_KEYS[kind], actual):
-        assert value.shape == (count, *report["side"][f"image_{key}"]["shape"]) == tuple(expected[key].shape)
+        assert value.shape == (count, *report.side[f"image_{key}"].shape) == tuple(expected[key].shape)
         np.testing.assert_allclose(value, expected[key].numpy(), rtol=0, atol=1e-5, err_msg=key)
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from xmodal.card import CARD_PARAMETER, ImagePreprocessing, ModelCard, TokenizerSpec, fingerprint_files
 from xmodal.export.repository import model_config, write_model_repository
+from xmodal import preprocessing, text_preprocessing
 from xmodal.preprocessing import preprocess_image_bytes
 from xmodal.server import ServerError, TritonServer, free_port
 
@@ -288,6 +289,10 @@ def test_versions_warmup_batching_and_instances(artefacts, tmp_path):
     for version in ("1", "2"):
         assert (repository / "preprocess_image" / version / "params.json").is_file()
         assert (repository / "preprocess_text" / version / "params.json").is_file()
+        # each Python model imports its preprocessing module from beside it
+        for model, module in (("preprocess_image", preprocessing), ("preprocess_text", text_preprocessing)):
+            copied = repository / model / version / Path(module.__file__).name
+            assert copied.read_bytes() == Path(module.__file__).read_bytes(), copied
 
     # Version 3: the pinned version (2) stays beside it, version 1 goes.
     write_model_repository(repository, artefacts["other_card"], image_onnx=artefacts["other_image_onnx"],

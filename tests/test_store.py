@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from xmodal import store
+from xmodal import contract, store
 from xmodal.card import ImagePreprocessing, ModelCard, TokenizerSpec
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,7 +63,8 @@ def test_image_collection_schema_and_model(client):
     assert index["metric_type"] == "IP" and index["index_type"] == store.LITE_INDEX_TYPE
     assert index["nlist"] == str(store.LITE_INDEX_PARAMS["nlist"])
     assert store.collection_model(client, "images") == {
-        "name": "tiny", "version": "3", "fingerprint": "f00dfeedf00dfeed", "dim": str(DIM), "metric": "IP"}
+        "name": "tiny", "version": "3", "fingerprint": "f00dfeedf00dfeed", "dim": str(DIM), "metric": "IP",
+        "kind": "image"}
     # same model again: nothing to create, the check passes
     assert store.ensure_collection(client, "images", card()) is False
 
@@ -75,7 +76,7 @@ def hierarchical_card(fingerprint: str = "abcdabcdabcdabcd") -> ModelCard:
 
 @pytest.mark.parametrize("kind", ["image", "caption"])
 def test_one_vector_field_per_level(client, kind):
-    assert store.ensure_collection(client, "levels", hierarchical_card(), kind=kind)
+    assert store.ensure_collection(client, "levels", hierarchical_card(), kind=contract.KINDS[kind])
     assert store.collection_vector_fields(client, "levels") == {
         "global": 2 * DIM, "concept_vector": DIM, "exterior_vector": DIM + 4}
     for field in ("global", "concept_vector", "exterior_vector"):
@@ -84,11 +85,11 @@ def test_one_vector_field_per_level(client, kind):
     scalar = {"image": {"image", "captions", "concept", "style"}, "caption": {"caption", "concept", "style", "image"}}
     fields = {f["name"] for f in client.describe_collection("levels")["fields"]}
     assert fields == {"id", "global", "concept_vector", "exterior_vector"} | scalar[kind]
-    assert store.ensure_collection(client, "levels", hierarchical_card(), kind=kind) is False
+    assert store.ensure_collection(client, "levels", hierarchical_card(), kind=contract.KINDS[kind]) is False
 
 
 def test_vector_field_names():
-    assert [store.vector_field(level) for level in ("global", "concept", "exterior")] == [
+    assert [contract.vector_field(level) for level in ("global", "concept", "exterior")] == [
         "global", "concept_vector", "exterior_vector"]
     vectors = {"global": np.ones(2, dtype=np.float32), "concept": [0.5, 0.25]}
     assert store.vector_values(vectors) == {"global": [1.0, 1.0], "concept_vector": [0.5, 0.25]}
@@ -97,7 +98,8 @@ def test_vector_field_names():
 def test_a_collection_without_the_cards_level_fields_is_refused(client):
     """Filled by an earlier xmodal with the same hierarchical model: only the fused field."""
     levels = hierarchical_card()
-    store.create_image_collection(client, "old", dataclasses.replace(levels, embeddings={"global": {"dim": 2 * DIM}}))
+    store.create_collection(client, "old", dataclasses.replace(levels, embeddings={"global": {"dim": 2 * DIM}}),
+                            contract.IMAGE_KIND)
     with pytest.raises(ValueError) as raised:
         store.ensure_collection(client, "old", levels)
     message = str(raised.value)
@@ -130,10 +132,10 @@ def test_upsert_is_idempotent_and_captions_round_trip(client):
     client.upsert("images", rows[:2])
     assert client.query("images", filter="", output_fields=["count(*)"])[0]["count(*)"] == 4
     found = client.search("images", data=[vectors[2].tolist()], limit=2, anns_field="global",
-                          output_fields=store.IMAGE_OUTPUT_FIELDS,
+                          output_fields=contract.IMAGE_KIND.output_fields,
                           search_params=store.search_params(client, "images", "IP", 2))[0]
     assert found[0]["id"] == f"{2:032x}" and found[0]["distance"] == pytest.approx(1.0, abs=1e-5)
-    assert store.decode_captions(found[0]["entity"]["captions"]) == rows[2]["captions"]
+    assert contract.decode_captions(found[0]["entity"]["captions"]) == rows[2]["captions"]
 
 
 def test_search_params_follow_the_index_type(client):
@@ -205,10 +207,31 @@ def test_upserts_into_milvus_lite_are_cut_into_calls_it_takes_fast(client, monke
 
 
 def test_caption_collection(client):
-    assert store.ensure_collection(client, "captions", card(), kind="caption")
+    assert store.ensure_collection(client, "captions", card(), kind=contract.CAPTION_KIND)
     fields = {f["name"] for f in client.describe_collection("captions")["fields"]}
     assert fields == {"id", "global", "caption", "concept", "style", "image"}
     assert store.collection_model(client, "captions")["fingerprint"] == card().fingerprint
+    # the collection records its kind: the client decodes its hits by it, never by its fields
+    assert store.collection_model(client, "captions")["kind"] == "caption"
+    assert store.collection_kind(client, "captions") is contract.CAPTION_KIND
+    assert store.ensure_collection(client, "images", card())
+    assert store.collection_kind(client, "images") is contract.IMAGE_KIND
+
+
+def test_a_collection_made_before_kinds_were_recorded_has_the_kind_of_its_fields(client):
+    from pymilvus import DataType
+
+    for name, kind in (("old_images", contract.IMAGE_KIND), ("old_captions", contract.CAPTION_KIND)):
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        for field in kind.fields:
+            if field.type == "json":
+                schema.add_field(field.name, DataType.JSON)
+            else:
+                schema.add_field(field.name, DataType.VARCHAR, max_length=field.max_length, is_primary=field.primary)
+        schema.add_field("global", DataType.FLOAT_VECTOR, dim=DIM)
+        client.create_collection(name, schema=schema)
+        assert "kind" not in store.collection_model(client, name)
+        assert store.collection_kind(client, name) is kind
 
 
 def test_model_persists_across_processes(tmp_path):
@@ -251,7 +274,8 @@ def test_the_model_record_survives_a_reopen_on_milvus_lite(tmp_path):
     client = store.connect(db)
     try:
         assert store.collection_model(client, "images") == {
-            "name": "first", "version": "3", "fingerprint": "aaaa000000000000", "dim": str(DIM), "metric": "IP"}
+            "name": "first", "version": "3", "fingerprint": "aaaa000000000000", "dim": str(DIM), "metric": "IP",
+            "kind": "image"}
         with pytest.raises(ValueError) as raised:
             store.check_collection_model(client, "images", card("bbbb111111111111", "second"))
         assert "'first'" in str(raised.value) and "bbbb111111111111" in str(raised.value)
@@ -270,7 +294,7 @@ def test_delete_drops_the_record(tmp_path):
     client = store.connect(db)
     try:
         store.ensure_collection(client, "images", card("aaaa000000000000", "first"))
-        store.ensure_collection(client, "captions", card("aaaa000000000000", "first"), kind="caption")
+        store.ensure_collection(client, "captions", card("aaaa000000000000", "first"), kind=contract.CAPTION_KIND)
         assert delete_collection(str(db), "images") == ["collection 'images'"]
         assert not client.has_collection("images")
         assert client.get(store.MODELS_COLLECTION, ids=["images"]) == []

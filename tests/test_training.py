@@ -13,7 +13,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from xmodal.export.onnx import export_run
-from xmodal.training.train import CHECKPOINT_FILE, WEIGHTS_FILE, train
+from xmodal.training.run import CHECKPOINT_FILE, WEIGHTS_FILE
+from xmodal.training.train import train
 
 # Small random towers keep this fast; the frozen image side exercises the feature cache.
 SMALL = dict(image_encoder="small_cnn", text_encoder="small_text_cnn", image_size=32, dim=32,

@@ -21,7 +21,7 @@ import tinymodel
 from xmodal import store
 from xmodal.client import Client
 from xmodal.client.web import make_server, parse_multipart
-from xmodal.indexer import index_images
+from xmodal.indexer import IndexJob
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -42,7 +42,8 @@ def stack(tmp_path_factory):
     images.append(directory / "images" / "other" / "cyan.png")
     db = directory / "milvus" / "xmodal.db"
     with tinymodel.serving(repository) as triton:
-        report = index_images(manifest, triton_url=triton.url, milvus_uri=str(db), batch_size=4, progress=False)
+        report = IndexJob(manifest=manifest, triton_url=triton.url, milvus_uri=str(db), batch_size=4,
+                          progress=False).run()
         assert report.rows_written == len(images)
         with Client(triton.url, db) as client:
             server = make_server(client, port=0)

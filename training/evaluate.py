@@ -11,6 +11,8 @@ from typing import Sequence
 import numpy as np
 
 KS = (1, 5, 10)
+# How many first-stage candidates the scorer re-ranks in evaluation (and, by default, in search).
+RERANK_TOP_N = 20
 
 
 def first_relevant_ranks(

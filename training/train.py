@@ -1,9 +1,9 @@
 """The training loop: manifests → images (or cached frozen features) → recipe losses → checkpoint + evaluation.
 
-A run directory holds everything export needs: `model.safetensors` (weights only, a safe
-format), `config.json` (the recipe with overrides), `tokenizer.json`, `eval.json`, and
-while training `checkpoint.pt` (weights, optimiser and schedule after the last finished
-epoch; a killed run resumes from it).
+`train` is :func:`setup` (data, model, objectives, optimisers, a checkpoint to resume from), then
+:func:`train_one_epoch` until the run's epochs are done (a checkpoint after each), then the
+held-out evaluation (:func:`evaluate_model`) and the run saved in the format of `run.py`. The
+loop knows no loss by name: every term of a recipe is an objective of `objectives.py`.
 """
 from __future__ import annotations
 
@@ -26,17 +26,15 @@ from tqdm import tqdm
 
 from xmodal import settings
 from xmodal.preprocessing import decode_image, image_to_array
-from xmodal.training.evaluate import evaluate_report, format_metrics
+from xmodal.text_preprocessing import pad_ids
+from xmodal.training.evaluate import KS, RERANK_TOP_N, evaluate_report, format_metrics, ranks_in_scores, recall_summary, reranked_scores
 from xmodal.training.manifest import ManifestRow, read_manifest
 from xmodal.training.models import FRAGMENT_OUTPUTS, DualEncoder, needs_fragments, served_outputs
+from xmodal.training.objectives import EpochStart, LossContext, Step, build_objectives, term_key
 from xmodal.training.recipes import recipe_config, stage_at, stage_plan
+from xmodal.training.run import CHECKPOINT_FILE, TOKENIZER_FILE, save_run
 from xmodal.training.tokenizer import PAD_ID, load_tokenizer, train_wordlevel_tokenizer
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-EVAL_FILE = "eval.json"
-CHECKPOINT_FILE = "checkpoint.pt"
 FEATURE_BATCH = 16  # measured: EfficientNet-Lite0 at 128 px runs 2–2.5× faster per image at 16 than at 64 on 2 cores
 CAPTION_BATCH = 256
 # Text backbones that start from pretrained weights: `text_freeze: auto` freezes them.
@@ -149,12 +147,7 @@ def load_features(rows: Sequence[ManifestRow], config: dict[str, Any], backbone:
 
 def tokenize(tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """Token ids padded with PAD_ID to the batch's longest caption."""
-    encodings = tokenizer.encode_batch(list(texts))
-    length = max(1, max(len(e.ids) for e in encodings))
-    ids = torch.full((len(encodings), length), PAD_ID, dtype=torch.long)
-    for i, encoding in enumerate(encodings):
-        ids[i, : len(encoding.ids)] = torch.tensor(encoding.ids, dtype=torch.long)
-    return ids
+    return torch.from_numpy(pad_ids([encoding.ids for encoding in tokenizer.encode_batch(list(texts))], PAD_ID))
 
 
 def make_tokenizer(config: dict[str, Any], rows: Sequence[ManifestRow]) -> Tokenizer:
@@ -260,18 +253,17 @@ def caption_states(backbone: nn.Module, tokenizer: Tokenizer, captions: Iterable
                          torch.cat(mids) if mids else None)
 
 
-def discriminator_parameters(loss_modules: nn.Module) -> list[nn.Parameter]:
+def adversary_parameters(objectives: nn.ModuleDict) -> list[nn.Parameter]:
     """The adversaries' parameters (CM-GANs' discriminators): stepped by their own optimiser."""
-    return [p for module in loss_modules.values() if hasattr(module, "discriminator_parameters")
-            for p in module.discriminator_parameters()]
+    return [p for objective in objectives.values() for p in objective.adversary_parameters()]
 
 
-def parameter_groups(model: DualEncoder, loss_modules: nn.Module, config: dict[str, Any]) -> list[dict[str, Any]]:
+def parameter_groups(model: DualEncoder, objectives: nn.ModuleDict, config: dict[str, Any]) -> list[dict[str, Any]]:
     """The trainable parameters: the text backbone's in their own group at lr × text_lr_scale, the rest at lr
-    (the discriminators' are left to their own optimiser)."""
+    (the adversaries' are left to their own optimiser)."""
     text = [p for p in model.text.backbone.parameters() if p.requires_grad]
-    skip = {id(p) for p in text} | {id(p) for p in discriminator_parameters(loss_modules)}
-    rest = [p for p in list(model.parameters()) + list(loss_modules.parameters()) if p.requires_grad and id(p) not in skip]
+    skip = {id(p) for p in text} | {id(p) for p in adversary_parameters(objectives)}
+    rest = [p for p in list(model.parameters()) + list(objectives.parameters()) if p.requires_grad and id(p) not in skip]
     groups = [{"params": rest}]
     if text:
         groups.append({"params": text, "lr": config["lr"] * config["text_lr_scale"]})
@@ -333,48 +325,6 @@ class Trainee:
         return self.model.image.backbone(pixels.to(self.device))
 
 
-def build_loss_modules(config: dict[str, Any], num_classes: int, model: DualEncoder | None = None,
-                       category_sizes: dict[str, int] | None = None) -> nn.ModuleDict:
-    """One module per distinct loss term of any stage, keyed by its position in `all_terms`.
-
-    `model` gives the feature widths CM-GANs reconstructs; `category_sizes` the number of labels of
-    each kind of category (CCL).
-    """
-    from xmodal.training import losses
-
-    modules = nn.ModuleDict()
-    for key, term in all_terms(config).items():
-        kind = term["loss"]
-        if kind == "infonce":
-            modules[key] = losses.InfoNCELoss()
-        elif kind == "vsepp":
-            modules[key] = losses.VSEPPLoss(margin=term.get("margin", 0.2), hardest=term.get("hardest", True))
-        elif kind == "hbtr":
-            modules[key] = losses.HBTRLoss(margin=term.get("margin", 0.2), centroid_margin=term.get("centroid_margin", 0.1))
-        elif kind == "instance":
-            modules[key] = losses.InstanceLoss(config["dim"], num_classes)
-        elif kind == "ssc":
-            modules[key] = losses.SSCLoss(config["dim"], term["clusters"])
-        elif kind == "ccl":
-            sizes = category_sizes or {}
-            modules[key] = losses.CCLLoss(config["dim"], {name: sizes[name] for name in term["categories"]},
-                                          margin=term.get("margin", 1.0))
-        elif kind == "scorer":
-            if model is None or model.scorer is None:
-                raise ValueError(f"recipe {config['recipe']!r}: a 'scorer' loss needs the recipe's `scorer`")
-            modules[key] = losses.ScorerLoss(tuple(term.get("levels", ("fused",))), negatives=term.get("negatives", 15))
-        elif kind == "cmgan":
-            from xmodal.training.adversarial import CMGAN
-
-            feature = config["levels"][term["level"]]
-            modules[key] = CMGAN(model.image.backbone.dims[feature], model.text.backbone.dims[feature], config["dim"],
-                                 hidden=config["head_hidden"],
-                                 **{k: term[k] for k in ("reconstruction_weight", "intra_weight", "inter_weight") if k in term})
-        else:
-            raise ValueError(f"unknown loss {kind!r} in recipe {config['recipe']!r}")
-    return modules
-
-
 def category_labels(rows: Sequence[ManifestRow]) -> dict[str, torch.Tensor]:
     """Each row's group and subgroup as class ids (a row without one gets its own "none" class)."""
     labels = {}
@@ -385,29 +335,173 @@ def category_labels(rows: Sequence[ManifestRow]) -> dict[str, torch.Tensor]:
     return labels
 
 
-def term_key(term: dict[str, Any]) -> str:
-    return "_".join(str(term[k]) for k in ("loss", "level")) + "_" + hashlib.sha1(json.dumps(term, sort_keys=True).encode()).hexdigest()[:6]
+@dataclass
+class Training:
+    """A run being trained: the model, how it is fed, its objectives and optimisers, and its progress.
+
+    Built by :func:`setup`, advanced an epoch at a time by :func:`train_one_epoch`; ``state`` is what
+    a checkpoint records besides the weights (epoch, step, seconds trained, planned epochs, history).
+    """
+
+    config: dict[str, Any]
+    run_dir: Path
+    device: torch.device
+    model: DualEncoder
+    tokenizer: Tokenizer
+    trainee: Trainee
+    test_set: ImageSet | None
+    labels: torch.Tensor  # each training row's instance (concept) id
+    categories: dict[str, torch.Tensor]  # each training row's id of each kind of category
+    objectives: nn.ModuleDict
+    optimizer: torch.optim.Optimizer
+    adversary_optimizer: torch.optim.Optimizer | None
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: dict[str, int]  # total_steps, read by the scheduler's cosine: set once the budget fixes the epochs
+    steps_per_epoch: int
+    image_frozen: bool
+    text_frozen: bool
+    state: dict[str, Any]
+
+    @property
+    def concepts(self) -> int:
+        return len({row.concept for row in self.trainee.images.rows})
+
+    @property
+    def target_epochs(self) -> int:
+        """The epochs the run trains: the planned ones once the first epoch's time fixed them, until then the cap."""
+        return self.state["planned_epochs"] or self.config["epochs"]
+
+    def plan_epochs(self, epochs: int) -> None:
+        """Fix the run's length: the cosine schedule and the stages span these epochs."""
+        self.state["planned_epochs"] = epochs
+        self.schedule["total_steps"] = epochs * self.steps_per_epoch
 
 
-def all_terms(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    terms = list(config["losses"]) + [term for stage in config["stages"] for term in stage["losses"]]
-    return {term_key(term): term for term in terms}
+def setup(config: dict[str, Any], manifests: Sequence[str | Path], run_dir: Path, device: torch.device, resume: bool,
+          progress: bool) -> Training:
+    """Read the data, build the model, its objectives and optimisers, and restore the checkpoint if resuming."""
+    torch.manual_seed(config["seed"])
+    train_rows = [row for m in manifests for row in read_manifest(m, split="train")]
+    test_rows = [row for m in manifests for row in read_manifest(m, split="test")]
+    if not train_rows:
+        raise ValueError(f"{', '.join(map(str, manifests))}: no rows in the train split")
+
+    checkpoint = _load_checkpoint(run_dir, config) if resume else None
+    if checkpoint is not None:
+        tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+    else:
+        tokenizer = make_tokenizer(config, train_rows)
+    config["vocab_size"] = tokenizer.get_vocab_size()
+    build_config = dict(config)
+    if config["text_encoder"] == "glove_cnn" and checkpoint is None:
+        from xmodal.training.glove import glove_embedding_matrix
+
+        build_config["_embedding_init"], coverage = glove_embedding_matrix(tokenizer.get_vocab())
+        if progress:
+            print(f"GloVe covers {100 * coverage:.1f}% of the {config['vocab_size']} caption words")
+    model = DualEncoder(build_config).to(device)
+    text_frozen = apply_text_freeze(model.text.backbone, config)
+
+    image_frozen = config["freeze_image"]
+    if image_frozen:
+        model.image.backbone.requires_grad_(False)
+        train_set = load_features(train_rows, config, model.image.backbone, "features train", device)
+        test_set = load_features(test_rows, config, model.image.backbone, "features test", device) if test_rows else None
+    else:
+        train_set = load_pixels(train_rows, config, "decode train")
+        test_set = load_pixels(test_rows, config, "decode test") if test_rows else None
+    captions: CaptionFeatures | CaptionStates | None = None
+    train_captions = [c for row in train_set.rows for c in row.captions]
+    if text_frozen and config["text_cache"] and not needs_fragments(config):
+        started = time.monotonic()
+        captions = caption_features(model.text.backbone, tokenizer, train_captions, device)
+        if progress:
+            print(f"text features cached for {len(captions.index)} captions in {time.monotonic() - started:.1f} s")
+    elif getattr(model.text.backbone, "frozen_depth", 0) and config["text_cache"]:
+        started = time.monotonic()
+        captions = caption_states(model.text.backbone, tokenizer, train_captions, device)
+        if progress:
+            print(f"frozen text layers (the lower {model.text.backbone.frozen_depth}) cached for {len(captions.index)} "
+                  f"captions ({captions.nbytes / 2**20:.0f} MiB) in {time.monotonic() - started:.1f} s")
+    trainee = Trainee(model, train_set, device, tokenizer, captions)
+
+    concepts = sorted({row.concept for row in train_set.rows})
+    concept_index = {concept: i for i, concept in enumerate(concepts)}
+    labels = torch.tensor([concept_index[row.concept] for row in train_set.rows])
+    categories = category_labels(train_set.rows)
+    objectives = build_objectives(LossContext(config, model, len(concepts),
+                                              {name: int(values.max()) + 1 for name, values in categories.items()})).to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, objectives, config), lr=config["lr"],
+                                  weight_decay=config["weight_decay"])
+    adversaries = adversary_parameters(objectives)
+    # Discriminators train with Adam at the generators' rate, without decay or schedule (as GANs usually are).
+    adversary_optimizer = torch.optim.Adam(adversaries, lr=config["lr"], betas=(0.5, 0.999)) if adversaries else None
+    steps_per_epoch = max(1, len(concept_batches(train_set.rows, config["batch_size"], random.Random(0))))
+    schedule = {"total_steps": config["epochs"] * steps_per_epoch}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, schedule["total_steps"]) / schedule["total_steps"]))
+    )
+    training = Training(config, run_dir, device, model, tokenizer, trainee, test_set, labels, categories, objectives,
+                        optimizer, adversary_optimizer, scheduler, schedule, steps_per_epoch, image_frozen, text_frozen,
+                        state={"epoch": 0, "step": 0, "elapsed": 0.0, "planned_epochs": None, "history": []})
+    if checkpoint is not None:
+        _restore_checkpoint(training, checkpoint)
+        if progress:
+            print(f"resuming {run_dir} after epoch {training.state['epoch']} ({training.state['elapsed']:.0f} s trained)")
+    return training
 
 
-@torch.no_grad()
-def cluster_pairs(trainee: Trainee, tokenizer: Tokenizer, level: str, clusters: int, seed: int) -> torch.Tensor:
-    """k-means over each pair's exterior embedding (image and label caption averaged): the SSC pseudo-labels."""
-    from xmodal.training.clustering import kmeans
-
-    model = trainee.model
-    model.eval()
-    rows = trainee.images.rows
-    image = torch.cat([trainee.image_embeddings(slice(i, i + 512))[level] for i in range(0, len(rows), 512)])
-    text = torch.cat([trainee.text_embeddings([r.captions[0] for r in rows[i:i + 512]])[level]
-                      for i in range(0, len(rows), 512)])
-    _, assignments = kmeans(F.normalize(image + text, dim=-1).cpu(), min(clusters, len(rows)), seed=seed)
+def train_one_epoch(training: Training, bar: tqdm) -> None:
+    """One pass over the training concepts with the current stage's objectives; ``training.state`` records it."""
+    config, model, trainee, state = training.config, training.model, training.trainee, training.state
+    epoch = state["epoch"]
+    started = time.monotonic()
+    stage = stage_at(stage_plan(config, training.target_epochs), epoch)
+    objectives = [training.objectives[term_key(term)] for term in stage["losses"]]
+    rng = random.Random(config["seed"] * 100_003 + epoch)
+    generator = torch.Generator().manual_seed(config["seed"] * 100_003 + epoch)
+    for objective in objectives:
+        objective.start_epoch(EpochStart(trainee, epoch, config["seed"], training.optimizer))
     model.train()
-    return assignments
+    if training.image_frozen:
+        model.image.backbone.eval()  # frozen BatchNorm statistics stay the pretrained ones
+    if training.text_frozen:
+        model.text.backbone.eval()  # no dropout in a frozen text backbone
+    losses_seen = []
+    rows = trainee.images.rows
+    for batch in concept_batches(rows, config["batch_size"], rng):
+        index = torch.tensor(batch)
+        image_features = trainee.image_features(batch, generator if config["augment"] else None)
+        text_features = trainee.text_features([rng.choice(rows[i].captions) for i in batch])
+        step = Step(image_features, text_features, model.image.project(image_features), model.text.project(text_features),
+                    index, training.labels[index].to(training.device),
+                    {name: values[index].to(training.device) for name, values in training.categories.items()},
+                    model.scorer)
+        loss = torch.zeros((), device=training.device)
+        for objective in objectives:
+            loss = loss + objective.weight * objective(step)
+        training.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        training.optimizer.step()
+        training.scheduler.step()
+        if training.adversary_optimizer is not None:
+            # The adversaries' turn, on what the generators just produced.
+            training.adversary_optimizer.zero_grad(set_to_none=True)
+            adversary_loss = torch.zeros((), device=training.device)
+            for objective in objectives:
+                value = objective.adversary_loss(step)
+                if value is not None:
+                    adversary_loss = adversary_loss + value
+            if adversary_loss.requires_grad:
+                adversary_loss.backward()
+                training.adversary_optimizer.step()
+        state["step"] += 1
+        losses_seen.append(loss.item())
+        bar.update(len(batch))
+        bar.set_postfix(epoch=epoch + 1, stage=stage["name"], loss=f"{np.mean(losses_seen[-20:]):.3f}")
+    state["elapsed"] += time.monotonic() - started
+    state["epoch"] += 1
+    state["history"].append({"epoch": epoch + 1, "stage": stage["name"], "loss": float(np.mean(losses_seen))})
 
 
 def train(
@@ -428,187 +522,26 @@ def train(
     device_ = torch.device(device)
     if device_.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
-    torch.manual_seed(config["seed"])
-
-    train_rows = [row for m in manifests for row in read_manifest(m, split="train")]
-    test_rows = [row for m in manifests for row in read_manifest(m, split="test")]
-    if not train_rows:
-        raise ValueError(f"{', '.join(map(str, manifests))}: no rows in the train split")
-
-    checkpoint = _load_checkpoint(run_dir, config) if resume else None
-    if checkpoint is not None:
-        tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
-    else:
-        tokenizer = make_tokenizer(config, train_rows)
-    config["vocab_size"] = tokenizer.get_vocab_size()
-    build_config = dict(config)
-    if config["text_encoder"] == "glove_cnn" and checkpoint is None:
-        from xmodal.training.glove import glove_embedding_matrix
-
-        build_config["_embedding_init"], coverage = glove_embedding_matrix(tokenizer.get_vocab())
-        if progress:
-            print(f"GloVe covers {100 * coverage:.1f}% of the {config['vocab_size']} caption words")
-    model = DualEncoder(build_config).to(device_)
-    text_frozen = apply_text_freeze(model.text.backbone, config)
-
-    frozen = config["freeze_image"]
-    if frozen:
-        model.image.backbone.requires_grad_(False)
-        train_set = load_features(train_rows, config, model.image.backbone, "features train", device_)
-        test_set = load_features(test_rows, config, model.image.backbone, "features test", device_) if test_rows else None
-    else:
-        train_set = load_pixels(train_rows, config, "decode train")
-        test_set = load_pixels(test_rows, config, "decode test") if test_rows else None
-    captions: CaptionFeatures | CaptionStates | None = None
-    train_captions = [c for row in train_set.rows for c in row.captions]
-    if text_frozen and config["text_cache"] and not needs_fragments(config):
-        started = time.monotonic()
-        captions = caption_features(model.text.backbone, tokenizer, train_captions, device_)
-        if progress:
-            print(f"text features cached for {len(captions.index)} captions in {time.monotonic() - started:.1f} s")
-    elif getattr(model.text.backbone, "frozen_depth", 0) and config["text_cache"]:
-        started = time.monotonic()
-        captions = caption_states(model.text.backbone, tokenizer, train_captions, device_)
-        if progress:
-            print(f"frozen text layers (the lower {model.text.backbone.frozen_depth}) cached for {len(captions.index)} "
-                  f"captions ({captions.nbytes / 2**20:.0f} MiB) in {time.monotonic() - started:.1f} s")
-    trainee = Trainee(model, train_set, device_, tokenizer, captions)
-
-    concepts = sorted({row.concept for row in train_set.rows})
-    concept_index = {concept: i for i, concept in enumerate(concepts)}
-    labels = torch.tensor([concept_index[row.concept] for row in train_set.rows])
-    categories = category_labels(train_set.rows)
-    loss_modules = build_loss_modules(config, len(concepts), model,
-                                      {name: int(values.max()) + 1 for name, values in categories.items()}).to(device_)
-    optimizer = torch.optim.AdamW(parameter_groups(model, loss_modules, config), lr=config["lr"],
-                                  weight_decay=config["weight_decay"])
-    adversaries = discriminator_parameters(loss_modules)
-    # Discriminators train with Adam at the generators' rate, without decay or schedule (as GANs usually are).
-    adversary_optimizer = torch.optim.Adam(adversaries, lr=config["lr"], betas=(0.5, 0.999)) if adversaries else None
-    steps_per_epoch = max(1, len(concept_batches(train_set.rows, config["batch_size"], random.Random(0))))
-    schedule = {"total_steps": config["epochs"] * steps_per_epoch}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, schedule["total_steps"]) / schedule["total_steps"]))
-    )
-
-    state = {"epoch": 0, "step": 0, "elapsed": 0.0, "planned_epochs": None, "history": []}
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        loss_modules.load_state_dict(checkpoint["losses"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if adversary_optimizer is not None:
-            adversary_optimizer.load_state_dict(checkpoint["adversary_optimizer"])
-        state.update(json.loads(checkpoint["state"]))
-        if state["planned_epochs"]:
-            schedule["total_steps"] = state["planned_epochs"] * steps_per_epoch
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if progress:
-            print(f"resuming {run_dir} after epoch {state['epoch']} ({state['elapsed']:.0f} s trained)")
+    training = setup(config, manifests, run_dir, device_, resume, progress)
+    state = training.state
 
     budget = 60.0 * config["minutes"]
     bar = tqdm(total=None, desc=f"train {recipe}", unit="pair", disable=not progress, mininterval=1.0)
-    clusters = None
-    while state["epoch"] < (state["planned_epochs"] or config["epochs"]):
-        epoch = state["epoch"]
-        started = time.monotonic()
-        stage = stage_at(stage_plan(config, state["planned_epochs"] or config["epochs"]), epoch)
-        terms = {term_key(t): t for t in stage["losses"]}
-        rng = random.Random(config["seed"] * 100_003 + epoch)
-        generator = torch.Generator().manual_seed(config["seed"] * 100_003 + epoch)
-        for key, term in terms.items():
-            if term["loss"] == "ssc":
-                clusters = cluster_pairs(trainee, tokenizer, term["cluster_level"], term["clusters"], config["seed"] + epoch)
-                # Cluster ids mean nothing across re-clusterings: a fresh classifier, fresh Adam moments.
-                loss_modules[key].reset_classifier(term["clusters"])
-                for parameter in loss_modules[key].parameters():
-                    optimizer.state.pop(parameter, None)
-        model.train()
-        if frozen:
-            model.image.backbone.eval()  # frozen BatchNorm statistics stay the pretrained ones
-        if text_frozen:
-            model.text.backbone.eval()  # no dropout in a frozen text backbone
-        losses_seen = []
-        for batch in concept_batches(train_set.rows, config["batch_size"], rng):
-            index = torch.tensor(batch)
-            image_features = trainee.image_features(batch, generator if config["augment"] else None)
-            text_features = trainee.text_features([rng.choice(train_set.rows[i].captions) for i in batch])
-            image, text = model.image.project(image_features), model.text.project(text_features)
-            loss = torch.zeros((), device=device_)
-            for key, term in terms.items():
-                level, kind = term["level"], term["loss"]
-                if kind == "instance":
-                    value = loss_modules[key](image[level], text[level], labels[index].to(device_))
-                elif kind == "ssc":
-                    value = loss_modules[key](image[level], text[level], clusters[index].to(device_))
-                elif kind == "ccl":
-                    value = loss_modules[key](image[level], text[level], {n: v[index].to(device_) for n, v in categories.items()})
-                elif kind == "scorer":
-                    value = loss_modules[key](model.scorer, model.scorer.image_side(image_features),
-                                              model.scorer.text_side(text_features), image[level] @ text[level].t())
-                elif kind == "cmgan":
-                    feature = config["levels"][level]
-                    value = loss_modules[key].generator_loss(image_features[feature], text_features[feature],
-                                                             image[level], text[level])["total"]
-                else:
-                    value = loss_modules[key](image[level], text[level])
-                loss = loss + term["weight"] * value
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if adversary_optimizer is not None:
-                # The adversaries' turn, on what the generators just produced (detached inside the loss).
-                adversary_optimizer.zero_grad(set_to_none=True)
-                adversary_loss = torch.zeros((), device=device_)
-                for key, term in terms.items():
-                    if term["loss"] == "cmgan":
-                        feature = config["levels"][term["level"]]
-                        adversary_loss = adversary_loss + loss_modules[key].discriminator_loss(
-                            image_features[feature], text_features[feature], image[term["level"]], text[term["level"]])["total"]
-                if adversary_loss.requires_grad:
-                    adversary_loss.backward()
-                    adversary_optimizer.step()
-            state["step"] += 1
-            losses_seen.append(loss.item())
-            bar.update(len(batch))
-            bar.set_postfix(epoch=epoch + 1, stage=stage["name"], loss=f"{np.mean(losses_seen[-20:]):.3f}")
-        state["elapsed"] += time.monotonic() - started
-        state["epoch"] += 1
-        state["history"].append({"epoch": epoch + 1, "stage": stage["name"], "loss": float(np.mean(losses_seen))})
+    while state["epoch"] < training.target_epochs:
+        train_one_epoch(training, bar)
         if state["planned_epochs"] is None:
             # The budget sets the number of epochs once the first one has been timed, so
             # the cosine schedule and the stages span the run that will actually happen.
-            state["planned_epochs"] = int(min(config["epochs"], max(1, budget // max(state["elapsed"], 1e-6))))
-            schedule["total_steps"] = state["planned_epochs"] * steps_per_epoch
-            bar.total = state["planned_epochs"] * len(concepts)  # one pair per concept per epoch
-        _save_checkpoint(run_dir, model, loss_modules, optimizer, scheduler, state, config, tokenizer, adversary_optimizer)
+            training.plan_epochs(int(min(config["epochs"], max(1, budget // max(state["elapsed"], 1e-6)))))
+            bar.total = state["planned_epochs"] * training.concepts  # one pair per concept per epoch
+        _save_checkpoint(training)
     bar.close()
 
-    report: dict[str, Any] = {
-        "recipe": recipe,
-        "config": {k: v for k, v in config.items() if not k.startswith("_")},
-        "epochs": state["epoch"],
-        "steps": state["step"],
-        "train_seconds": round(state["elapsed"], 1),
-        "final_loss": state["history"][-1]["loss"] if state["history"] else None,
-        "history": state["history"],
-        "train_images": len(train_set.rows),
-        "train_concepts": len(concepts),
-        "skipped_images": train_set.skipped + (test_set.skipped if test_set else []),
-        "train_styles": sorted({row.style for row in train_set.rows}),
-        "text_backbone_frozen": text_frozen,
-        "cached_captions": len(captions.index) if captions is not None else 0,
-    }
-    if test_set is not None:
-        report["test_styles"] = sorted({row.style for row in test_set.rows})
-        report["test_images"] = len(test_set.rows)
-        report["test"] = evaluate_model(model, tokenizer, Trainee(model, test_set, device_), run_dir=run_dir)
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / WEIGHTS_FILE))
-    (run_dir / CONFIG_FILE).write_text(json.dumps(model.config, indent=2) + "\n")
-    tokenizer.save(str(run_dir / TOKENIZER_FILE))
-    (run_dir / EVAL_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    report = training_report(training)
+    if training.test_set is not None:
+        report["test"] = evaluate_model(training.model, training.tokenizer, Trainee(training.model, training.test_set, device_),
+                                        run_dir=run_dir)
+    save_run(run_dir, training.model, training.tokenizer, report)
     if progress:
         print(f"trained {state['epoch']} epochs, {state['step']} steps in {state['elapsed']:.0f} s; final loss {report['final_loss']:.3f}")
         if "test" in report:
@@ -617,18 +550,54 @@ def train(
     return report
 
 
-def _save_checkpoint(run_dir: Path, model, loss_modules, optimizer, scheduler, state, config, tokenizer,
-                     adversary_optimizer=None) -> None:
-    tmp = run_dir / (CHECKPOINT_FILE + ".tmp")
-    checkpoint = {
-        "model": model.state_dict(), "losses": loss_modules.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "state": json.dumps(state), "config": _config_fingerprint(config),
+def training_report(training: Training) -> dict[str, Any]:
+    """What the run did (before its held-out evaluation is added): the run's `eval.json`."""
+    state, train_set, test_set, captions = training.state, training.trainee.images, training.test_set, training.trainee.captions
+    report: dict[str, Any] = {
+        "recipe": training.config["recipe"],
+        "config": {k: v for k, v in training.config.items() if not k.startswith("_")},
+        "epochs": state["epoch"],
+        "steps": state["step"],
+        "train_seconds": round(state["elapsed"], 1),
+        "final_loss": state["history"][-1]["loss"] if state["history"] else None,
+        "history": state["history"],
+        "train_images": len(train_set.rows),
+        "train_concepts": training.concepts,
+        "skipped_images": train_set.skipped + (test_set.skipped if test_set else []),
+        "train_styles": sorted({row.style for row in train_set.rows}),
+        "text_backbone_frozen": training.text_frozen,
+        "cached_captions": len(captions.index) if captions is not None else 0,
     }
-    if adversary_optimizer is not None:
-        checkpoint["adversary_optimizer"] = adversary_optimizer.state_dict()
+    if test_set is not None:
+        report["test_styles"] = sorted({row.style for row in test_set.rows})
+        report["test_images"] = len(test_set.rows)
+    return report
+
+
+def _save_checkpoint(training: Training) -> None:
+    tmp = training.run_dir / (CHECKPOINT_FILE + ".tmp")
+    checkpoint = {
+        "model": training.model.state_dict(), "losses": training.objectives.state_dict(),
+        "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
+        "state": json.dumps(training.state), "config": _config_fingerprint(training.config),
+    }
+    if training.adversary_optimizer is not None:
+        checkpoint["adversary_optimizer"] = training.adversary_optimizer.state_dict()
     torch.save(checkpoint, tmp)
-    tokenizer.save(str(run_dir / TOKENIZER_FILE))
-    tmp.replace(run_dir / CHECKPOINT_FILE)
+    training.tokenizer.save(str(training.run_dir / TOKENIZER_FILE))
+    tmp.replace(training.run_dir / CHECKPOINT_FILE)
+
+
+def _restore_checkpoint(training: Training, checkpoint: dict) -> None:
+    training.model.load_state_dict(checkpoint["model"])
+    training.objectives.load_state_dict(checkpoint["losses"])
+    training.optimizer.load_state_dict(checkpoint["optimizer"])
+    if training.adversary_optimizer is not None:
+        training.adversary_optimizer.load_state_dict(checkpoint["adversary_optimizer"])
+    training.state.update(json.loads(checkpoint["state"]))
+    if training.state["planned_epochs"]:
+        training.plan_epochs(training.state["planned_epochs"])
+    training.scheduler.load_state_dict(checkpoint["scheduler"])
 
 
 def _config_fingerprint(config: dict[str, Any]) -> str:
@@ -686,16 +655,10 @@ def evaluate_model(model: DualEncoder, tokenizer: Tokenizer, trainee: Trainee, r
     return report
 
 
-# How many first-stage candidates the scorer re-ranks in evaluation (and, by default, in search).
-RERANK_TOP_N = 20
-
-
 @torch.no_grad()
 def evaluate_rerank(trainee: Trainee, tokenizer: Tokenizer, texts: list[str], image_global: np.ndarray, text_global: np.ndarray,
                     image_keys: list[str], text_keys: list[str], top_n: int = RERANK_TOP_N, chunk: int = 4096) -> dict:
     """Both directions' first stage (the `global` search) with its top N re-ranked by the model's scorer."""
-    from xmodal.training.evaluate import KS, ranks_in_scores, recall_summary, reranked_scores
-
     model = trainee.model
     model.eval()
     scorer = model.scorer
@@ -737,14 +700,3 @@ TOKEN_KEYS = ("fragments", "mask")
 def _pad_tokens(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
     length = max(chunk.shape[1] for chunk in chunks)
     return [F.pad(chunk, (0, 0) * (chunk.dim() - 2) + (0, length - chunk.shape[1])) for chunk in chunks]
-
-
-def load_run(run_dir: str | Path) -> tuple[DualEncoder, Tokenizer, dict[str, Any]]:
-    run_dir = Path(run_dir)
-    if not (run_dir / WEIGHTS_FILE).exists():
-        raise FileNotFoundError(f"{run_dir} is not a training run: no {WEIGHTS_FILE}")
-    config = json.loads((run_dir / CONFIG_FILE).read_text())
-    model = DualEncoder({**config, "pretrained": False})
-    model.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
-    model.eval()
-    return model, load_tokenizer(run_dir / TOKENIZER_FILE), config

@@ -37,6 +37,42 @@ class TokenizerSpec:
 
 
 @dataclass
+class SideTensor:
+    """One tensor of a re-ranker's image side, per image (no batch axis)."""
+
+    shape: list[int]
+    dtype: str = "float32"
+
+
+@dataclass
+class RerankerSpec:
+    """A pair scorer's second stage (CRAN, MCSM): what export wrote and checked, and what the
+    side store and the client need."""
+
+    kind: str  # "cran" or "mcsm"
+    files: list[str]  # the image-side ONNX file, then the re-ranker's, beside the card
+    # of those two files: the side store refuses sides computed by another re-ranker
+    fingerprint: str
+    side: dict[str, SideTensor]  # tensor name (contract.side_tensor) -> shape per image, in the files' order
+    top_n: int  # the first-stage hits it was evaluated re-ranking
+    parity_max_abs_diff: dict[str, float] = field(default_factory=dict)  # "image_side", "rerank"
+    inputs: dict[str, list[str]] = field(default_factory=dict)  # by file name
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+    opset: int | None = None
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each side tensor's shape per image."""
+        return {name: tuple(int(d) for d in tensor.shape) for name, tensor in self.side.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RerankerSpec":
+        fields = dict(data)
+        fields["side"] = {name: SideTensor(**tensor) for name, tensor in fields["side"].items()}
+        return cls(**fields)
+
+
+@dataclass
 class ModelCard:
     name: str
     version: int
@@ -49,9 +85,7 @@ class ModelCard:
     recipe: str
     training_data: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
-    # A pair scorer's second stage (CRAN, MCSM), or None: kind, files, fingerprint (of its two
-    # files: the side store refuses sides computed by another), side tensors' shapes, top_n.
-    reranker: dict[str, Any] | None = None
+    reranker: RerankerSpec | None = None  # a pair scorer's second stage (CRAN, MCSM), or None
 
     @property
     def dim(self) -> int:
@@ -74,6 +108,8 @@ class ModelCard:
             fields = dict(data)
             fields["image"] = ImagePreprocessing(**fields["image"])
             fields["tokenizer"] = TokenizerSpec(**fields["tokenizer"])
+            if fields.get("reranker") is not None:
+                fields["reranker"] = RerankerSpec.from_dict(fields["reranker"])
             return cls(**fields)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a valid xmodal model card: {exc}") from exc

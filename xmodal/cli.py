@@ -128,10 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     require("index", "index", onnxruntime=args.local)
-    from xmodal.indexer import index_captions, index_images
+    from xmodal.indexer import IndexJob
 
-    index = index_captions if args.captions else index_images
-    collection = args.collection or (settings.CAPTION_COLLECTION if args.captions else settings.IMAGE_COLLECTION)
     if args.local:
         where = dict(model_repository=args.model_repository or settings.default_model_repository())
     else:
@@ -139,19 +137,20 @@ def cmd_index(args: argparse.Namespace) -> int:
             raise ValueError("--model-repository is for --local (in-process ONNX Runtime); without it the "
                              "Triton server at --triton-url embeds")
         where = dict(triton_url=args.triton_url)
-    report = index(
-        **_index_input(args), **where, milvus_uri=args.milvus_uri, milvus_token=args.milvus_token,
-        collection=collection,
+    job = IndexJob(
+        kind="caption" if args.captions else "image", **_index_input(args), **where,
+        milvus_uri=args.milvus_uri, milvus_token=args.milvus_token, collection=args.collection,
         batch_size=args.batch_size, embed_workers=args.workers, embed_threads=args.embed_threads,
         writers=args.writers, shard_size=args.shard_size, index_type=args.index_type, index_params=args.index_params,
         write_batch=args.write_batch, restart=args.restart, ray_address=args.address,
     )
+    report = job.run()
     sides = None
     if not args.captions and not args.local and _serves_reranker(args.triton_url):
         # A model with a re-ranker: its side of every image, for search_text(rerank=True).
         from xmodal.indexer.sides import index_sides
 
-        sides = index_sides(triton_url=args.triton_url, milvus_uri=args.milvus_uri, collection=collection,
+        sides = index_sides(triton_url=args.triton_url, milvus_uri=args.milvus_uri, collection=job.collection,
                             batch_size=args.batch_size, token=args.milvus_token)
     if args.json:
         print_json({**report.to_dict(), **({"sides": sides.to_dict()} if sides else {})})
@@ -170,8 +169,9 @@ def _json_object(text: str) -> dict:
 
 
 def _index_input(args: argparse.Namespace) -> dict:
-    """`--manifest M` or `--input PATH` with its format options, and the split: a manifest's test
-    split unless --split says otherwise, every row of another format unless --split is given."""
+    """The job's input (``IndexJob`` fields): `--manifest M` or `--input PATH` with its format
+    options, and the split: a manifest's test split unless --split says otherwise, every row of
+    another format unless --split is given."""
     from xmodal.indexer.formats import SPLIT_DEFAULT, Source
 
     options = {"--format": args.format != "auto", "--image-root": args.image_root is not None,
@@ -192,11 +192,12 @@ def _index_input(args: argparse.Namespace) -> dict:
 
 
 def _serves_reranker(triton_url: str) -> bool:
+    from xmodal import contract
     from xmodal.client import triton
 
-    client = triton.connect(triton_url, models=(triton.IMAGE_MODEL,))
+    client = triton.connect(triton_url, models=(contract.EMBED_IMAGE,))
     try:
-        return bool(triton.fetch_card(client, triton.IMAGE_MODEL).reranker)
+        return bool(triton.fetch_card(client, contract.EMBED_IMAGE).reranker)
     finally:
         client.close()
 

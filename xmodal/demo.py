@@ -67,7 +67,7 @@ def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
     from xmodal.client.table import format_hits
     from xmodal.export.onnx import QuantizationRejected, export_run
     from xmodal.export.repository import write_model_repository
-    from xmodal.indexer import index_images
+    from xmodal.indexer import IndexJob
     from xmodal.server import TritonServer, free_port
     from xmodal.training.emoji import fetch_emoji
     from xmodal.training.evaluate import recall_summary
@@ -112,7 +112,7 @@ def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
     try:
         with stage("index", timings):
             drop_demo_collection(milvus_uri)
-            index_images(manifest, triton_url=server.url, milvus_uri=milvus_uri, split="test")
+            IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=milvus_uri, split="test").run()
         with Client(server.url, milvus_uri) as client:
             with stage("query", timings):
                 for query in DEMO_QUERIES:

@@ -25,11 +25,12 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from xmodal import settings
+from xmodal.card import RerankerSpec
 
 SUFFIX = "sides.sqlite"
 FORMAT = 1
@@ -59,10 +60,10 @@ class SideStore:
     ``create=False`` opens an existing store only, and says how to fill one when there is none.
     """
 
-    def __init__(self, path: str | Path, reranker: Mapping[str, Any], *, create: bool = False):
+    def __init__(self, path: str | Path, reranker: RerankerSpec, *, create: bool = False):
         self.path = Path(path)
-        self.fingerprint = str(reranker["fingerprint"])
-        self.shapes = {name: tuple(int(d) for d in spec["shape"]) for name, spec in reranker["side"].items()}
+        self.fingerprint = reranker.fingerprint
+        self.shapes = reranker.shapes
         self.sizes = {name: int(np.prod(shape)) for name, shape in self.shapes.items()}
         self.width = sum(self.sizes.values())
         if not create and not self.path.is_file():
@@ -84,9 +85,9 @@ class SideStore:
             self._db.close()
             raise
 
-    def _check_or_record(self, reranker: Mapping[str, Any]) -> None:
+    def _check_or_record(self, reranker: RerankerSpec) -> None:
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
-        mine = {"format": str(FORMAT), "fingerprint": self.fingerprint, "kind": str(reranker["kind"]),
+        mine = {"format": str(FORMAT), "fingerprint": self.fingerprint, "kind": reranker.kind,
                 "shapes": json.dumps({name: list(shape) for name, shape in self.shapes.items()})}
         if not meta:
             self._db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", mine.items())

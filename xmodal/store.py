@@ -31,7 +31,9 @@ from urllib.parse import urlparse
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
+from xmodal import contract
 from xmodal.card import ModelCard
+from xmodal.contract import GLOBAL, CollectionKind, vector_field
 
 # Collection properties (all values are strings in Milvus).
 MODEL_KEY = "xmodal.model"
@@ -39,22 +41,8 @@ VERSION_KEY = "xmodal.model_version"
 FINGERPRINT_KEY = "xmodal.fingerprint"
 DIM_KEY = "xmodal.dim"
 METRIC_KEY = "xmodal.metric"
+KIND_KEY = "xmodal.kind"  # the collection kind: contract.KINDS
 CARD_KEYS = (MODEL_KEY, VERSION_KEY, FINGERPRINT_KEY, DIM_KEY, METRIC_KEY)
-
-# The fused vector every model has ("global") keeps the field name it always had. The other
-# levels of a hierarchical model get a suffix: a level may share its name with a scalar field
-# ("concept" is both an MT-HCN level and the emoji concept key).
-VECTOR_FIELD = "global"
-LEVEL_FIELD_SUFFIX = "_vector"
-ID_MAX_LENGTH = 64
-PATH_MAX_LENGTH = 4096
-TEXT_MAX_LENGTH = 8192
-KEY_MAX_LENGTH = 256
-# Fields a search returns besides id and score.
-IMAGE_OUTPUT_FIELDS = ["image", "captions", "concept", "style"]
-CAPTION_OUTPUT_FIELDS = ["caption", "concept", "style", "image"]
-IMAGE_SCALAR_FIELDS = ("id", *IMAGE_OUTPUT_FIELDS)
-CAPTION_SCALAR_FIELDS = ("id", *CAPTION_OUTPUT_FIELDS)
 
 # The index each vector field gets when the caller names none (``default_index``):
 # - a Milvus server: HNSW with the parameters DESIGN.md measured; `ef` at search time is
@@ -183,14 +171,9 @@ def upsert_rows(client: MilvusClient, name: str, rows: list[dict[str, Any]], *, 
         client.upsert(name, rows[start:start + step], **kwargs)
 
 
-def vector_field(level: str) -> str:
-    """The vector field that holds the card's embedding `level`."""
-    return VECTOR_FIELD if level == VECTOR_FIELD else f"{level}{LEVEL_FIELD_SUFFIX}"
-
-
 def card_levels(card: ModelCard) -> list[str]:
     """The card's embedding levels, "global" first, then the others by name."""
-    return sorted(card.embeddings, key=lambda level: (level != VECTOR_FIELD, level))
+    return sorted(card.embeddings, key=lambda level: (level != GLOBAL, level))
 
 
 def vector_fields(card: ModelCard) -> dict[str, int]:
@@ -204,13 +187,14 @@ def vector_values(vectors: dict[str, Any]) -> dict[str, list[float]]:
             for level, vector in vectors.items()}
 
 
-def card_properties(card: ModelCard) -> dict[str, str]:
+def card_properties(card: ModelCard, kind: CollectionKind) -> dict[str, str]:
     return {
         MODEL_KEY: card.name,
         VERSION_KEY: str(card.version),
         FINGERPRINT_KEY: card.fingerprint,
         DIM_KEY: str(card.dim),
         METRIC_KEY: card.metric,
+        KIND_KEY: kind.name,
     }
 
 
@@ -239,60 +223,44 @@ def _index_choice(client: MilvusClient, index_type: str | None,
     return kind, dict(params)
 
 
-def _create(client: MilvusClient, name: str, card: ModelCard, schema, description: str,
-            index_type: str | None, index_params: dict | None) -> None:
+def create_collection(client: MilvusClient, name: str, card: ModelCard, kind: CollectionKind, *,
+                      index_type: str | None = None, index_params: dict | None = None) -> None:
+    """Create a collection of `kind` (its scalar fields: ``xmodal.contract``) with a vector field
+    per level of `card`, and record the card's model and the kind with it.
+
+    `index_type` None: ``default_index`` (IVF_FLAT on milvus-lite, HNSW on a server)."""
     if name == MODELS_COLLECTION:
         raise ValueError(f"{MODELS_COLLECTION!r} is the collection where xmodal records each collection's "
                          "model: choose another collection name")
-    kind, params = _index_choice(client, index_type, index_params)
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    for field in kind.fields:
+        if field.type == "json":
+            schema.add_field(field.name, DataType.JSON)
+        else:
+            _varchar(schema, field.name, field.max_length, is_primary=field.primary)
+    _add_vector_fields(schema, card, kind.field_names)
+    index_kind, params = _index_choice(client, index_type, index_params)
     index = client.prepare_index_params()
     for field in vector_fields(card):
-        index.add_index(field, index_type=kind, metric_type=card.metric, params=dict(params))
-    properties = card_properties(card)
+        index.add_index(field, index_type=index_kind, metric_type=card.metric, params=dict(params))
+    properties = card_properties(card, kind)
     client.create_collection(
-        name, schema=schema, index_params=index, description=description, properties=properties,
+        name, schema=schema, index_params=index, description=kind.description, properties=properties,
     )
     kept = client.describe_collection(name).get("properties") or {}
     if kept.get(FINGERPRINT_KEY) == card.fingerprint:
         _forget_model(client, name)  # a record left from a collection of that name dropped elsewhere
     else:  # milvus-lite: no properties; the record goes to the metadata collection
-        _record_model(client, name, card)
-
-
-def create_image_collection(client: MilvusClient, name: str, card: ModelCard, *,
-                            index_type: str | None = None, index_params: dict | None = None) -> None:
-    """Create the image collection (schema in docs/architecture.md) with the card's model recorded.
-
-    `index_type` None: ``default_index`` (IVF_FLAT on milvus-lite, HNSW on a server)."""
-    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-    _varchar(schema, "id", ID_MAX_LENGTH, is_primary=True)  # sha256 of the image bytes, 32 hex digits
-    _add_vector_fields(schema, card, IMAGE_SCALAR_FIELDS)
-    _varchar(schema, "image", PATH_MAX_LENGTH)  # absolute path
-    schema.add_field("captions", DataType.JSON)  # a JSON list of strings
-    _varchar(schema, "concept", KEY_MAX_LENGTH)
-    _varchar(schema, "style", KEY_MAX_LENGTH)
-    _create(client, name, card, schema, "xmodal images", index_type, index_params)
-
-
-def create_caption_collection(client: MilvusClient, name: str, card: ModelCard, *,
-                              index_type: str | None = None, index_params: dict | None = None) -> None:
-    """Create the caption collection: one row per distinct caption text of an image."""
-    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-    _varchar(schema, "id", ID_MAX_LENGTH, is_primary=True)  # sha256 of the caption text, 32 hex digits
-    _add_vector_fields(schema, card, CAPTION_SCALAR_FIELDS)
-    _varchar(schema, "caption", TEXT_MAX_LENGTH)
-    _varchar(schema, "concept", KEY_MAX_LENGTH)
-    _varchar(schema, "style", KEY_MAX_LENGTH)
-    _varchar(schema, "image", PATH_MAX_LENGTH)
-    _create(client, name, card, schema, "xmodal captions", index_type, index_params)
+        _record_model(client, name, card, kind)
 
 
 _RECORD_KEYS = {MODEL_KEY: "name", VERSION_KEY: "version", FINGERPRINT_KEY: "fingerprint",
-                DIM_KEY: "dim", METRIC_KEY: "metric"}
+                DIM_KEY: "dim", METRIC_KEY: "metric", KIND_KEY: "kind"}
 
 
 def collection_model(client: MilvusClient, name: str) -> dict[str, str]:
-    """The model recorded with a collection: {"name", "version", "fingerprint", "dim", "metric"}.
+    """The model recorded with a collection: {"name", "version", "fingerprint", "dim", "metric",
+    "kind"}.
 
     From the collection's properties (a Milvus server), else from its row in the metadata
     collection (milvus-lite). Values missing from both (a collection not made by xmodal)
@@ -305,6 +273,20 @@ def collection_model(client: MilvusClient, name: str) -> dict[str, str]:
     if FINGERPRINT_KEY not in properties:
         properties = _recorded_model(client, name, described) or properties
     return {short: str(properties[key]) for key, short in _RECORD_KEYS.items() if key in properties}
+
+
+def collection_kind(client: MilvusClient, name: str) -> CollectionKind:
+    """The kind recorded with collection `name`. A collection made before xmodal recorded kinds
+    has none: its kind is the one whose scalar fields it has."""
+    recorded = collection_model(client, name).get("kind")
+    if recorded:
+        return contract.collection_kind(recorded)
+    present = {f["name"] for f in client.describe_collection(name)["fields"]}
+    for kind in contract.KINDS.values():
+        if set(kind.field_names) <= present:
+            return kind
+    raise ValueError(f"collection {name!r} was not made by xmodal: it has none of its kinds' fields "
+                     f"(it has {', '.join(sorted(present))})")
 
 
 def _described_vector_fields(described: dict[str, Any]) -> dict[str, int]:
@@ -324,11 +306,11 @@ def _ensure_models_collection(client: MilvusClient) -> None:
     ensure_loaded(client, MODELS_COLLECTION)
 
 
-def _record_model(client: MilvusClient, name: str, card: ModelCard) -> None:
+def _record_model(client: MilvusClient, name: str, card: ModelCard, kind: CollectionKind) -> None:
     """Write `name`'s model record (the card's properties and the vector fields it was made
     with) into the metadata collection, replacing any earlier one; flushed at once."""
     _ensure_models_collection(client)
-    record = {**card_properties(card), "vector_fields": vector_fields(card)}
+    record = {**card_properties(card, kind), "vector_fields": vector_fields(card)}
     client.upsert(MODELS_COLLECTION, [{_MODELS_NAME_FIELD: name, _MODELS_RECORD_FIELD: json.dumps(record),
                                        _MODELS_VECTOR_FIELD: [0.0, 0.0]}])
     client.flush(MODELS_COLLECTION)
@@ -406,8 +388,8 @@ def missing_levels_message(name: str, card: ModelCard, present: dict[str, int] |
             f"xmodal stored one vector field per level: drop it (xmodal index delete) and index again")
 
 
-def ensure_collection(client: MilvusClient, name: str, card: ModelCard, *, kind: str = "image",
-                      **index_kwargs) -> bool:
+def ensure_collection(client: MilvusClient, name: str, card: ModelCard, *,
+                      kind: CollectionKind = contract.IMAGE_KIND, **index_kwargs) -> bool:
     """Create the collection for `card` if missing, else check its model. True when created.
 
     An existing collection must also have a vector field for every level of the card (one
@@ -420,8 +402,7 @@ def ensure_collection(client: MilvusClient, name: str, card: ModelCard, *, kind:
             raise ValueError(missing_levels_message(name, card, present))
         ensure_loaded(client, name)
         return False
-    create = {"image": create_image_collection, "caption": create_caption_collection}[kind]
-    create(client, name, card, **index_kwargs)
+    create_collection(client, name, card, kind, **index_kwargs)
     ensure_loaded(client, name)
     return True
 
@@ -439,7 +420,7 @@ def missing_collection_message(client: MilvusClient, name: str) -> str:
     return f"collection {name!r} does not exist (existing collections: {listed}); index some data first"
 
 
-def index_type(client: MilvusClient, name: str, field: str = VECTOR_FIELD) -> str:
+def index_type(client: MilvusClient, name: str, field: str = GLOBAL) -> str:
     """The index type of the collection's vector `field` ("" when none is described).
 
     One ``describe_index`` call (≈0.3 ms on milvus-lite 2.5.1; milvus-lite 3.2.2 counted the
@@ -451,7 +432,7 @@ def index_type(client: MilvusClient, name: str, field: str = VECTOR_FIELD) -> st
         return ""
 
 
-def search_params(client: MilvusClient | None, name: str, metric: str, k: int, field: str = VECTOR_FIELD, *,
+def search_params(client: MilvusClient | None, name: str, metric: str, k: int, field: str = GLOBAL, *,
                   index: str | None = None) -> dict[str, Any]:
     """Search parameters for the index of the collection's vector `field`.
 
@@ -518,18 +499,6 @@ def filter_error(expression: str, exc: BaseException) -> ValueError:
     """The ValueError for a filter the server refused: the expression and the server's reason."""
     reason = getattr(exc, "message", None) or str(exc)
     return ValueError(f"invalid filter {expression!r}: {reason}")
-
-
-def decode_captions(value: Any) -> list[str]:
-    """The captions field as a list, whether stored as JSON or as a JSON string."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return [value]
-    return [str(c) for c in value]
 
 
 def release_local(uri: str | Path) -> None:

@@ -8,8 +8,10 @@ the model card). The pixels
 are computed by ``preprocessing.py`` next to this file: a copy of ``xmodal/preprocessing.py``
 that the repository writer puts there, so the server runs exactly the trainer's code.
 
-A request whose bytes are not an image gets its own error naming the reason; the other
-requests in the same call are answered normally. Imports only numpy, Pillow (through
+The input and output names are read from the model's own config (which export writes from
+``xmodal/contract.py``), as Triton's python_backend examples do. A request whose bytes are
+not an image gets its own error naming the reason; the other requests in the same call are
+answered normally. Imports only numpy, Pillow (through
 preprocessing.py) and the Triton utilities: it runs in NVIDIA's container without xmodal.
 """
 import importlib.util
@@ -43,6 +45,8 @@ def _invalid(message):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         self.preprocessing = _load_sibling(version_dir, "preprocessing")
         params_path = os.path.join(version_dir, PARAMS_FILE)
@@ -68,20 +72,20 @@ class TritonPythonModel:
                 rows.append(self.preprocessing.preprocess_image_bytes(
                     data, self.size, self.mean, self.std, self.background))
             except self.preprocessing.ImageDecodeError as exc:
-                raise ValueError(f"IMAGE[{index}] is not an image: {exc}") from exc
+                raise ValueError(f"{self.input_name}[{index}] is not an image: {exc}") from exc
         return np.stack(rows).astype(np.float32, copy=False)
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            tensor = pb_utils.get_input_tensor_by_name(request, "IMAGE")
+            tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
             if tensor is None:
-                responses.append(_invalid("preprocess_image: missing input 'IMAGE'"))
+                responses.append(_invalid(f"preprocess_image: missing input '{self.input_name}'"))
                 continue
             images = tensor.as_numpy()
             if images.ndim != 2 or images.shape[1] != 1:
                 responses.append(_invalid(
-                    f"preprocess_image: IMAGE must have shape [batch, 1], got {list(images.shape)}"))
+                    f"preprocess_image: {self.input_name} must have shape [batch, 1], got {list(images.shape)}"))
                 continue
             try:
                 pixels = self._pixels(images)
@@ -89,5 +93,5 @@ class TritonPythonModel:
                 responses.append(_invalid(f"preprocess_image: {exc}"))
                 continue
             responses.append(pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor("pixel_values", pixels)]))
+                output_tensors=[pb_utils.Tensor(self.output_name, pixels)]))
         return responses

@@ -1,0 +1,165 @@
+"""The names that cross xmodal's package boundaries, in one place.
+
+Export writes a Triton repository with these model and tensor names, the indexer and the
+client call them, the store makes each collection kind's schema from here, and the indexer
+and the client build and decode rows with the same kind. Change a name here (and in
+docs/architecture.md), never in one caller. Standard library only: the client, the indexer's
+Ray workers and export all import it.
+
+The Python models copied into a repository (``model_repository/*/1/model.py``) run in
+NVIDIA's container without xmodal: they read their tensor names from their own config, which
+export writes from these constants.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+# ---- Triton: models of a repository --------------------------------------------------------
+IMAGE_ENCODER = "image_encoder"
+TEXT_ENCODER = "text_encoder"
+PREPROCESS_IMAGE = "preprocess_image"
+PREPROCESS_TEXT = "preprocess_text"
+EMBED_IMAGE = "embed_image"  # ensemble: encoded image -> every embedding level of the card
+EMBED_TEXT = "embed_text"  # ensemble: UTF-8 text -> every embedding level of the card
+# A pair scorer's second stage (CRAN, MCSM)
+RERANK_IMAGE_SIDE = "rerank_image_side"
+RERANK = "rerank"
+EMBED_IMAGE_SIDE = "embed_image_side"  # ensemble: encoded image -> its side tensors (the side store's)
+RERANK_TEXT = "rerank_text"  # ensemble: text, first-stage scores, candidates' sides -> scores
+EMBED_MODELS = (IMAGE_ENCODER, TEXT_ENCODER, PREPROCESS_IMAGE, PREPROCESS_TEXT, EMBED_IMAGE, EMBED_TEXT)
+RERANK_MODELS = (RERANK_IMAGE_SIDE, RERANK, EMBED_IMAGE_SIDE, RERANK_TEXT)
+ENSEMBLES = (EMBED_IMAGE, EMBED_TEXT, EMBED_IMAGE_SIDE, RERANK_TEXT)
+
+# ---- Triton and ONNX: tensors ---------------------------------------------------------------
+IMAGE_INPUT = "IMAGE"  # BYTES [1]: one encoded image a row
+TEXT_INPUT = "TEXT"  # BYTES [1]: one UTF-8 text a row
+PIXEL_VALUES = "pixel_values"  # FP32 [3, S, S]: the image encoder's input
+INPUT_IDS = "input_ids"  # INT64 [L]: the text encoder's input, padded with the card's pad id
+FIRST_STAGE = "first_stage"  # FP32 [N]: the vector search's scores of a query's N candidates
+SCORES = "scores"  # FP32 [N]: the re-ranker's
+SIDE_PREFIX = "image_"  # an image-side tensor is named image_<key> (export/reranker.py's keys)
+
+# ---- Embedding levels and Milvus vector fields ----------------------------------------------
+# The fused embedding every model has. Hierarchical models (mthcn) add levels named in the
+# card's `embeddings` ("concept", "exterior"); each is an encoder output, an ensemble output
+# and a vector field.
+GLOBAL = "global"
+# Every level but "global" is stored under a suffix: a level may share its name with a scalar
+# field ("concept" is both an MT-HCN level and the emoji concept key).
+LEVEL_FIELD_SUFFIX = "_vector"
+
+
+def vector_field(level: str) -> str:
+    """The Milvus vector field that holds the card's embedding `level`."""
+    return GLOBAL if level == GLOBAL else f"{level}{LEVEL_FIELD_SUFFIX}"
+
+
+def side_tensor(key: str) -> str:
+    """The Triton tensor of a re-ranker's image-side `key`."""
+    return f"{SIDE_PREFIX}{key}"
+
+
+# ---- Collection kinds -----------------------------------------------------------------------
+ID_MAX_LENGTH = 64
+PATH_MAX_LENGTH = 4096
+TEXT_MAX_LENGTH = 8192
+KEY_MAX_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class ScalarField:
+    name: str
+    type: str  # "varchar" or "json"
+    max_length: int = 0  # varchar: bytes of UTF-8
+    primary: bool = False
+
+
+@dataclass(frozen=True)
+class CollectionKind:
+    """What one kind of collection holds: its scalar fields (besides a vector field per level),
+    the row the indexer writes for an embedded item, and what a search hit shows.
+
+    `embeds`: which ensemble embeds an item ("image" via embed_image, "text" via embed_text).
+    `row` takes the item's record (the pipeline's columns: ``sources.py``) and gives the scalar
+    values of its row; `hit` takes a hit's entity and gives the fields of a client ``Hit``
+    (image, captions, concept, style).
+    """
+
+    name: str
+    description: str
+    embeds: str
+    fields: tuple[ScalarField, ...]
+    row: Callable[[dict[str, Any]], dict[str, Any]]
+    hit: Callable[[dict[str, Any]], dict[str, Any]]
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(field.name for field in self.fields)
+
+    @property
+    def output_fields(self) -> list[str]:
+        """The fields a search returns besides id and score."""
+        return [field.name for field in self.fields if not field.primary]
+
+
+def decode_captions(value: Any) -> list[str]:
+    """The captions field as a list, whether stored as JSON or as a JSON string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return [value]
+    return [str(c) for c in value]
+
+
+def _image_row(record: dict[str, Any]) -> dict[str, Any]:
+    return {"id": record["id"], "image": record["path"], "captions": json.loads(record["captions"]),
+            "concept": record["concept"], "style": record["style"]}
+
+
+def _image_hit(entity: dict[str, Any]) -> dict[str, Any]:
+    return {"image": str(entity.get("image", "")), "captions": decode_captions(entity.get("captions")),
+            "concept": str(entity.get("concept", "")), "style": str(entity.get("style", ""))}
+
+
+def _caption_row(record: dict[str, Any]) -> dict[str, Any]:
+    return {"id": record["id"], "caption": record["caption"], "concept": record["concept"],
+            "style": record["style"], "image": record["image"]}
+
+
+def _caption_hit(entity: dict[str, Any]) -> dict[str, Any]:
+    # one caption a row: the hit's only caption
+    caption = entity.get("caption")
+    return {"image": str(entity.get("image", "")), "captions": [] if caption is None else [str(caption)],
+            "concept": str(entity.get("concept", "")), "style": str(entity.get("style", ""))}
+
+
+IMAGE_KIND = CollectionKind(
+    name="image", description="xmodal images", embeds="image",
+    fields=(ScalarField("id", "varchar", ID_MAX_LENGTH, primary=True),  # sha256 of the image bytes, 32 hex digits
+            ScalarField("image", "varchar", PATH_MAX_LENGTH),  # absolute path
+            ScalarField("captions", "json"),  # a JSON list of strings
+            ScalarField("concept", "varchar", KEY_MAX_LENGTH),
+            ScalarField("style", "varchar", KEY_MAX_LENGTH)),
+    row=_image_row, hit=_image_hit)
+CAPTION_KIND = CollectionKind(
+    name="caption", description="xmodal captions", embeds="text",
+    fields=(ScalarField("id", "varchar", ID_MAX_LENGTH, primary=True),  # sha256 of the caption text, 32 hex digits
+            ScalarField("caption", "varchar", TEXT_MAX_LENGTH),
+            ScalarField("concept", "varchar", KEY_MAX_LENGTH),
+            ScalarField("style", "varchar", KEY_MAX_LENGTH),
+            ScalarField("image", "varchar", PATH_MAX_LENGTH)),
+    row=_caption_row, hit=_caption_hit)
+KINDS = {kind.name: kind for kind in (IMAGE_KIND, CAPTION_KIND)}
+
+
+def collection_kind(name: str) -> CollectionKind:
+    """The kind called `name` ("image" or "caption"); ValueError for any other."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {name!r}") from None

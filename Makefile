@@ -1,6 +1,9 @@
-# Set-up is one resolver pass into .venv (pins live in pyproject.toml); the stamp refreshes it
-# whenever pyproject.toml changes.
+# Set-up is one resolver pass into .venv (pins live in pyproject.toml) of every part
+# (`.[all,test]`); the stamp refreshes it whenever pyproject.toml changes.
 PYTHON ?= python3
+# The Pythons every part installs on. The client alone also installs on 3.13, the full stack does
+# not: nvidia-pytriton (the tritonserver) requires numpy<2, which has no wheel for 3.13.
+FULL_STACK_PYTHONS := 3.11 3.12
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.xmodal-installed
@@ -17,9 +20,15 @@ browser:
 	else echo "note: /usr/bin/chromium is missing and cannot be installed here: the browser test will be skipped"; fi
 
 $(STAMP): pyproject.toml
+	@version=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') || exit 1; \
+	case " $(FULL_STACK_PYTHONS) " in *" $$version "*) ;; *) \
+	  echo "make demo/test need one of the Python versions $(FULL_STACK_PYTHONS), but $(PYTHON) is $$version;" \
+	    "choose one with PYTHON=, e.g. make test PYTHON=python3.12. (On 3.13 the client alone installs," \
+	    "pip install .; the full stack does not: nvidia-pytriton requires numpy<2, which has no wheel for 3.13.)" >&2; \
+	  exit 1;; esac
 	@command -v npm >/dev/null || { echo "npm is required (the emoji corpus ships in npm packages): install Node.js/npm" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all,test]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
 	  $$($(BIN)/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['tool']['xmodal']['no-deps']))")
 	touch $(STAMP)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal import settings
+from xmodal.extras import MissingExtra, require
 from xmodal.indexer import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH
 from xmodal.training.recipes import RECIPES
 
@@ -33,6 +34,7 @@ def default_run(recipe: str | None = None) -> Path:
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
+    require("data fetch", "data")
     if args.corpus == "emoji":
         from xmodal.training.emoji import fetch_emoji
 
@@ -46,6 +48,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_data_import(args: argparse.Namespace) -> int:
+    require("data import", "data")
     from xmodal.readers import import_corpus
 
     out = args.out or settings.data_dir() / (args.name or Path(args.source).stem)
@@ -74,6 +77,7 @@ def resolve_data(names: list[str] | None) -> list[Path]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    require("train", "train")
     from xmodal.training.train import train
 
     run = args.out or default_run(args.recipe)
@@ -87,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    require("export", "train", onnxruntime=True)
     from xmodal.export.onnx import export_run
     from xmodal.export.repository import write_model_repository
 
@@ -112,6 +117,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    require("serve", "serve", onnxruntime=True)
     from xmodal.server import serve
 
     return serve(
@@ -121,6 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    require("index", "index", onnxruntime=args.local)
     from xmodal.indexer import IndexJob
 
     if args.local:
@@ -196,6 +203,7 @@ def _serves_reranker(triton_url: str) -> bool:
 
 
 def cmd_index_sides(args: argparse.Namespace) -> int:
+    require("index sides", "index")
     from xmodal.indexer.sides import index_sides
 
     report = index_sides(triton_url=args.triton_url, milvus_uri=args.milvus_uri, collection=args.collection,
@@ -280,6 +288,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    require("demo", "index", "train", "serve", onnxruntime=True)
     from xmodal.demo import run_demo
 
     return run_demo(minutes=args.minutes, limit=args.limit)
@@ -497,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError, MissingExtra) as exc:
         print(f"xmodal: error: {exc}", file=sys.stderr)
         return 1
 

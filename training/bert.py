@@ -48,7 +48,6 @@ SKIPPED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 KEY_PREFIXES = ("bert.", "0.auto_model.", "auto_model.", "model.")
 # "mid" is the masked mean after this many layers (of 6): half-way up.
 MID_LAYER = 3
-CLS, SEP = "[CLS]", "[SEP]"
 
 
 def model_dir() -> Path:
@@ -373,10 +372,6 @@ class MiniLMBackbone(nn.Module):
             return []
         layers = list(self.bert.encoder.layer)
         return [self.bert.embeddings, *layers[: len(layers) - self.trainable_layers]]
-
-    @property
-    def fully_frozen(self) -> bool:
-        return self.trainable_layers == 0
 
     def train(self, mode: bool = True) -> "MiniLMBackbone":
         super().train(mode)

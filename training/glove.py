@@ -20,7 +20,6 @@ import torch
 from xmodal.training.tokenizer import PAD, PAD_ID, UNK
 
 GLOVE_DIM = 50
-GLOVE_WORDS = 400_000
 EMBEDDINGS_FILE = "glove_6B_50d_emb.npy"
 INDEX_FILE = "glove_6B_index.parquet"
 INDEX_COLUMN = "index"

@@ -29,7 +29,7 @@ class ImagePreprocessing:
 
 @dataclass
 class TokenizerSpec:
-    kind: str  # "wordlevel" (HF tokenizers WordLevel), later "wordpiece"
+    kind: str  # "wordlevel" (HF tokenizers WordLevel, learnt from the captions) or "wordpiece" (MiniLM's)
     file: str  # the tokenizer.json, relative to the card's directory
     vocab_hash: str
     max_length: int

@@ -19,7 +19,7 @@ import errno
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from tritonclient.utils import InferenceServerException
 
@@ -75,9 +75,6 @@ class Retry:
         base = min(self.max_delay, self.backoff * self.multiplier ** (attempt - 1))
         return base * (1 + random.uniform(-self.jitter, self.jitter)) if self.jitter else base
 
-    def delays(self) -> Iterator[float]:
-        return (self.delay(n) for n in range(1, self.attempts))
-
     def call(self, fn: Callable[..., T], *args: Any, sleep: Callable[[float], Any] = time.sleep,
              on_retry: Callable[[BaseException, int, float], Any] | None = None, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)``, sent again after transient failures; the last failure is raised."""
@@ -111,7 +108,6 @@ class Retry:
 
 
 DEFAULT_RETRY = Retry()
-NO_RETRY = Retry(attempts=1)
 
 
 def unavailable(url: str, what: str, exc: BaseException, retry: Retry) -> ConnectionError:

@@ -42,7 +42,6 @@ FINGERPRINT_KEY = "xmodal.fingerprint"
 DIM_KEY = "xmodal.dim"
 METRIC_KEY = "xmodal.metric"
 KIND_KEY = "xmodal.kind"  # the collection kind: contract.KINDS
-CARD_KEYS = (MODEL_KEY, VERSION_KEY, FINGERPRINT_KEY, DIM_KEY, METRIC_KEY)
 
 # The index each vector field gets when the caller names none (``default_index``):
 # - a Milvus server: HNSW with the parameters DESIGN.md measured; `ef` at search time is

@@ -706,7 +706,8 @@ def write_repository(exported: Exported, path: Path, precision: str = "fp32", **
     from xmodal.card import fingerprint_files
 
     files = exported.int8 if precision == "int8" else exported.fp32
-    # the card a repository serving these files carries (as ExportedModel.card_for writes it)
+    # the card a repository serving these files carries (as export_run writes Variant.card); built
+    # here because the INT8 files measured may be ones the gate refused, which have none
     card = dataclasses.replace(exported.card, fingerprint=fingerprint_files([files["image_encoder"], files["text_encoder"]]))
     return write_model_repository(path, card, image_onnx=files["image_encoder"],
                                   text_onnx=files["text_encoder"], tokenizer_json=exported.tokenizer_json,

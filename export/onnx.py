@@ -9,7 +9,10 @@ What ``export_run`` leaves in ``out_dir`` (``<tower>`` is ``image_encoder`` / ``
     <tower>.int8.onnx   with ``quantize="int8"``: dynamic quantisation (QInt8 weights), kept
                         only when held-out R@10 drops by at most 1 point each way
     <tower>.fp16.onnx   FP16 for GPUs, FP32 inputs and outputs
-    tokenizer.json, card.json
+    tokenizer.json
+    card.json           the FP32 files' card (fingerprint, parity, the INT8 gate, every variant)
+    card.<precision>.json  each other variant's served card: its fingerprint and precision, the
+                        card a repository serving its files carries (``Variant.card``)
 
 Every file passes ``onnx.checker``. Parity with PyTorch (1e-4) is asserted on the raw and the
 optimised FP32 files; the FP16 file is compared loosely where the CPU provider can run it.
@@ -71,6 +74,8 @@ class Variant:
     text_onnx: Path
     fingerprint: str
     notes: dict[str, Any] = field(default_factory=dict)
+    # the card a repository serving these files carries, written beside them by export_run
+    card: ModelCard | None = None
 
 
 @dataclass
@@ -102,12 +107,6 @@ class ExportedModel:
         if precision not in self.variants:
             raise ValueError(f"no {precision} variant was exported (have {sorted(self.variants)})")
         return self.variants[precision]
-
-    def card_for(self, variant: Variant) -> ModelCard:
-        """The card with the variant's fingerprint and precision: what a repository serving it carries."""
-        evaluation = json.loads(json.dumps(self.card.evaluation))
-        evaluation.setdefault("onnx", {})["precision"] = variant.precision
-        return dataclasses.replace(self.card, fingerprint=variant.fingerprint, evaluation=evaluation)
 
 
 @contextlib.contextmanager
@@ -281,11 +280,24 @@ def export_run(
         reranker=reranker,
     )
     card.save(out_dir)
+    for variant in found.values():
+        variant.card = _served_card(card, variant)
+        if variant.precision != "fp32":
+            variant.card.save(out_dir, f"card.{variant.precision}.json")
     exported = ExportedModel(out_dir, card, served[IMAGE_ENCODER], served[TEXT_ENCODER], tokenizer_path, parity,
                              variants=found, int8_gate=gate)
     if gate is not None:
         variants.require_int8_gate(gate)
     return exported
+
+
+def _served_card(card: ModelCard, variant: Variant) -> ModelCard:
+    """`card` (the FP32 files') for the variant's files: their fingerprint and precision."""
+    if variant.precision == "fp32":
+        return card
+    evaluation = json.loads(json.dumps(card.evaluation))
+    evaluation.setdefault("onnx", {})["precision"] = variant.precision
+    return dataclasses.replace(card, fingerprint=variant.fingerprint, evaluation=evaluation)
 
 
 def _parity_ids(config: dict[str, Any], length: int, generator: torch.Generator) -> torch.Tensor:

@@ -114,8 +114,10 @@ def test_fp16_variant_keeps_fp32_io_and_says_what_was_verified(exported):
 def test_each_variant_writes_a_repository_with_its_own_fingerprint(exported, tmp_path):
     for precision in ("int8", "fp16"):
         variant = exported.variants[precision]
-        card = exported.card_for(variant)
+        card = variant.card
         assert card.fingerprint != exported.card.fingerprint
+        # written beside the variant's files by the export, the card its repository serves
+        assert ModelCard.load(exported.directory / f"card.{precision}.json") == card
         repository = write_model_repository(
             tmp_path / precision, card, image_onnx=variant.image_onnx, text_onnx=variant.text_onnx,
             tokenizer_json=exported.tokenizer_json)

@@ -112,3 +112,19 @@ def test_a_killed_run_resumes_to_the_same_weights(manifest, tmp_path):
     assert resumed_weights.keys() == whole_weights.keys()
     for name in whole_weights:
         np.testing.assert_allclose(resumed_weights[name], whole_weights[name], atol=1e-5, err_msg=name)
+
+
+def test_a_checkpoint_of_an_earlier_format_is_refused_with_what_to_do(tmp_path):
+    """A run killed under the loss modules before objectives.py cannot resume here: its loss
+    parameters are stored under other keys. It is refused by name, not with a state-dict error."""
+    import torch
+
+    from xmodal.training.recipes import recipe_config
+    from xmodal.training.train import CHECKPOINT_FORMAT, _config_fingerprint, _load_checkpoint
+
+    config = recipe_config("infonce_small")
+    torch.save({"config": _config_fingerprint(config)}, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(ValueError, match="checkpoint format 1.*delete the checkpoint"):
+        _load_checkpoint(tmp_path, config)
+    torch.save({"config": _config_fingerprint(config), "format": CHECKPOINT_FORMAT}, tmp_path / CHECKPOINT_FILE)
+    assert _load_checkpoint(tmp_path, config)["format"] == CHECKPOINT_FORMAT

@@ -574,12 +574,17 @@ def training_report(training: Training) -> dict[str, Any]:
     return report
 
 
+# 2: the loss terms' parameters under objectives.py's modules (1 held the loss modules themselves)
+CHECKPOINT_FORMAT = 2
+
+
 def _save_checkpoint(training: Training) -> None:
     tmp = training.run_dir / (CHECKPOINT_FILE + ".tmp")
     checkpoint = {
         "model": training.model.state_dict(), "losses": training.objectives.state_dict(),
         "optimizer": training.optimizer.state_dict(), "scheduler": training.scheduler.state_dict(),
         "state": json.dumps(training.state), "config": _config_fingerprint(training.config),
+        "format": CHECKPOINT_FORMAT,
     }
     if training.adversary_optimizer is not None:
         checkpoint["adversary_optimizer"] = training.adversary_optimizer.state_dict()
@@ -611,6 +616,10 @@ def _load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict | None:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if checkpoint.get("config") != _config_fingerprint(config):
         raise ValueError(f"{path} was written by a run with another configuration; delete it or use another --run")
+    if checkpoint.get("format", 1) != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} was written by an earlier xmodal (checkpoint format {checkpoint.get('format', 1)}, "
+                         f"this one reads {CHECKPOINT_FORMAT}): finish that run with the xmodal that started it, "
+                         "or delete the checkpoint to train from the start")
     return checkpoint
 
 

@@ -97,8 +97,8 @@ class ModelCard:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CARD_FILENAME
+    def save(self, directory: str | Path, filename: str = CARD_FILENAME) -> Path:
+        path = Path(directory) / filename
         path.write_text(self.to_json() + "\n")
         return path
 

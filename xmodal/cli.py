@@ -104,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         print(describe_gate(exported.int8_gate))
     variant = exported.choose(args.target, tensorrt=args.tensorrt, precision=args.precision)
-    card = exported.card_for(variant)
+    card = variant.card
     repository = write_model_repository(
         args.model_repository or settings.default_model_repository(), card,
         image_onnx=variant.image_onnx, text_onnx=variant.text_onnx, tokenizer_json=exported.tokenizer_json,

@@ -97,7 +97,7 @@ def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
             print(f"{refused}; serving FP32")
             exported = export_run(run_dir, run_dir / "onnx")
         variant = exported.choose("cpu")
-        card = exported.card_for(variant)
+        card = variant.card
         write_model_repository(
             repository, card, image_onnx=variant.image_onnx,
             text_onnx=variant.text_onnx, tokenizer_json=exported.tokenizer_json,

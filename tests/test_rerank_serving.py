@@ -24,7 +24,7 @@ from xmodal.sidestore import SideStore, SideStoreError, side_store_path
 from xmodal.training.manifest import read_manifest
 from xmodal.training.train import load_run, tokenize, train
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 SMALL = dict(image_encoder="small_cnn", text_encoder="small_text_cnn", image_size=32, dim=32, head_hidden=64,
              batch_size=8, minutes=60.0)
@@ -32,11 +32,9 @@ QUERY = "grinning face"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, npm_cache):
-    from xmodal.training.emoji import fetch_emoji
-
+def served(tmp_path_factory, emoji_manifest, ray_local):
     data = tmp_path_factory.mktemp("rerank")
-    manifest = fetch_emoji(data, limit=12, progress=False)
+    manifest = emoji_manifest
     run = data / "run"
     train(manifest, run, recipe="cran", progress=False, epochs=2, **SMALL)
     exported = export_run(run, run / "onnx")

@@ -146,6 +146,7 @@ def test_generator_loss_reaches_commons_and_decoders():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gan.generator_parameters())
 
 
+@pytest.mark.slow
 def test_alternating_training_reduces_reconstruction():
     torch.manual_seed(4)
     heads = SharedTopHeads(image_dim=12, text_dim=8, dim=6, hidden=32)

@@ -1,40 +1,33 @@
-"""The client SDK against the real tritonserver (tiny ONNX encoders) and milvus-lite, filled
-once for the module by the indexer."""
+"""The client SDK against the session's tiny tritonserver (tiny ONNX encoders) and milvus-lite,
+filled once for the module by the indexer. Its parts that need no server: test_client_no_server.py."""
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from tritonclient.utils import InferenceServerException
 
 import tinymodel
 from xmodal import store
 from xmodal.client import AsyncClient, Client, Hit, Retry, format_hits
-from xmodal.retry import is_transient
 from xmodal.indexer import IndexJob
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("client")
-    card, repository = tinymodel.build_repository(directory, max_batch_size=4)
-    manifest, images = tinymodel.write_corpus(directory)
-    db = directory / "milvus" / "xmodal.db"
-    with tinymodel.serving(repository) as server:
-        report = IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=str(db), batch_size=4,
-                          progress=False).run()
-        assert report.rows_written == len(images)
-        captions = IndexJob(kind="caption", manifest=manifest, triton_url=server.url, milvus_uri=str(db),
-                            batch_size=8, progress=False).run()
-        assert captions.rows_written == 2 * len(images)
-        milvus = store.connect(db)  # a collection of another model, for the mismatch test
-        store.ensure_collection(milvus, "older_model", tinymodel.make_card("0123456789abcdef", "older"))
-        milvus.close()
-        yield {"card": card, "url": server.url, "db": db, "images": images}
+def stack(tmp_path_factory, tiny_repository, tiny_triton, tiny_corpus, ray_local):
+    card, _ = tiny_repository
+    manifest, images = tiny_corpus
+    server = tiny_triton
+    db = tmp_path_factory.mktemp("client") / "milvus" / "xmodal.db"
+    report = IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=str(db), batch_size=4, progress=False).run()
+    assert report.rows_written == len(images)
+    captions = IndexJob(kind="caption", manifest=manifest, triton_url=server.url, milvus_uri=str(db), batch_size=8,
+                        progress=False).run()
+    assert captions.rows_written == 2 * len(images)
+    milvus = store.connect(db)  # a collection of another model, for the mismatch test
+    store.ensure_collection(milvus, "older_model", tinymodel.make_card("0123456789abcdef", "older"))
+    milvus.close()
+    yield {"card": card, "url": server.url, "db": db, "images": images}
     store.release_local(db)
 
 
@@ -166,14 +159,6 @@ def test_searches_do_not_describe_the_index_each_time(client, stack, monkeypatch
         None, client.collection, client.card.metric, 3, index=store.LITE_INDEX_TYPE)
 
 
-def test_import_loads_neither_torch_nor_ray():
-    code = ("import sys, xmodal.client; "
-            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray'}); "
-            "print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 # -- image -> captions, filters, k -----------------------------------------------------------
 
 def test_search_captions_returns_caption_rows(client, stack):
@@ -237,74 +222,7 @@ def test_k_has_an_upper_bound(client):
         client.search_text("red", k=16385)
 
 
-def test_filter_helpers():
-    assert store.equals_filter("style", 'say "hi" \\ bye') == 'style == "say \\"hi\\" \\\\ bye"'
-    assert store.combine_filters("", None, 'style == "a"') == 'style == "a"'
-    assert store.combine_filters('style == "a"', 'concept in ["x"]') == '(style == "a") and (concept in ["x"])'
-    with pytest.raises(ValueError, match="invalid field name"):
-        store.equals_filter("style or 1", "x")
-    with pytest.raises(ValueError, match="control characters"):
-        store.equals_filter("style", "a\x00b")
-
-
 # -- retries -----------------------------------------------------------------------------------
-
-class Flaky:
-    """A function that fails with `error` `times` times, then returns "ok"."""
-
-    def __init__(self, error: BaseException, times: int):
-        self.error, self.times, self.calls = error, times, 0
-
-    def __call__(self):
-        self.calls += 1
-        if self.calls <= self.times:
-            raise self.error
-        return "ok"
-
-
-def test_retry_backs_off_exponentially_on_transient_errors():
-    slept = []
-    policy = Retry(attempts=5, backoff=0.1, multiplier=2, max_delay=0.3, jitter=0)
-    flaky = Flaky(InferenceServerException("model not ready", status="503"), times=4)
-    assert policy.call(flaky, sleep=slept.append) == "ok"
-    assert flaky.calls == 5 and slept == pytest.approx([0.1, 0.2, 0.3, 0.3])
-    refused = Flaky(ConnectionRefusedError(111, "Connection refused"), times=10)
-    with pytest.raises(ConnectionRefusedError):
-        policy.call(refused, sleep=slept.append)
-    assert refused.calls == 5
-    jittered = Retry(backoff=1.0, jitter=0.5)
-    assert all(0.5 <= jittered.delay(1) <= 1.5 for _ in range(50))
-
-
-@pytest.mark.parametrize("error", [InferenceServerException("bad input", status="400"),
-                                   InferenceServerException("no such model", status="404"),
-                                   ValueError("k"), TimeoutError("timed out")])
-def test_retry_never_repeats_permanent_errors(error):
-    flaky = Flaky(error, times=1)
-    with pytest.raises(type(error)):
-        Retry(attempts=4).call(flaky, sleep=lambda _: None)
-    assert flaky.calls == 1 and not is_transient(error)
-
-
-def test_async_retry():
-    import asyncio
-
-    slept = []
-
-    async def sleep(seconds):
-        slept.append(seconds)
-
-    calls = []
-
-    async def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionResetError(104, "Connection reset by peer")
-        return "ok"
-
-    assert asyncio.run(Retry(jitter=0).acall(flaky, sleep=sleep)) == "ok"
-    assert len(calls) == 3 and slept == pytest.approx([0.1, 0.2])
-
 
 class FlakyProxy:
     """An HTTP proxy in front of Triton whose first `failures` inference requests get 503."""

@@ -24,7 +24,6 @@ from typing import Callable
 
 import pytest
 
-import tinymodel
 from xmodal import store
 from xmodal.client import Client
 from xmodal.indexer import IndexJob
@@ -117,21 +116,18 @@ def run_client_python(env: dict[str, str], *args: str, cwd: Path) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """The tiny model served by Triton, its images indexed into milvus-lite, the full install's
-    answer to QUERY; the database released so that another process can open it."""
-    directory = tmp_path_factory.mktemp("client_install")
-    card, repository = tinymodel.build_repository(directory, max_batch_size=4)
-    manifest, images = tinymodel.write_corpus(directory)
-    db = directory / "milvus" / "xmodal.db"
-    with tinymodel.serving(repository) as server:
-        report = IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=str(db), batch_size=4,
-                          progress=False).run()
-        assert report.rows_written == len(images)
-        with Client(server.url, db) as client:
-            expected = client.search_text(QUERY, k=3)
-        store.release_local(db)
-        yield {"url": server.url, "db": db, "expected": expected}
+def stack(tmp_path_factory, tiny_triton, tiny_corpus, ray_local):
+    """The tiny model served by Triton (the session's), its images indexed into milvus-lite, the
+    full install's answer to QUERY; the database released so that another process can open it."""
+    manifest, images = tiny_corpus
+    db = tmp_path_factory.mktemp("client_install") / "milvus" / "xmodal.db"
+    report = IndexJob(manifest=manifest, triton_url=tiny_triton.url, milvus_uri=str(db), batch_size=4,
+                      progress=False).run()
+    assert report.rows_written == len(images)
+    with Client(tiny_triton.url, db) as client:
+        expected = client.search_text(QUERY, k=3)
+    store.release_local(db)
+    yield {"url": tiny_triton.url, "db": db, "expected": expected}
 
 
 def test_the_client_install_has_no_training_serving_or_indexing_parts(client_env, tmp_path):

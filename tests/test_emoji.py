@@ -2,9 +2,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -176,14 +174,12 @@ def test_corrupt_tarball_is_named(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    # an XMODAL_NPM_CACHE set by the caller (e.g. CI's cache) is reused across runs
-    cache = os.environ.get(NPM_CACHE_ENV) or str(tmp_path_factory.mktemp("npm-cache"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(NPM_CACHE_ENV, cache)
-        yield fetch_emoji(tmp_path_factory.mktemp("data"), limit=10, progress=False)
+def small_corpus(tmp_path_factory: pytest.TempPathFactory, npm_cache: Path) -> Path:
+    # the tarballs come from the session's npm cache: npm pack runs when that cache is cold
+    return fetch_emoji(tmp_path_factory.mktemp("data"), limit=10, progress=False)
 
 
+@pytest.mark.slow
 def test_fetch_writes_ten_concepts_in_three_styles(small_corpus: Path) -> None:
     rows = read_manifest(small_corpus)
     assert len(rows) == 30
@@ -206,6 +202,7 @@ def test_fetch_writes_ten_concepts_in_three_styles(small_corpus: Path) -> None:
     assert (small_corpus.parent / "skipped.jsonl").read_text(encoding="utf-8") == ""
 
 
+@pytest.mark.slow
 def test_fetch_again_keeps_rendered_images(small_corpus: Path) -> None:
     images = sorted((small_corpus.parent / "images").rglob("*.png"))
     mtimes = [p.stat().st_mtime_ns for p in images]

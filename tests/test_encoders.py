@@ -49,6 +49,7 @@ def check_onnx_parity(model: torch.nn.Module, example: torch.Tensor, feed: torch
 # --- EfficientNet-Lite0 -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_efficientnet_pretrained_weights_load_strictly() -> None:
     state = load_pretrained_state_dict()
     model = EfficientNetLite0Backbone(pretrained=False)
@@ -58,6 +59,7 @@ def test_efficientnet_pretrained_weights_load_strictly() -> None:
     assert torch.equal(model._blocks[15]._project_conv.weight, state["_blocks.15._project_conv.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [64, 128, 224])
 def test_efficientnet_features_at_any_size(effnet: EfficientNetLite0Backbone, size: int) -> None:
     assert effnet.dims == {"pooled": 1280, "mid": 112, "fragments": 1280}
@@ -70,6 +72,7 @@ def test_efficientnet_features_at_any_size(effnet: EfficientNetLite0Backbone, si
     assert torch.isfinite(out["pooled"]).all() and torch.isfinite(out["mid"]).all()
 
 
+@pytest.mark.slow
 def test_efficientnet_classifies_a_photograph(effnet: EfficientNetLite0Backbone) -> None:
     """Grace Hopper in uniform (matplotlib's sample photo, no download): ImageNet 652 'military uniform'."""
     from matplotlib import cbook
@@ -113,6 +116,7 @@ def emoji_images(concepts: list[str], npm_cache: Path) -> dict[tuple[str, str], 
     return images
 
 
+@pytest.mark.slow
 def test_efficientnet_features_recognise_emoji_across_styles(effnet: EfficientNetLite0Backbone, npm_cache: Path) -> None:
     """The frozen features must carry emoji identity across drawing styles (Google ↔ Twitter).
 
@@ -136,6 +140,7 @@ def test_efficientnet_features_recognise_emoji_across_styles(effnet: EfficientNe
     assert google_to_twitter >= 0.75 and twitter_to_google >= 0.75, (google_to_twitter, twitter_to_google)
 
 
+@pytest.mark.slow
 def test_efficientnet_onnx_parity(effnet: EfficientNetLite0Backbone, tmp_path: Path) -> None:
     check_onnx_parity(effnet, torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64), tmp_path / "image.onnx", "pixel_values")
 
@@ -192,6 +197,7 @@ def test_text_backbone_onnx_parity(name: str, tmp_path: Path) -> None:
     check_onnx_parity(model, example, padded_ids(), tmp_path / f"{name}.onnx", "input_ids")
 
 
+@pytest.mark.slow
 def test_text_backbones_train() -> None:
     """Gradients reach every parameter of both (the zero-initialised residual norms included)."""
     for name, build in TEXT_BACKBONES.items():

@@ -27,11 +27,13 @@ from xmodal.manifest import read_manifest
 from xmodal.training.tokenizer import load_tokenizer
 from xmodal.training.train import tokenize, train
 
+pytestmark = pytest.mark.slow
+
 CONCEPTS = 60  # × 3 styles = 180 images
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, npm_cache):
+def stack(tmp_path_factory, npm_cache, ray_local):
     from xmodal.training.emoji import fetch_emoji
 
     data = tmp_path_factory.mktemp("e2e")

@@ -17,7 +17,7 @@ from xmodal.export.onnx import (
 )
 from xmodal.export.repository import write_model_repository
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 # Eight concepts: held-out R@10 is 100 % for any model, so the accept path is deterministic.
 CONCEPTS = {"red circle": (220, 30, 30), "green circle": (30, 200, 60), "blue square": (40, 60, 220),

@@ -182,6 +182,7 @@ def small_iconify(tmp_path_factory: pytest.TempPathFactory, npm_cache: Path) -> 
     yield fetch_iconify(tmp_path_factory.mktemp("data"), max_icons_per_set=20, progress=False)
 
 
+@pytest.mark.slow
 def test_fetch_joins_twenty_icons_per_emoji_set_to_emojibase(small_iconify: Path, npm_cache: Path) -> None:
     rows = read_manifest(small_iconify)
     assert small_iconify.name == "manifest.jsonl" and small_iconify.parent.name == "iconify"
@@ -205,6 +206,7 @@ def test_fetch_joins_twenty_icons_per_emoji_set_to_emojibase(small_iconify: Path
     assert (small_iconify.parent / "skipped.jsonl").read_text(encoding="utf-8") == ""
 
 
+@pytest.mark.slow
 def test_fetch_again_keeps_images_and_plain_sets_use_icon_names(small_iconify: Path) -> None:
     data_dir = small_iconify.parent.parent
     images = sorted((small_iconify.parent / "images").rglob("*.png"))

@@ -19,12 +19,12 @@ from xmodal import store
 from xmodal.indexer import IndexJob
 from xmodal.indexer.manage import collection_stats
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory):
-    _, repository = tinymodel.build_repository(tmp_path_factory.mktemp("server"), max_batch_size=4)
+def repository(tiny_repository):
+    _, repository = tiny_repository
     return repository
 
 

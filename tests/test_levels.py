@@ -18,18 +18,18 @@ from xmodal import contract, store
 from xmodal.client import AsyncClient, Client
 from xmodal.indexer import IndexJob
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 LEVELS = ["global", "concept", "exterior"]
 FIELDS = {"global": "global", "concept": "concept_vector", "exterior": "exterior_vector"}
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, ray_local):
+def stack(tmp_path_factory, tiny_corpus, ray_local):
     directory = tmp_path_factory.mktemp("levels")
-    manifest, images = tinymodel.write_corpus(directory)
+    manifest, images = tiny_corpus
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    pairs = [(directory / row["image"], row["captions"][0]) for row in rows]
+    pairs = [(manifest.parent / row["image"], row["captions"][0]) for row in rows]
     card, repository = tinymodel.build_hierarchical_repository(directory, pairs, max_batch_size=4)
     db = directory / "milvus" / "xmodal.db"
     try:

@@ -20,6 +20,9 @@ from xmodal.training.bert import (
 from xmodal.training.tokenizer import PAD_ID, vocab_hash
 from xmodal.training.train import apply_text_freeze, caption_features, caption_states, parameter_groups, tokenize
 
+# The real MiniLM weights in every test (a few seconds each on 2 cores), a training run and a server.
+pytestmark = pytest.mark.slow
+
 MAX_LENGTH = 32
 CLS_ID, SEP_ID = 101, 102
 ONNX_TOLERANCE = 1e-4
@@ -265,23 +268,16 @@ LENGTH_BUCKETS = (8, 16, 32, 64)  # preprocess_text pads one text to these (64: 
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory, npm_cache):
-    from xmodal.training.emoji import fetch_emoji
-
-    return fetch_emoji(tmp_path_factory.mktemp("emoji"), limit=12, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(manifest, tmp_path_factory) -> dict:
+def tiny_run(emoji_manifest, tmp_path_factory) -> dict:
     from xmodal.training.train import train
 
     directory = tmp_path_factory.mktemp("minilm-run")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XMODAL_DATA", str(directory / "data"))  # the image feature cache goes here
-        report = train(manifest, directory / "run", recipe="infonce", text_encoder="minilm",
+        report = train(emoji_manifest, directory / "run", recipe="infonce", text_encoder="minilm",
                        image_encoder="small_cnn", image_size=32, epochs=2, minutes=60, text_freeze="all",
                        batch_size=8, progress=False)
-    return {"dir": directory, "run": directory / "run", "report": report, "manifest": manifest}
+    return {"dir": directory, "run": directory / "run", "report": report, "manifest": emoji_manifest}
 
 
 @pytest.fixture(scope="module")

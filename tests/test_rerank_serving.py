@@ -27,7 +27,7 @@ from xmodal.manifest import read_manifest
 from xmodal.training.run import load_run
 from xmodal.training.train import tokenize, train
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 SMALL = dict(image_encoder="small_cnn", text_encoder="small_text_cnn", image_size=32, dim=32, head_hidden=64,
              batch_size=8, minutes=60.0)
@@ -35,11 +35,9 @@ QUERY = "grinning face"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, npm_cache):
-    from xmodal.training.emoji import fetch_emoji
-
+def served(tmp_path_factory, emoji_manifest, ray_local):
     data = tmp_path_factory.mktemp("rerank")
-    manifest = fetch_emoji(data, limit=12, progress=False)
+    manifest = emoji_manifest
     run = data / "run"
     train(manifest, run, recipe="cran", progress=False, epochs=2, **SMALL)
     exported = export_run(run, run / "onnx")

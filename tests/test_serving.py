@@ -28,7 +28,7 @@ ort = pytest.importorskip("onnxruntime")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 SIZE = 16
 DIM = 8

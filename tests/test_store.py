@@ -12,7 +12,7 @@ import pytest
 from xmodal import contract, store
 from xmodal.card import ImagePreprocessing, ModelCard, TokenizerSpec
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 DIM = 8
 

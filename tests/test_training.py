@@ -16,16 +16,17 @@ from xmodal.export.onnx import export_run
 from xmodal.training.run import CHECKPOINT_FILE, WEIGHTS_FILE
 from xmodal.training.train import train
 
+pytestmark = pytest.mark.slow
+
 # Small random towers keep this fast; the frozen image side exercises the feature cache.
 SMALL = dict(image_encoder="small_cnn", text_encoder="small_text_cnn", image_size=32, dim=32,
              head_hidden=64, batch_size=8, minutes=60.0)
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory, npm_cache):
-    from xmodal.training.emoji import fetch_emoji
-
-    return fetch_emoji(tmp_path_factory.mktemp("emoji"), limit=12, progress=False)
+@pytest.fixture
+def manifest(emoji_manifest):
+    """The session's 12-concept emoji corpus: every training here reads it, none writes it."""
+    return emoji_manifest
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
-"""`xmodal web` against the real tritonserver (tiny ONNX encoders) and milvus-lite: the JSON API
-over HTTP, and the page in real headless Chromium.
+"""`xmodal web` against the session's tiny tritonserver (tiny ONNX encoders) and milvus-lite: the
+JSON API over HTTP, and the page in real headless Chromium.
 
 The browser test needs Debian's `chromium` and Playwright's Python package (which drives that
 Chromium; no browser is downloaded). Without either it is skipped, saying which is missing.
@@ -23,7 +23,7 @@ from xmodal.client import Client
 from xmodal.client.web import make_server, parse_multipart
 from xmodal.indexer import IndexJob
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 # A caption that is markup: the page must show it as text and run none of it.
 XSS_CAPTION = '<script>document.title="pwned"</script><img src=x onerror="window.xssed=1"><b>bold</b> cat'
@@ -32,29 +32,27 @@ SCREENSHOT_COPY = Path("/tmp/xmodal-web-screenshot.png")
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, tiny_triton, ray_local):
     directory = tmp_path_factory.mktemp("web")
-    card, repository = tinymodel.build_repository(directory, max_batch_size=4)
     tinymodel.write_png(directory / "images" / "other" / "cyan.png", (20, 200, 210), "rectangle")
     extra = [{"id": "other/cyan", "concept": "cyan", "style": "other", "split": "test",
               "image": "images/other/cyan.png", "captions": [XSS_CAPTION, "a cyan star"]}]
     manifest, images = tinymodel.write_corpus(directory, extra=extra)
     images.append(directory / "images" / "other" / "cyan.png")
     db = directory / "milvus" / "xmodal.db"
-    with tinymodel.serving(repository) as triton:
-        report = IndexJob(manifest=manifest, triton_url=triton.url, milvus_uri=str(db), batch_size=4,
-                          progress=False).run()
-        assert report.rows_written == len(images)
-        with Client(triton.url, db) as client:
-            server = make_server(client, port=0)
-            thread = threading.Thread(target=server.serve_forever, daemon=True)
-            thread.start()
-            try:
-                yield {"client": client, "server": server, "url": server.url, "images": images,
-                       "port": server.server_address[1]}
-            finally:
-                server.shutdown()
-                server.server_close()
+    triton = tiny_triton
+    report = IndexJob(manifest=manifest, triton_url=triton.url, milvus_uri=str(db), batch_size=4, progress=False).run()
+    assert report.rows_written == len(images)
+    with Client(triton.url, db) as client:
+        server = make_server(client, port=0)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield {"client": client, "server": server, "url": server.url, "images": images,
+                   "port": server.server_address[1]}
+        finally:
+            server.shutdown()
+            server.server_close()
     store.release_local(db)
 
 

@@ -1,7 +1,8 @@
 """A tiny real stack for the indexer and client tests: torch encoders exported to ONNX, a
 WordLevel tokenizer, a Triton model repository, a few PNG images and their manifest.
 
-Not a test module; test_indexer.py and test_client.py import it (pytest puts tests/ on sys.path).
+Not a test module; conftest.py builds the session's tiny repository, server and corpus with it,
+and tests import it for their own (pytest puts tests/ on sys.path).
 """
 from __future__ import annotations
 
@@ -214,6 +215,11 @@ def write_png(path: Path, colour: tuple[int, int, int], shape: str = "ellipse", 
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return path
+
+
+def png(directory: Path, name: str, shape: str = "ellipse") -> bytes:
+    """The bytes of `directory`/`name`.png, a shape in one of COLOURS."""
+    return write_png(directory / f"{name}.png", COLOURS[name], shape).read_bytes()
 
 
 def write_corpus(directory: Path, *, style: str = "tiny", split: str = "test",

@@ -42,15 +42,30 @@ def cache_root() -> Path:
     return Path(os.environ.get("XMODAL_CLIENT_VENV_CACHE", Path.home() / ".cache" / "xmodal" / "client-venv"))
 
 
+def package_folders() -> list[str]:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return sorted(set(pyproject["tool"]["setuptools"]["package-dir"].values()))
+
+
 def source_digest() -> str:
     """pyproject.toml and every file of the packages it ships, as a wheel built now would hold them."""
-    pyproject = REPO / "pyproject.toml"
-    digest = hashlib.sha256(pyproject.read_bytes())
-    for folder in sorted(set(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-dir"].values())):
+    digest = hashlib.sha256((REPO / "pyproject.toml").read_bytes())
+    for folder in package_folders():
         for path in sorted((REPO / folder).rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts:
                 digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def clean_source(directory: Path) -> Path:
+    """What a wheel is built from, copied into `directory`: pyproject.toml, the README and the
+    package folders. Built in the checkout, setuptools would leave build/ there and reuse it, so a
+    module removed from the source would still ship from build/lib."""
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, directory / name)
+    for folder in package_folders():
+        shutil.copytree(REPO / folder, directory / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return directory
 
 
 def cached(directory: Path, build: Callable[[Path], None]) -> Path:
@@ -97,14 +112,19 @@ def client_env() -> dict[str, str]:
 
     def build_venv(path: Path) -> None:
         subprocess.run([base_python, "-m", "venv", str(path)], check=True, timeout=120)
-        pip(path / "bin" / "python", str(REPO))
+        with tempfile.TemporaryDirectory() as source:
+            pip(path / "bin" / "python", str(clean_source(Path(source))))
         subprocess.run([str(path / "bin" / "python"), "-m", "pip", "uninstall", "--quiet", "--yes", "xmodal"],
                        check=True, timeout=120)
 
     venv = cached(cache_root() / f"venv-{python_tag}-{dependencies_key}", build_venv)
     python = venv / "bin" / "python"
-    build = cached(cache_root() / f"xmodal-{python_tag}-{source_digest()}",
-                   lambda path: pip(python, "--no-deps", "--no-compile", "--target", str(path), str(REPO)))
+
+    def build_xmodal(path: Path) -> None:
+        with tempfile.TemporaryDirectory() as source:
+            pip(python, "--no-deps", "--no-compile", "--target", str(path), str(clean_source(Path(source))))
+
+    build = cached(cache_root() / f"xmodal-{python_tag}-{source_digest()}", build_xmodal)
     # No PYTHONPATH or venv of the test run leaks in.
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     return {**env, "PYTHONPATH": str(build), "PYTHON": str(python)}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from xmodal.contract import CollectionKind
@@ -15,6 +16,12 @@ class Hit:
     captions: list[str]
     concept: str
     style: str
+
+    @property
+    def title(self) -> str:
+        """What names the hit: its first caption, or for an image indexed without captions (a
+        folder of images) its file's name."""
+        return self.captions[0] if self.captions else PurePath(self.image).name
 
     @classmethod
     def from_milvus(cls, hit: dict[str, Any], kind: CollectionKind) -> "Hit":

@@ -15,11 +15,11 @@ def _shorten(text: str, width: int) -> str:
 
 
 def format_hits(hits: Sequence[Hit]) -> str:
-    """rank, score, concept, first caption, image: one aligned row a hit."""
+    """rank, score, concept, title (first caption, or the file's name), image: one aligned row a hit."""
     if not hits:
         return "(no results)"
     rows = [
-        (str(rank), f"{hit.score:.4f}", hit.concept, _shorten(hit.captions[0] if hit.captions else "", CAPTION_WIDTH),
+        (str(rank), f"{hit.score:.4f}", hit.concept, _shorten(hit.title, CAPTION_WIDTH),
          hit.image)
         for rank, hit in enumerate(hits, start=1)
     ]

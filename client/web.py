@@ -11,7 +11,8 @@ Routes (all GET unless said):
     /api/styles            {"styles": [...]}: the collection's distinct styles, for the menu
     /image/<id>            the indexed image of row <id>
 
-A hit is ``{"id", "score", "caption", "captions", "concept", "style", "image_url"}``; errors are
+A hit is ``{"id", "score", "title", "caption", "captions", "concept", "style", "image_url"}`` (`title`:
+the first caption, or for an image indexed without captions its file's name); errors are
 ``{"error": message}`` with 400 (bad query, k or filter), 404, 413 (upload too large) or
 503 (Triton or Milvus unreachable).
 
@@ -80,7 +81,8 @@ def json_response(payload: Any, status: int = 200) -> Response:
 
 
 def hit_json(hit: Hit) -> dict[str, Any]:
-    return {"id": hit.id, "score": round(hit.score, 6), "caption": hit.captions[0] if hit.captions else "",
+    return {"id": hit.id, "score": round(hit.score, 6), "title": hit.title,
+            "caption": hit.captions[0] if hit.captions else "",
             "captions": hit.captions, "concept": hit.concept, "style": hit.style, "image_url": f"/image/{hit.id}"}
 
 

@@ -101,11 +101,11 @@ APP_JS = """"use strict";
       const figure = element("figure", "hit");
       const image = element("img");
       image.src = hit.image_url;
-      image.alt = hit.caption;
+      image.alt = hit.title;
       image.loading = "lazy";
       const caption = element("figcaption");
       caption.append(
-        element("span", "caption", hit.caption),
+        element("span", "caption", hit.title),
         element("span", "score", "score " + hit.score.toFixed(3)),
         element("span", "meta", [hit.style, hit.concept].filter(Boolean).join(" · ")));
       figure.append(image, caption);

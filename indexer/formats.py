@@ -13,12 +13,14 @@ and style, and started again at any row's position, which is how a read task fin
 | parquet | (file, row index): the read starts at the row group that holds it | rows of one or more files, streamed in record batches of the columns needed |
 | webdataset | (tar file, byte offset of the sample's first member header) | the samples of a member range of one or more tars (a gzip-compressed tar is decompressed up to the offset: plain ``.tar`` shards seek) |
 | karpathy | index in its ``images`` list | its rows, parsed by the driver and carried by the read task |
+| folder | its image file (``readers.walk_folder``'s sorted walk) | the image files it holds, which the read task stats and reads again |
 
 The Karpathy JSON is one JSON document: the driver parses it whole (its size is fixed by the
 dataset: Flickr30k's is ~31k images) and each read task carries its shard's rows. Every other
 format is streamed: the driver's scan holds a row (a Parquet record batch) at a time, and never
 reads the image bytes a Parquet file or a tar holds (their digests take the file's size and
-modification time instead).
+modification time instead). A folder's walk keeps its image paths (one a file); each row's digest
+takes its file's size and modification time, and its sidecars'.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from xmodal import readers
 from xmodal.manifest import parse_row
 
 MANIFEST = "manifest"
-FORMATS = (MANIFEST, *readers.FORMATS)
+FOLDER = readers.FOLDER
+FORMATS = (MANIFEST, *readers.FORMATS, FOLDER)
 # Formats whose rows can hold the image's bytes (materialised beside the collection when indexed).
 BYTE_FORMATS = ("parquet", "webdataset")
 # Formats whose consecutive rows naming one image are merged into one row (a caption a line).
@@ -52,9 +55,10 @@ SPLIT_DEFAULT: Any = _DefaultSplit()
 class Source:
     """An input in one of the formats users bring (``xmodal index --input``).
 
-    `path`: a file, or for Parquet and WebDataset a file, a directory of them or a glob. `format`:
-    ``auto`` (from the name), ``csv``, ``jsonl``, ``karpathy``, ``parquet``, ``webdataset`` or
-    ``manifest``. `image_root`: where relative image paths start (default: beside the file).
+    `path`: a file, or for Parquet and WebDataset a file, a directory of them or a glob, or a
+    folder of images (walked recursively; captions from sidecars, optional). `format`:
+    ``auto`` (from the name; a directory holding no Parquet or tar files is a ``folder``),
+    ``csv``, ``jsonl``, ``karpathy``, ``parquet``, ``webdataset``, ``folder`` or ``manifest``. `image_root`: where relative image paths start (default: beside the file).
     `image_column`/`caption_column`: Parquet columns, when detection by name is not enough.
     `name`: the rows' style (default: the source's name, as ``xmodal data import`` names it).
     """
@@ -111,6 +115,9 @@ def input_spec(source: Source, *, kind: str, split: Any = SPLIT_DEFAULT,
         raise ValueError(f"unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
     if fmt == MANIFEST and (source.image_root, source.image_column, source.caption_column, source.name) != (None,) * 4:
         raise ValueError("image_root, image_column, caption_column and name are for the other formats, not a manifest")
+    if fmt == FOLDER and (source.image_root, source.image_column, source.caption_column) != (None,) * 3:
+        raise ValueError("image_root, image_column and caption_column are not for a folder of images "
+                         "(its images are its files, their captions in sidecars)")
     if split is SPLIT_DEFAULT:
         split = "test" if fmt == MANIFEST else None
     elif split is not None and fmt != MANIFEST:
@@ -125,11 +132,25 @@ def input_spec(source: Source, *, kind: str, split: Any = SPLIT_DEFAULT,
         "" if fmt == MANIFEST else source.name or readers.default_style(path))
 
 
-def input_files(spec: InputSpec) -> list[str]:
+@dataclass
+class InputFiles:
+    """The files of an input in reading order (a folder's: its images), and the files a folder's
+    walk skipped, by reason (``readers.FolderWalk``)."""
+
+    files: list[str]
+    hidden: int = 0
+    not_images: int = 0
+    outside_links: int = 0
+
+
+def input_files(spec: InputSpec) -> InputFiles:
     """The files of the input, in reading order; ValueError when there are none."""
     if spec.format == MANIFEST:
-        return [spec.path]
-    return [str(file) for file in readers.source_files(Path(spec.path), spec.format)]
+        return InputFiles([spec.path])
+    if spec.format == FOLDER:
+        walk = readers.walk_folder(Path(spec.path))
+        return InputFiles([str(image) for image in walk.images], walk.hidden, walk.not_images, walk.outside_links)
+    return InputFiles([str(file) for file in readers.source_files(Path(spec.path), spec.format)])
 
 
 @dataclass
@@ -179,17 +200,36 @@ def _file_rows(spec: InputSpec, file: Path, offset: int, number: int | None,
     if spec.format == MANIFEST:
         yield from _manifest_rows(spec, file, offset, number or 1)
         return
+    if spec.format == FOLDER:  # one row a file: its stamp and its sidecars' say whether it changed
+        stamps = [f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "" for stat in map(_stat, _sidecars(file))]
+        stat = file.stat()
+        yield 0, 0, _row(spec, file, readers.folder_row(Path(spec.path), file),
+                         {"stamp": f"{stat.st_size}:{stat.st_mtime_ns}", "sidecars": stamps})
+        return
     extra: dict[str, Any] = {}
     if spec.format in BYTE_FORMATS:  # the image bytes are not hashed by the scan: the file's stamp stands for them
         stat = file.stat()
         extra["stamp"] = f"{stat.st_size}:{stat.st_mtime_ns}"
     positioned = readers.file_rows(spec.format, file, image_root=Path(spec.image_root) if spec.image_root else None,
                                    image_column=spec.image_column, caption_column=spec.caption_column,
-                                   offset=offset, number=number, read_images=read_images)
+                                   offset=offset, number=number, read_images=read_images,
+                                   require_captions=spec.kind == "caption")
     if spec.format in MERGED_FORMATS:
         positioned = _merge_consecutive(positioned)
     for row_offset, row_number, source_row in positioned:
         yield row_offset, row_number, _row(spec, file, source_row, extra)
+
+
+def _sidecars(image: Path) -> list[Path]:
+    stem = image.name.rpartition(".")[0]
+    return [image.with_name(f"{stem}.{ext}") for ext in readers.SIDECAR_EXTENSIONS]
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
 
 
 def _merge_consecutive(positioned: Iterator[readers.Positioned]) -> Iterator[readers.Positioned]:

@@ -61,6 +61,11 @@ class IndexReport:
     scan_seconds: float = 0.0  # the driver's pass over the input (count, hash, shard offsets)
     startup_seconds: float = 0.0  # from the start until the first embedded batch was back (Ray, actors, models)
     startup_items: int = 0  # the items of that first batch
+    # a folder's files the walk left out (not dead letters): hidden ones (a hidden directory
+    # counts once), files neither an image nor an image's sidecar, symlinks leaving the folder
+    hidden_skipped: int = 0
+    not_images_skipped: int = 0
+    outside_links_skipped: int = 0
 
     @property
     def items_processed(self) -> int:
@@ -96,6 +101,9 @@ class IndexReport:
         if self.shards_skipped:
             text += (f"; {self.shards_skipped} of {self.shards} shards ({self.items_skipped} items) "
                      f"skipped, finished by an earlier run")
+        if self.hidden_skipped or self.not_images_skipped or self.outside_links_skipped:
+            text += (f"; files left out: {self.hidden_skipped} hidden, {self.not_images_skipped} not images, "
+                     f"{self.outside_links_skipped} links leaving the folder")
         text += f"\n  {self.seconds:.1f} s wall, {self.items_per_second:.1f} items/s"
         rates = self.stage_rates()
         if rates:
@@ -319,6 +327,11 @@ class Sink:
         return _Writer(client, self.collection, progress, batch_rows=self.write_batch, flush=self.local)
 
 
+def _walk_skipped(plan: sources.InputPlan) -> dict[str, int]:
+    return {"hidden_skipped": plan.hidden_skipped, "not_images_skipped": plan.not_images_skipped,
+            "outside_links_skipped": plan.outside_links_skipped}
+
+
 def card_dims(card: ModelCard) -> dict[str, int]:
     """Each embedding level of the card and its width."""
     return {level: int(spec["dim"]) for level, spec in card.embeddings.items()}
@@ -406,7 +419,7 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
             return _finish(IndexReport(collection=collection, model=card.name, fingerprint=card.fingerprint,
                                        items_read=0, rows_written=0, dead_letters=0,
                                        seconds=time.perf_counter() - started,
-                                       scan_seconds=round(read.scan_seconds, 6)),
+                                       scan_seconds=round(read.scan_seconds, 6), **_walk_skipped(plan)),
                            job.progress)
         run_progress, fresh_start = state.continue_or_start(
             state.progress_path(write.uri, collection), identity, shards, collection_created=created,
@@ -489,6 +502,7 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
         progress_path=str(run_progress.path), fresh_start=fresh_start, scan_seconds=round(read.scan_seconds, 6),
         startup_seconds=round(first_batch_at - started, 6) if first_batch_at else 0.0, startup_items=first_batch_items,
         stage_seconds={k: round(v, 6) for k, v in stage_seconds.items()}, stage_items=stage_items,
+        **_walk_skipped(plan),
     )
     return _finish(report, job.progress)
 

@@ -101,6 +101,10 @@ class InputPlan:
     items: int
     items_sha256: str
     shards: list[Shard]
+    # a folder's files its walk skipped (formats.InputFiles): hidden, neither image nor sidecar, links leaving it
+    hidden_skipped: int = 0
+    not_images_skipped: int = 0
+    outside_links_skipped: int = 0
 
 
 def _units(kind: str, row: formats.Row) -> list[str | None]:
@@ -144,7 +148,8 @@ def scan(source: formats.Source | str | os.PathLike[str], *, kind: str, split: A
     if not isinstance(source, formats.Source):
         source = formats.Source(source, format=formats.MANIFEST)
     spec = formats.input_spec(source, kind=kind, split=split, styles=styles)
-    files = formats.input_files(spec)
+    found = formats.input_files(spec)
+    files = found.files
     keep_rows = spec.format == "karpathy"  # one document, parsed here: the read tasks carry its rows
     shards: list[Shard] = []
     total = hashlib.sha256()
@@ -180,7 +185,8 @@ def scan(source: formats.Source | str | os.PathLike[str], *, kind: str, split: A
                 break
     if current is not None:
         close()
-    return InputPlan(spec, limit, shard_size, number, total.hexdigest(), shards)
+    return InputPlan(spec, limit, shard_size, number, total.hexdigest(), shards,
+                     found.hidden, found.not_images, found.outside_links)
 
 
 def _safe_text(value: str) -> str:
@@ -198,7 +204,6 @@ def _image_item(number: int, row: formats.Row) -> dict[str, Any]:
     error = _first_problem(
         row.problem,
         row.missing,
-        "" if captions else "empty caption",
         text_problem("image path", path, contract.PATH_MAX_LENGTH),
         text_problem("concept", row.concept, contract.KEY_MAX_LENGTH),
         text_problem("style", row.style, contract.KEY_MAX_LENGTH),
@@ -230,7 +235,8 @@ def _caption_item(number: int, row: formats.Row, caption: str | None) -> dict[st
 
 
 # How a shard's start is named in messages, per format.
-_POSITION_WORDS = {"csv": "line", "jsonl": "line", "parquet": "row", "webdataset": "sample", "karpathy": "image"}
+_POSITION_WORDS = {"csv": "line", "jsonl": "line", "parquet": "row", "webdataset": "sample", "karpathy": "image",
+                   "folder": "image"}
 
 
 def _changed(spec: InputSpec, shard: Shard, why: str = "no longer holds the items it held") -> ValueError:

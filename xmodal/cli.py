@@ -18,6 +18,8 @@ from xmodal.training.recipes import RECIPES
 
 # The formats users bring (xmodal/readers.py), as `data import` and `index --input` take them.
 INPUT_FORMATS = ("auto", "csv", "jsonl", "karpathy", "parquet", "webdataset")
+# `index --input` also takes a folder of images (captions optional: import needs them).
+INDEX_INPUT_FORMATS = (*INPUT_FORMATS, "folder")
 
 
 def default_manifest() -> Path:
@@ -369,9 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "collection.")
     index.add_argument("--manifest", type=Path, help="the project's manifest (default: the emoji corpus's)")
     index.add_argument("--input", type=Path, help="instead of --manifest: a corpus you bring, read directly "
-                       "(CSV/TSV or JSONL + images, Karpathy JSON, Parquet or WebDataset tar shards: a file, "
-                       "directory or glob)")
-    index.add_argument("--format", default="auto", choices=INPUT_FORMATS, help="with --input: its format (default: from its name)")
+                       "(a folder of images, walked recursively, captions optional from same-name .txt/.json "
+                       "sidecars; CSV/TSV or JSONL + images, Karpathy JSON, Parquet or WebDataset tar shards: a "
+                       "file, directory or glob)")
+    index.add_argument("--format", default="auto", choices=INDEX_INPUT_FORMATS, help="with --input: its format (default: from its name)")
     index.add_argument("--image-root", type=Path, help="with --input: where relative image paths start (default: beside the source)")
     index.add_argument("--image-column", help="with --input: the Parquet image column (bytes, path or {bytes, path})")
     index.add_argument("--caption-column", help="with --input: the Parquet caption column")

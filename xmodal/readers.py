@@ -314,8 +314,10 @@ class _Lines:
         return raw.decode("utf-8", "surrogateescape")
 
 
-def table_captions(record: dict[str, Any], where: str, *, json_list_text: bool) -> list[str]:
-    """``captions`` (a list, or in CSV a JSON list) or ``caption``."""
+def table_captions(record: dict[str, Any], where: str, *, json_list_text: bool,
+                   require_captions: bool = True) -> list[str]:
+    """``captions`` (a list, or in CSV a JSON list) or ``caption``; without `require_captions` a
+    record with neither has none."""
     if record.get("captions") not in (None, ""):
         value = record["captions"]
         if json_list_text and isinstance(value, str):
@@ -326,19 +328,24 @@ def table_captions(record: dict[str, Any], where: str, *, json_list_text: bool) 
         return clean_captions(value, where)
     if "caption" in record:
         return clean_captions(record["caption"] if record["caption"] is not None else "", where)
+    if not require_captions:
+        return []
     raise ValueError(f"{where}: missing 'caption' or 'captions'")
 
 
-def table_row(record: dict[str, Any], root: Path, where: str, *, json_list_text: bool) -> SourceRow:
-    captions = table_captions(record, where, json_list_text=json_list_text)
+def table_row(record: dict[str, Any], root: Path, where: str, *, json_list_text: bool,
+              require_captions: bool = True) -> SourceRow:
+    captions = table_captions(record, where, json_list_text=json_list_text, require_captions=require_captions)
     split = normalise_split(record.get("split"), where)
     group = optional_text(record.get("category"), where, "category")
     return path_row(record.get("image"), root, captions, split, group, where)
 
 
-def csv_rows(path: Path, root: Path, *, offset: int = 0, line: int = 1) -> Iterator[Positioned]:
+def csv_rows(path: Path, root: Path, *, offset: int = 0, line: int = 1,
+             require_captions: bool = True) -> Iterator[Positioned]:
     """The records of a CSV (``.tsv``: tab-separated) table with a header, from `offset` (the
-    start of a record after the header; 0: the first) on. A missing column is a ValueError."""
+    start of a record after the header; 0: the first) on. A missing column is a ValueError (the
+    caption column only with `require_captions`)."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with path.open("rb") as handle:
         lines = _Lines(handle)
@@ -351,7 +358,7 @@ def csv_rows(path: Path, root: Path, *, offset: int = 0, line: int = 1) -> Itera
             columns[0] = columns[0].removeprefix("\ufeff")  # a byte-order mark
         if "image" not in columns:
             raise ValueError(f"{path}:1: missing column 'image' (columns: {', '.join(columns) or 'none'})")
-        if "caption" not in columns and "captions" not in columns:
+        if require_captions and "caption" not in columns and "captions" not in columns:
             raise ValueError(f"{path}:1: missing column 'caption' or 'captions' (columns: {', '.join(columns)})")
         if offset > lines.offset:
             lines.seek(offset, line)  # the reader holds nothing between records
@@ -372,17 +379,20 @@ def csv_rows(path: Path, root: Path, *, offset: int = 0, line: int = 1) -> Itera
                                                location=where)
                 continue
             record = dict(zip(columns, values + [None] * (len(columns) - len(values))))
-            yield start, number, _parsed(where, lambda: table_row(record, root, where, json_list_text=True))
+            yield start, number, _parsed(where, lambda: table_row(record, root, where, json_list_text=True,
+                                                                        require_captions=require_captions))
 
 
-def jsonl_rows(path: Path, root: Path, *, offset: int = 0, line: int = 1) -> Iterator[Positioned]:
-    """The rows of a JSONL table (one object a line with ``image`` and ``caption``/``captions``)."""
+def jsonl_rows(path: Path, root: Path, *, offset: int = 0, line: int = 1,
+               require_captions: bool = True) -> Iterator[Positioned]:
+    """The rows of a JSONL table (one object a line with ``image`` and ``caption``/``captions``;
+    without `require_captions` the captions may be absent)."""
 
     def parse(text: str, where: str) -> SourceRow:
         record = json_object(text, where=where)
         if "image" not in record:
             raise ValueError(f"{where}: missing key 'image'")
-        return table_row(record, root, where, json_list_text=False)
+        return table_row(record, root, where, json_list_text=False, require_captions=require_captions)
 
     with path.open("rb") as handle:
         lines = _Lines(handle, offset, line)
@@ -466,14 +476,15 @@ class ParquetLayout:
     """The columns of a Parquet file that hold a row's image, captions, split and category."""
 
     image: str
-    caption: str
+    caption: str | None  # None: the file has no caption column (allowed where captions are optional)
     extra: tuple[str, ...]
     image_kind: str  # "path" (strings), "bytes" or "struct" (Hugging Face's Image: {"bytes", "path"})
 
 
-def parquet_layout(path: Path, image_column: str | None, caption_column: str | None) -> tuple[Any, ParquetLayout]:
+def parquet_layout(path: Path, image_column: str | None, caption_column: str | None,
+                   require_captions: bool = True) -> tuple[Any, ParquetLayout]:
     """The opened file and its layout; ValueError naming the file when it is no Parquet file or
-    has no image or caption column of a usable type."""
+    has no image column of a usable type, or no caption column (when one is named, or `require_captions`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -483,7 +494,9 @@ def parquet_layout(path: Path, image_column: str | None, caption_column: str | N
         raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
     names = parquet.schema_arrow.names
     image_col = pick_column(names, image_column, PARQUET_IMAGE_COLUMNS, "image", path)
-    caption_col = pick_column(names, caption_column, PARQUET_CAPTION_COLUMNS, "caption", path)
+    caption_col: str | None = None
+    if require_captions or caption_column is not None or any(c in PARQUET_CAPTION_COLUMNS for c in map(str.lower, names)):
+        caption_col = pick_column(names, caption_column, PARQUET_CAPTION_COLUMNS, "caption", path)
     extra = tuple(c for c in ("split", "category") if c in names and c not in (image_col, caption_col))
     image_type = parquet.schema_arrow.field(image_col).type
     if pa.types.is_struct(image_type):
@@ -502,7 +515,7 @@ def parquet_row(layout: ParquetLayout, image: Any, caption: Any, split: Any, gro
                 read_images: bool) -> SourceRow:
     if caption is not None and isinstance(caption, list) and caption and isinstance(caption[0], dict):
         caption = [c.get("raw") for c in caption]  # Karpathy-style sentence structs
-    captions = clean_captions(caption if caption is not None else "", where)
+    captions = [] if layout.caption is None else clean_captions(caption if caption is not None else "", where)
     split = normalise_split(split, where)
     group = optional_text(group, where, "category")
     if layout.image_kind == "path":
@@ -524,11 +537,11 @@ def parquet_row(layout: ParquetLayout, image: Any, caption: Any, split: Any, gro
 
 
 def parquet_rows(path: Path, root: Path, *, image_column: str | None, caption_column: str | None,
-                 offset: int = 0, read_images: bool = True) -> Iterator[Positioned]:
+                 offset: int = 0, read_images: bool = True, require_captions: bool = True) -> Iterator[Positioned]:
     """The rows of a Parquet file from row `offset` (counted from 0) on, streamed in record
     batches of the columns needed: without `read_images`, an image column of bytes is not read."""
-    parquet, layout = parquet_layout(path, image_column, caption_column)
-    columns = [layout.caption, *layout.extra]
+    parquet, layout = parquet_layout(path, image_column, caption_column, require_captions)
+    columns = [name for name in (layout.caption, *layout.extra) if name is not None]
     if read_images or layout.image_kind == "path":
         columns.insert(0, layout.image)
     groups, first = [], 0  # the row groups from the one holding `offset`, and that group's first row
@@ -611,13 +624,17 @@ def iter_wds_samples(shard: Path, *, offset: int = 0, number: int = 0,
         yield start, number, key, files
 
 
-def wds_row(shard: Path, key: str, files: dict[str, bytes | None]) -> SourceRow:
-    where = f"{shard}:{key}"
+def sidecar_fields(where: str, json_data: bytes | None, txt_data: bytes | None
+                   ) -> tuple[list[str] | None, str | None, str | None]:
+    """(captions, split, category) from a sample's ``.json`` and ``.txt`` (a WebDataset sample's
+    members, an image file's sidecars in a folder): the JSON's ``captions``/``caption``/``text``
+    first, else the text's non-empty lines; captions None where neither holds any. `where` is the
+    sample without its extension."""
     captions: list[str] | None = None
     split = group = None
-    if "json" in files:
+    if json_data is not None:
         try:
-            meta = json.loads(files["json"] or b"")
+            meta = json.loads(json_data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{where}.json: not valid JSON ({exc})") from None
         if not isinstance(meta, dict):
@@ -628,9 +645,18 @@ def wds_row(shard: Path, key: str, files: dict[str, bytes | None]) -> SourceRow:
                 break
         split = normalise_split(meta.get("split"), f"{where}.json")
         group = optional_text(meta.get("category"), f"{where}.json", "category")
-    if captions is None and "txt" in files:
-        text = (files["txt"] or b"").decode("utf-8", "surrogateescape")
+    if captions is None and txt_data is not None:
+        text = txt_data.decode("utf-8", "surrogateescape")
         captions = clean_captions([line for line in text.splitlines() if line.strip()] or "", f"{where}.txt")
+    return captions, split, group
+
+
+def wds_row(shard: Path, key: str, files: dict[str, bytes | None], *, require_captions: bool = True) -> SourceRow:
+    where = f"{shard}:{key}"
+    captions, split, group = sidecar_fields(where, (files["json"] or b"") if "json" in files else None,
+                                            (files["txt"] or b"") if "txt" in files else None)
+    if captions is None and not require_captions:
+        captions = []
     if captions is None:
         raise ValueError(f"{where}: no caption (expected {key}.txt, or {key}.json with 'caption' or 'captions')")
     image_ext = next((ext for ext in WDS_IMAGE_EXTENSIONS if ext in files), None)
@@ -641,14 +667,102 @@ def wds_row(shard: Path, key: str, files: dict[str, bytes | None]) -> SourceRow:
                      f"{where}.{image_ext}")
 
 
-def wds_rows(shard: Path, *, offset: int = 0, number: int = 0, read_images: bool = True) -> Iterator[Positioned]:
+def wds_rows(shard: Path, *, offset: int = 0, number: int = 0, read_images: bool = True,
+             require_captions: bool = True) -> Iterator[Positioned]:
     """The samples of a WebDataset tar shard, from the sample whose first member's header is at
     byte `offset` of the tar stream. Without `read_images` the image members are skipped unread."""
     def wanted(ext: str) -> bool:  # the other members (and without read_images, the images) are skipped unread
         return ext in ("txt", "json") or (read_images and ext in WDS_IMAGE_EXTENSIONS)
 
     for start, sample, key, files in iter_wds_samples(shard, offset=offset, number=number, read=wanted):
-        yield start, sample, _parsed(f"{shard}:{key}", lambda: wds_row(shard, key, files))
+        yield start, sample, _parsed(f"{shard}:{key}", lambda: wds_row(shard, key, files, require_captions=require_captions))
+
+
+# --- a folder of images -------------------------------------------------------------------
+#
+# Not one of the import FORMATS (import needs captions): the indexer reads a folder as a corpus
+# whose rows are its image files, captions optional, from same-name sidecars.
+
+FOLDER = "folder"
+SIDECAR_EXTENSIONS = ("txt", "json")
+
+
+@dataclass
+class FolderWalk:
+    """The image files under a folder, in walk order, and what the walk skipped: `hidden` (files
+    and directories whose name starts with "."; a directory counts once, unread), `not_images`
+    (files that are neither an image nor an image's sidecar: SVG among them, for now) and
+    `outside_links` (symlinks whose target leaves the folder, or is missing: not followed)."""
+
+    images: list[Path] = field(default_factory=list)
+    hidden: int = 0
+    not_images: int = 0
+    outside_links: int = 0
+
+
+def _extension(name: str) -> str:
+    return name.rpartition(".")[2].lower() if "." in name else ""
+
+
+def walk_folder(root: Path) -> FolderWalk:
+    """Every image file under `root` (IMAGE_EXTENSIONS, any case), depth first with each
+    directory's entries sorted by name: the same tree gives the same order, so its shards are
+    reproducible. Symlinks inside the tree are read as files (a link to a directory is not
+    descended: its target is walked where it is), links leaving it are not followed."""
+    root = root.resolve()
+    walk = FolderWalk()
+
+    def visit(directory: Path) -> None:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as exc:
+            raise ValueError(f"{directory}: cannot list the folder ({exc.strerror or exc})") from None
+        stems = {entry.name.rpartition(".")[0] for entry in entries
+                 if _extension(entry.name) in IMAGE_EXTENSIONS and not entry.name.startswith(".")}
+        for entry in entries:
+            if entry.name.startswith("."):
+                walk.hidden += 1
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink():
+                target = path.resolve()
+                if not target.exists() or not target.is_relative_to(root):
+                    walk.outside_links += 1
+                    continue
+                if target.is_dir():
+                    continue
+            if entry.is_dir(follow_symlinks=False):
+                visit(path)
+            elif _extension(entry.name) in IMAGE_EXTENSIONS:
+                walk.images.append(path)
+            elif not (_extension(entry.name) in SIDECAR_EXTENSIONS and entry.name.rpartition(".")[0] in stems):
+                walk.not_images += 1
+
+    if not root.is_dir():
+        raise ValueError(f"{root}: no such folder")
+    visit(root)
+    return walk
+
+
+def folder_row(root: Path, image: Path) -> SourceRow:
+    """The row of one image file of a folder: its path, its key the path relative to `root`, and
+    the captions (split, category) of its sidecars ``<name>.json``/``<name>.txt`` beside it, if any
+    (read as a WebDataset sample's ``.json`` and ``.txt``)."""
+    stem = image.with_name(image.name.rpartition(".")[0])
+    where = str(image)
+
+    def sidecar(ext: str) -> bytes | None:
+        try:
+            return stem.with_name(f"{stem.name}.{ext}").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def parse() -> SourceRow:
+        captions, split, group = sidecar_fields(str(stem), sidecar("json"), sidecar("txt"))
+        return SourceRow(where, captions or [], split, group, image=image,
+                         key=image.relative_to(root).as_posix(), location=where)
+
+    return _parsed(where, parse)
 
 
 # --- sources and formats -------------------------------------------------------------------
@@ -690,24 +804,27 @@ def source_files(source: Path, format: str) -> list[Path]:
 
 def file_rows(format: str, file: Path, *, image_root: Path | None = None, image_column: str | None = None,
               caption_column: str | None = None, offset: int = 0, number: int | None = None,
-              read_images: bool = True) -> Iterator[Positioned]:
+              read_images: bool = True, require_captions: bool = True) -> Iterator[Positioned]:
     """``(offset, number, row)`` for each row of one file of a source, from `offset` on (a byte
     offset for csv, jsonl and a tar stream, a row index for parquet and karpathy), `number` being
     that row's line (from 1) or sample number (from 0) for messages. Image paths are relative to
     `image_root`, else to the file's directory. A file that cannot be read as its format at all is a
-    ValueError naming it; a malformed row is a row with a ``problem``."""
+    ValueError naming it; a malformed row is a row with a ``problem``. Without `require_captions`
+    (the indexer's images) a table, Parquet file or sample with no captions gives rows without
+    any; a caption column named by `caption_column` must still be there."""
     root = Path(image_root) if image_root is not None else file.parent
     if format == "csv":
-        return csv_rows(file, root, offset=offset, line=number or 1)
+        return csv_rows(file, root, offset=offset, line=number or 1, require_captions=require_captions)
     if format == "jsonl":
-        return jsonl_rows(file, root, offset=offset, line=number or 1)
+        return jsonl_rows(file, root, offset=offset, line=number or 1, require_captions=require_captions)
     if format == "karpathy":
         return itertools.islice(karpathy_rows(file, root), offset, None)
     if format == "parquet":
         return parquet_rows(file, root, image_column=image_column, caption_column=caption_column, offset=offset,
-                            read_images=read_images)
+                            read_images=read_images, require_captions=require_captions)
     if format == "webdataset":
-        return wds_rows(file, offset=offset, number=number or 0, read_images=read_images)
+        return wds_rows(file, offset=offset, number=number or 0, read_images=read_images,
+                        require_captions=require_captions)
     raise ValueError(f"unknown format {format!r}; expected auto or one of {', '.join(FORMATS)}")
 
 
@@ -727,6 +844,8 @@ def detect_format(source: Path) -> str:
                 kinds.add("parquet")
         if len(kinds) == 1:
             return kinds.pop()
+        if not kinds:
+            return FOLDER
     elif name.endswith((".csv", ".tsv")):
         return "csv"
     elif name.endswith((".jsonl", ".ndjson")):
@@ -770,6 +889,9 @@ def import_corpus(
     out_dir = Path(out_dir)
     if format == "auto":
         format = detect_format(source)
+    if format == FOLDER:
+        raise ValueError(f"{source} is a folder of images: import needs captions, index it directly "
+                         "(xmodal index --input FOLDER)")
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected auto or one of {', '.join(FORMATS)}")
     if not 0.0 <= test_fraction <= 1.0 or not 0.0 <= val_fraction <= 1.0 or test_fraction + val_fraction > 1.0:

@@ -1,0 +1,163 @@
+"""`xmodal index --input DIR`: a folder of images is a corpus (walked recursively, captions
+optional from sidecars), and inputs of the other formats without captions index their images.
+The walk and the shards without Ray or Milvus; end to end with real local Ray, the tiny model
+embedded in-process (``model_repository=``), milvus-lite, and the client searching through the
+real tritonserver."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tinymodel import COLOURS, write_png
+from xmodal import store
+from xmodal.client import Client
+from xmodal.client.table import format_hits
+from xmodal.indexer import IndexJob, sources
+from xmodal.indexer.formats import Source
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def photo(path: Path, colour: str, shape: str = "ellipse") -> bytes:
+    return write_png(path, COLOURS[colour], shape).read_bytes()
+
+
+@pytest.fixture
+def tree(tmp_path) -> dict:
+    """photos/ nested, with sidecars and without, unicode and space names, hidden entries, a
+    file that is no image, an orphan sidecar, links inside and out of the tree."""
+    root = tmp_path / "photos"
+    outside = tmp_path / "elsewhere"
+    contents = {
+        "red.png": photo(root / "red.png", "red"),
+        "2024/holidays/green.png": photo(root / "2024/holidays/green.png", "green", "rectangle"),
+        "2024/holidays/blue sky é.png": photo(root / "2024/holidays/blue sky é.png", "blue"),
+        "2024/yellow.PNG": photo(root / "2024/yellow.PNG", "yellow", "rectangle"),
+    }
+    (root / "red.txt").write_text("a red ellipse\n\nround and red\n", encoding="utf-8")
+    (root / "2024/holidays/green.json").write_text(json.dumps({"caption": "green rectangle", "url": "x"}))
+    photo(root / ".hidden.png", "purple")
+    photo(root / ".cache" / "purple.png", "purple")
+    (root / "notes.md").write_text("not an image")
+    (root / "orphan.txt").write_text("a caption with no image")
+    photo(outside / "black.png", "black")
+    os.symlink(outside / "black.png", root / "outside.png")
+    os.symlink(outside, root / "outside-dir")
+    os.symlink(root / "2024" / "yellow.PNG", root / "2024" / "alias.png")  # inside the tree: read
+    return {"root": root, "contents": contents}
+
+
+def test_a_folder_is_walked_in_a_stable_order_with_sidecar_captions_and_skips_counted(tree):
+    root = tree["root"]
+    plan = sources.scan(Source(root), kind="image", shard_size=2)  # format from the path: a folder
+    assert (plan.spec.format, plan.spec.style, plan.items) == ("folder", "photos", 5)
+    assert (plan.hidden_skipped, plan.not_images_skipped, plan.outside_links_skipped) == (2, 2, 2)
+    items = [item for shard in plan.shards for item in sources.read_shard(plan.spec, shard)]
+    assert [item["path"] for item in items] == [str(root / name) for name in (
+        "2024/alias.png", "2024/holidays/blue sky é.png", "2024/holidays/green.png", "2024/yellow.PNG", "red.png")]
+    assert [json.loads(item["captions"]) for item in items] == [
+        [], [], ["green rectangle"], [], ["a red ellipse", "round and red"]]
+    assert [item["concept"] for item in items][1] == "photos/2024/holidays/blue sky é.png"
+    assert not any(item["error"] for item in items)  # no caption is no error
+    # the caption collection: the sidecars' captions only
+    captions = sources.scan(Source(root), kind="caption")
+    assert captions.items == 3
+    read = sources.read_shard(captions.spec, captions.shards[0])
+    assert sorted(item["caption"] for item in read) == ["a red ellipse", "green rectangle", "round and red"]
+
+
+def test_the_scan_digest_covers_each_file_and_its_sidecars(tree):
+    root = tree["root"]
+
+    def digest() -> str:
+        return sources.scan(Source(root), kind="image").items_sha256
+
+    first = digest()
+    assert digest() == first
+    stat = (root / "2024/yellow.PNG").stat()
+    os.utime(root / "2024/yellow.PNG", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    touched = digest()
+    assert touched != first
+    (root / "2024/holidays/green.json").write_text(json.dumps({"caption": "a green box"}))
+    assert digest() != touched
+    photo(root / "deeper/still/new.png", "black")
+    assert sources.scan(Source(root), kind="image").items == 6
+
+
+def test_a_folder_takes_no_table_options_and_a_bad_sidecar_is_a_dead_letter(tree):
+    root = tree["root"]
+    with pytest.raises(ValueError, match="not for a folder of images"):
+        sources.scan(Source(root, caption_column="text"), kind="image")
+    with pytest.raises(ValueError, match="no such folder"):
+        sources.scan(Source(root / "absent", format="folder"), kind="image")
+    (root / "red.json").write_text("{not json")
+    plan = sources.scan(Source(root), kind="image")
+    items = sources.read_shard(plan.spec, plan.shards[0])
+    assert [item["error"] for item in items if item["error"]] == [
+        f"{root / 'red'}.json: not valid JSON (Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))"]
+
+
+def test_inputs_without_captions_index_their_images(tmp_path):
+    photo(tmp_path / "images/red.png", "red")
+    photo(tmp_path / "images/blue.png", "blue")
+    (tmp_path / "only.csv").write_text("image\nimages/red.png\nimages/blue.png\n")
+    (tmp_path / "only.jsonl").write_text('{"image": "images/red.png"}\n{"image": "images/blue.png", "caption": ""}\n')
+    pq.write_table(pa.table({"image": ["images/red.png", "images/blue.png"]}), tmp_path / "only.parquet")
+    with tarfile.open(tmp_path / "only.tar", "w") as archive:
+        for key in ("red", "blue"):
+            data = (tmp_path / f"images/{key}.png").read_bytes()
+            member = tarfile.TarInfo(f"{key}.png")
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    for name in ("only.csv", "only.jsonl", "only.parquet", "only.tar"):
+        plan = sources.scan(Source(tmp_path / name), kind="image")
+        items = sources.read_shard(plan.spec, plan.shards[0])
+        assert [(item["error"], json.loads(item["captions"])) for item in items] == [("", [])] * 2, name
+        # captions still need captions: the table's header says there are none
+    with pytest.raises(ValueError, match="missing column 'caption' or 'captions'"):
+        sources.scan(Source(tmp_path / "only.csv"), kind="caption")
+    # a caption column named but absent is still an error
+    with pytest.raises(ValueError, match=r"only\.parquet: no caption column 'text'"):
+        sources.scan(Source(tmp_path / "only.parquet", caption_column="text"), kind="image")
+
+
+@pytest.mark.slow
+def test_a_folder_end_to_end_indexed_and_searched(tree, tiny_repository, tiny_triton, ray_local, tmp_path):
+    _, repository = tiny_repository
+    root, contents = tree["root"], tree["contents"]
+    db = tmp_path / "milvus" / "xmodal.db"
+    try:
+        report = IndexJob(input=root, model_repository=repository, milvus_uri=str(db), batch_size=4,
+                          progress=False).run()
+        assert (report.items_read, report.rows_written, report.dead_letters, report.duplicates) == (5, 4, 0, 1)
+        assert (report.hidden_skipped, report.not_images_skipped, report.outside_links_skipped) == (2, 2, 2)
+        assert "files left out: 2 hidden, 2 not images, 2 links leaving the folder" in str(report)
+        captions = IndexJob(kind="caption", input=root, model_repository=repository, milvus_uri=str(db),
+                            progress=False).run()
+        assert (captions.items_read, captions.rows_written, captions.dead_letters) == (3, 3, 0)
+        again = IndexJob(input=root, model_repository=repository, milvus_uri=str(db), batch_size=4,
+                         progress=False).run()
+        assert "finished" in again.fresh_start and again.rows_written == 4  # the same shards again
+
+        blue = root / "2024/holidays/blue sky é.png"
+        with Client(tiny_triton.url, db) as client:
+            hits = client.search_image(blue, k=4)
+            assert (hits[0].image, hits[0].captions, hits[0].title) == (str(blue), [], "blue sky é.png")
+            assert hits[0].id == sources.content_id(contents["2024/holidays/blue sky é.png"])
+            by_image = {hit.image: hit for hit in client.search_text("green rectangle", k=4)}
+            assert len(by_image) == 4
+            assert by_image[str(root / "2024/holidays/green.png")].title == "green rectangle"
+            assert by_image[str(root / "red.png")].captions == ["a red ellipse", "round and red"]
+            assert "blue sky é.png" in format_hits(hits)
+            texts = client.search_captions(blue, k=3)
+            assert {hit.captions[0] for hit in texts} == {"a red ellipse", "green rectangle", "round and red"}
+    finally:
+        store.release_local(db)

@@ -83,13 +83,13 @@ def test_csv_rows_of_one_image_merge_and_bad_rows_go_to_the_dead_letters(reposit
         "images/corrupt.png,broken\n"
         "images/empty.png,nothing inside\n"
         "images/missing.png,not there\n"
-        "images/blue.png,\n"  # its only caption is empty
+        "images/blue.png,\n"  # its only caption is empty: an image without captions
         'images/yellow.png,"a yellow star,\nquoted over two lines"\n'
         "images/green.png,one,field too many\n", encoding="utf-8")
     report = index("image", source, repository, db)
-    assert (report.items_read, report.rows_written, report.dead_letters) == (8, 3, 5)
+    assert (report.items_read, report.rows_written, report.dead_letters) == (8, 4, 4)
     rows = stored(db, "xmodal_images", ["image", "captions", "concept", "style"])
-    ids = {name: sources.content_id(contents[name]) for name in ("red", "green", "yellow")}
+    ids = {name: sources.content_id(contents[name]) for name in ("red", "green", "yellow", "blue")}
     assert set(rows) == set(ids.values())
     red = rows[ids["red"]]
     assert red["captions"] == ["red ellipse", "a red face"] and red["image"] == str(tmp_path / "images/red.png")
@@ -100,11 +100,11 @@ def test_csv_rows_of_one_image_merge_and_bad_rows_go_to_the_dead_letters(reposit
     assert reasons[str(folder / "corrupt.png")].startswith("cannot decode image")
     assert reasons[str(folder / "empty.png")] == "empty file"
     assert reasons[str(folder / "missing.png")] == "cannot read file: No such file or directory"
-    assert reasons[str(folder / "blue.png")] == "empty caption"
+    assert rows[ids["blue"]]["captions"] == [] and str(folder / "blue.png") not in reasons
     assert reasons[f"{source}:11"] == f"{source}:11: more fields than the header has"
 
     again = index("image", source, repository, db)  # the same rows again: nothing new
-    assert "finished" in again.fresh_start and (again.rows_written, again.dead_letters) == (3, 5)
+    assert "finished" in again.fresh_start and (again.rows_written, again.dead_letters) == (4, 4)
     assert stored(db, "xmodal_images", ["captions"]).keys() == rows.keys()
 
 
@@ -160,18 +160,18 @@ def test_karpathy_keeps_its_splits(repository, ray_local, tmp_path, db):
 
 def test_parquet_image_bytes_are_written_beside_the_collection(repository, ray_local, tmp_path, db):
     folder = tmp_path / "pngs"
-    red, green, blue = (png(folder, name) for name in ("red", "green", "blue"))
+    red, green, blue, yellow = (png(folder, name) for name in ("red", "green", "blue", "yellow"))
     source = tmp_path / "train-00000.parquet"
     pq.write_table(pa.table({
-        "image": [red, green, NOT_AN_IMAGE, b"", blue, red, png(folder, "yellow")],
+        "image": [red, green, NOT_AN_IMAGE, b"", blue, red, yellow],
         "caption": [["red ellipse", "a red face"], ["green ellipse"], ["broken"], ["zero bytes"], ["blue ellipse"],
-                    ["red again"], [""]],
+                    ["red again"], [""]],  # the last: an image without captions
     }), source, row_group_size=2)
     report = index("image", source, repository, db)
-    assert (report.items_read, report.rows_written, report.dead_letters, report.duplicates) == (7, 3, 3, 1)
+    assert (report.items_read, report.rows_written, report.dead_letters, report.duplicates) == (7, 4, 2, 1)
     rows = stored(db, "xmodal_images", ["image", "captions", "concept"])
     images = image_store_path(str(db), "xmodal_images")
-    for content in (red, green, blue):
+    for content in (red, green, blue, yellow):
         key = sources.content_id(content)
         path = Path(rows[key]["image"])
         assert path == images / key[:2] / f"{key}.png" and path.read_bytes() == content
@@ -179,12 +179,12 @@ def test_parquet_image_bytes_are_written_beside_the_collection(repository, ray_l
     assert rows[sources.content_id(red)]["concept"] == "train-00000/train-00000.parquet: row 5"
     reasons = letters(report)
     assert reasons[f"{source}: row 2"].startswith("cannot decode image")
-    assert reasons[f"{source}: row 3"] == "empty file" and reasons[f"{source}: row 6"] == "empty caption"
+    assert reasons[f"{source}: row 3"] == "empty file" and rows[sources.content_id(yellow)]["captions"] == []
     written = {path: path.stat().st_mtime_ns for path in images.rglob("*.png")}
-    assert len(written) == 3
+    assert len(written) == 4
 
     again = index("image", source, repository, db)
-    assert again.rows_written == 3 and stored(db, "xmodal_images", ["id"]).keys() == rows.keys()
+    assert again.rows_written == 4 and stored(db, "xmodal_images", ["id"]).keys() == rows.keys()
     assert {path: path.stat().st_mtime_ns for path in images.rglob("*.png")} == written  # not written again
 
 
@@ -201,10 +201,10 @@ def test_webdataset_images_and_captions(repository, ray_local, tmp_path, db):
     tinymodel.write_shard(shards / "shard-001.tar", [
         ("d", {"jpg": green, "json": json.dumps({"captions": ["green ellipse", "a green face"]}).encode()}),
         ("e", {"txt": b"a caption without its image"}),
-        ("f", {"png": png(folder, "blue"), "txt": b""}),
+        ("f", {"png": png(folder, "blue"), "txt": b""}),  # an image without captions
     ])
     report = index("image", shards, repository, db, shard_size=2)
-    assert (report.items_read, report.rows_written, report.dead_letters, report.shards) == (6, 2, 4, 3)
+    assert (report.items_read, report.rows_written, report.dead_letters, report.shards) == (6, 3, 3, 3)
     rows = stored(db, "xmodal_images", ["image", "captions", "concept"])
     images = image_store_path(str(db), "xmodal_images")
     red_key, green_key = sources.content_id(red), sources.content_id(green)
@@ -217,10 +217,12 @@ def test_webdataset_images_and_captions(repository, ray_local, tmp_path, db):
     assert reasons[f"{shards}/shard-000.tar:b.png"].startswith("cannot decode image")
     assert reasons[f"{shards}/shard-000.tar:c.png"] == "empty file"
     assert reasons[f"{shards}/shard-001.tar:e"] == "no image in the sample (expected jpg/jpeg/png/webp)"
-    assert reasons[f"{shards}/shard-001.tar:f.png"] == "empty caption"
+    blue_key = sources.content_id((folder / "blue.png").read_bytes())
+    assert rows[blue_key]["captions"] == [] and f"{shards}/shard-001.tar:f.png" not in reasons
     again = index("image", shards, repository, db, shard_size=2)
-    assert again.rows_written == 2 and stored(db, "xmodal_images", ["id"]).keys() == rows.keys()
-    assert sorted(p.name for p in images.rglob("*.*")) == sorted([f"{red_key}.png", f"{green_key}.jpg"])
+    assert again.rows_written == 3 and stored(db, "xmodal_images", ["id"]).keys() == rows.keys()
+    assert sorted(p.name for p in images.rglob("*.*")) == sorted([f"{red_key}.png", f"{green_key}.jpg",
+                                                                  f"{blue_key}.png"])
 
     captions = index("caption", shards, repository, db)  # the image bytes are not read for captions
     assert (captions.items_read, captions.rows_written, captions.dead_letters) == (8, 7, 1)

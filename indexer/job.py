@@ -64,7 +64,8 @@ class IndexJob:
     in another format, and upsert them into a Milvus collection.
 
     Input: `manifest` (the project's JSONL manifest) or `input`: a path (its format found from
-    its name) or a ``formats.Source`` (format, image root, Parquet columns, name): CSV/TSV or
+    its name) or a ``formats.Source`` (format, image root, Parquet columns, name): a folder of
+    images (walked recursively, captions optional from same-name ``.txt``/``.json`` sidecars), CSV/TSV or
     JSONL tables with an image folder, the Karpathy split JSON, Parquet with an image-bytes or
     image-path column, WebDataset tar shards (docs/indexing.md). `split`: a manifest's ``test``
     split unless given; every row of another format unless given (None: every row). `styles`

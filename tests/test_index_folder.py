@@ -19,6 +19,7 @@ from tinymodel import COLOURS, write_png
 from xmodal import store
 from xmodal.client import Client
 from xmodal.client.table import format_hits
+from xmodal.client.web import hit_json
 from xmodal.indexer import IndexJob, sources
 from xmodal.indexer.formats import Source
 
@@ -157,7 +158,28 @@ def test_a_folder_end_to_end_indexed_and_searched(tree, tiny_repository, tiny_tr
             assert by_image[str(root / "2024/holidays/green.png")].title == "green rectangle"
             assert by_image[str(root / "red.png")].captions == ["a red ellipse", "round and red"]
             assert "blue sky é.png" in format_hits(hits)
+            shown = hit_json(hits[0])  # what the web page shows
+            assert (shown["title"], shown["caption"], shown["captions"]) == ("blue sky é.png", "", [])
             texts = client.search_captions(blue, k=3)
             assert {hit.captions[0] for hit in texts} == {"a red ellipse", "green rectangle", "round and red"}
+    finally:
+        store.release_local(db)
+
+
+@pytest.mark.slow
+def test_the_command_line_indexes_a_folder_locally(tree, tiny_repository, ray_local, tmp_path, capsys):
+    from xmodal import cli
+
+    _, repository = tiny_repository
+    root = tree["root"]
+    assert cli.main(["index", "--input", str(root), "--image-root", str(tmp_path), "--local"]) == 1
+    assert "not for a folder of images" in capsys.readouterr().err
+    db = tmp_path / "cli" / "xmodal.db"
+    try:
+        assert cli.main(["index", "--input", str(root), "--local", "--model-repository", str(repository),
+                         "--milvus-uri", str(db), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["items_read"], report["rows_written"], report["dead_letters"]) == (5, 4, 0)
+        assert (report["hidden_skipped"], report["not_images_skipped"], report["outside_links_skipped"]) == (2, 2, 2)
     finally:
         store.release_local(db)

@@ -397,6 +397,7 @@ def read_images(batch: dict[str, np.ndarray], image_store: str | None = None) ->
     `image_store` (``<sha256[:2]>/<sha256[:32]>.<ext>``, as ``xmodal data import`` writes them), and
     the item's path becomes that file's: the collection's rows point at files the client can show."""
     from xmodal.readers import ImageStore
+    from xmodal.svg import INDEX_RENDER_SIZE, SVGError, render_svg
 
     n = len(batch["path"])
     ids = np.full(n, "", dtype=object)
@@ -420,7 +421,14 @@ def read_images(batch: dict[str, np.ndarray], image_store: str | None = None) ->
                 errors[i] = f"cannot read file: {exc.strerror or exc}"
                 seconds[i] = time.perf_counter() - started
                 continue
-        ids[i], data[i], errors[i] = content_id(content), content, check_image(content)
+        ids[i], data[i], errors[i] = content_id(content), content, ""
+        if not in_source[i] and str(path).lower().endswith(".svg"):
+            # a folder's drawing: embedded as rendered, keyed and shown by its own file
+            try:
+                data[i] = render_svg(content, INDEX_RENDER_SIZE)
+            except SVGError as exc:
+                errors[i] = str(exc)
+        errors[i] = errors[i] or check_image(data[i])
         if in_source[i] and not errors[i]:
             if stored is None:
                 raise ValueError("images held by the source need an image_store to be written to")

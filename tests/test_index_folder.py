@@ -11,6 +11,7 @@ import os
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -183,3 +184,37 @@ def test_the_command_line_indexes_a_folder_locally(tree, tiny_repository, ray_lo
         assert (report["hidden_skipped"], report["not_images_skipped"], report["outside_links_skipped"]) == (2, 2, 2)
     finally:
         store.release_local(db)
+
+
+def test_a_folders_svg_drawings_are_rendered_and_read_nothing_outside(tmp_path):
+    """An SVG is walked as an image, embedded as rendered (xmodal/svg.py), keyed and shown by its
+    own file; a broken one is a dead letter; what an SVG references outside itself is not read."""
+    from PIL import Image
+
+    root = tmp_path / "drawings"
+    root.mkdir()
+    secret = photo(tmp_path / "secret.png", "red", "rectangle")  # outside the folder
+    (root / "square.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 20 10">'
+                                     '<rect width="20" height="10" fill="#2040e0"/></svg>')
+    (root / "broken.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72"><circle r=')
+    (root / "peek.svg").write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" viewBox="0 0 10 10">'
+        f'<image xlink:href="file://{tmp_path / "secret.png"}" width="10" height="10"/>'
+        '<image xlink:href="http://127.0.0.1:9/secret.png" width="10" height="10"/></svg>')
+    plan = sources.scan(Source(root), kind="image")
+    assert (plan.items, plan.not_images_skipped) == (3, 0)
+    items = sources.read_shard(plan.spec, plan.shards[0])
+    batch = {key: np.array([item[key] for item in items], dtype=object) for key in items[0]}
+    read = sources.read_images(batch)
+    by_name = {Path(path).name: i for i, path in enumerate(read["path"])}
+    broken, peek, square = (by_name[name] for name in ("broken.svg", "peek.svg", "square.svg"))
+    assert read["error"][broken].startswith("cannot render SVG: ParseError")
+    assert read["error"][square] == read["error"][peek] == ""
+    assert read["id"][square] == sources.content_id((root / "square.svg").read_bytes())  # keyed by its file
+    drawing = Image.open(io.BytesIO(read["data"][square])).convert("RGBA")
+    assert drawing.size == (256, 256)
+    assert drawing.getpixel((128, 128)) == (32, 64, 224, 255)  # the drawing, its aspect kept:
+    assert drawing.getpixel((128, 10))[3] == 0  # transparent above the 2:1 rectangle
+    colours = Image.open(io.BytesIO(read["data"][peek])).convert("RGBA").getcolors(1 << 16)
+    assert all(alpha == 0 for _, (_, _, _, alpha) in colours), "the SVG showed a file from outside the folder"
+    assert secret  # the file was there to be read

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from xmodal.files import SkipLog, write_atomic
 from xmodal.manifest import ManifestRow, write_manifest
+from xmodal.svg import SVGError, render_svg
 
 NPM_CACHE_ENV = "XMODAL_NPM_CACHE"
 IMAGE_SIZE = 64
@@ -262,22 +263,12 @@ def choose_concepts(concepts: Sequence[Concept], files: dict[str, dict[str, str]
     return in_every_style[:limit]
 
 
-def render_svg(svg: bytes, size: int = IMAGE_SIZE) -> bytes:
-    """PNG bytes, ``size`` x ``size``, RGBA."""
-    import cairosvg  # imported here: loading libcairo costs time that PNG-only callers need not pay
-
-    png = cairosvg.svg2png(bytestring=svg, output_width=size, output_height=size)
-    if not png:
-        raise ValueError("cairosvg produced no output")
-    return png
-
-
 def render_svg_or_skip(svg: bytes, source: str, png_path: Path, skip_log: SkipLog, size: int = IMAGE_SIZE) -> bool:
     """Render ``svg`` to ``png_path``; on failure record ``source`` and the reason in ``skip_log`` and return False."""
     try:
         png = render_svg(svg, size)
-    except Exception as exc:  # cairosvg raises parser, value, type and cairo errors alike on bad input
-        skip_log.record(source, f"{type(exc).__name__}: {exc}")
+    except SVGError as exc:
+        skip_log.record(source, str(exc))
         return False
     write_atomic(png_path, png)
     return True

@@ -47,6 +47,8 @@ from xmodal.manifest import ManifestRow, json_object, write_manifest
 
 FORMATS = ("csv", "jsonl", "karpathy", "parquet", "webdataset")
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+# A folder's images also include SVG drawings: the indexer renders them (xmodal/svg.py).
+FOLDER_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS | {"svg"}
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SPLIT_ALIASES = {"restval": "train", "training": "train", "validation": "val", "valid": "val", "dev": "val",
                  "testing": "test"}
@@ -705,7 +707,7 @@ def _extension(name: str) -> str:
 
 
 def walk_folder(root: Path) -> FolderWalk:
-    """Every image file under `root` (IMAGE_EXTENSIONS, any case), depth first with each
+    """Every image file under `root` (FOLDER_IMAGE_EXTENSIONS, any case), depth first with each
     directory's entries sorted by name: the same tree gives the same order, so its shards are
     reproducible. Symlinks inside the tree are read as files (a link to a directory is not
     descended: its target is walked where it is), links leaving it are not followed."""
@@ -718,7 +720,7 @@ def walk_folder(root: Path) -> FolderWalk:
         except OSError as exc:
             raise ValueError(f"{directory}: cannot list the folder ({exc.strerror or exc})") from None
         stems = {entry.name.rpartition(".")[0] for entry in entries
-                 if _extension(entry.name) in IMAGE_EXTENSIONS and not entry.name.startswith(".")}
+                 if _extension(entry.name) in FOLDER_IMAGE_EXTENSIONS and not entry.name.startswith(".")}
         for entry in entries:
             if entry.name.startswith("."):
                 walk.hidden += 1
@@ -733,7 +735,7 @@ def walk_folder(root: Path) -> FolderWalk:
                     continue
             if entry.is_dir(follow_symlinks=False):
                 visit(path)
-            elif _extension(entry.name) in IMAGE_EXTENSIONS:
+            elif _extension(entry.name) in FOLDER_IMAGE_EXTENSIONS:
                 walk.images.append(path)
             elif not (_extension(entry.name) in SIDECAR_EXTENSIONS and entry.name.rpartition(".")[0] in stems):
                 walk.not_images += 1

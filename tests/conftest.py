@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-import tinymodel
+# pytest-xdist runs the suite in several worker processes (addopts in pyproject.toml). torch
+# would give each of them a thread per core, so the workers' threads would outnumber the cores
+# and every step would wait on the others: each worker gets its share of the cores instead. Set
+# before torch is imported, and inherited by the training commands the tests start.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import tinymodel  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,15 +36,52 @@ def npm_cache():
         os.environ["XMODAL_NPM_CACHE"] = previous
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first. pytest-xdist hands whole modules to its workers in this
+    order (pyproject.toml's addopts), so a module fixture is built once, and the quick modules
+    come last, where they fill whichever worker finishes first."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)
+
+
+# The Ray every test of the run uses, started once by pytest-xdist's controller before its
+# workers start. Ray 2.60 is not safe to start twice at once on one machine (two workers'
+# local clusters starting together: one GCS never came up, and its start timed out after
+# 120 s), and one cluster costs one start. Four logical CPUs: two workers' jobs at once, each
+# with an actor holding a CPU, still leave CPUs for their read tasks.
+SHARED_RAY_ADDRESS = "XMODAL_TEST_RAY_ADDRESS"
+SHARED_RAY_CPUS = 4
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return  # a worker, or a run in one process: the ray_local fixture starts Ray itself
+    import logging
+
+    import ray
+
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+    ray.init(num_cpus=SHARED_RAY_CPUS, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    os.environ[SHARED_RAY_ADDRESS] = ray.get_runtime_context().gcs_address
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput") and os.environ.pop(SHARED_RAY_ADDRESS, None):
+        import ray
+
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session, started as the indexer starts its own: a job's run leaves
-    a Ray it did not start running, so every run in the session reuses this one."""
+    """The run's Ray: the controller's shared one under pytest-xdist, else a local Ray started as
+    the indexer starts its own. A job's run leaves a Ray it did not start running, so every run
+    in the session reuses this one."""
     import ray
 
     from xmodal.indexer.pipeline import start_ray
 
-    start_ray()
+    start_ray(os.environ.get(SHARED_RAY_ADDRESS))
     yield
     ray.shutdown()
 

@@ -1,0 +1,118 @@
+"""The test suite's wall time against the suite of an earlier commit, side by side on this machine.
+
+The architecture issue set the target before the change: the whole suite in at most half the
+time of the suite before it (commit e9bcd65), with no test dropped. Each pair runs the earlier
+commit's suite (a git worktree, its own build of the package first on PYTHONPATH, this
+checkout's venv, in one process as it was run then) and this checkout's suite (`make test`'s
+pytest command, with the options pyproject.toml gives it), in turn, the order alternating from
+pair to pair; the ratio is taken pair by pair, so a machine that drifts in speed affects both
+sides of it. The verdict: the median ratio at most 0.5, every run green, and this suite at
+least as many tests as the earlier one.
+
+    .venv/bin/python benchmarks/suite_time.py --pairs 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = "e9bcd65"
+TARGET_RATIO = 0.5
+SUMMARY = re.compile(r"(\d+) passed(?:, (\d+) skipped)?(?:, \d+ \w+)* in ([\d.]+)s")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def git(*args: str, cwd: Path = REPO) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def run_suite(name: str, command: list[str], cwd: Path, env: dict[str, str], log_file: Path) -> dict:
+    started = time.monotonic()
+    with open(log_file, "w") as out:
+        result = subprocess.run(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=3600)
+    wall = time.monotonic() - started
+    tail = log_file.read_text()[-3000:]
+    found = SUMMARY.findall(tail)
+    passed, skipped, pytest_seconds = (int(found[-1][0]), int(found[-1][1] or 0), float(found[-1][2])) if found else (0, 0, None)
+    run = {"suite": name, "returncode": result.returncode, "passed": passed, "skipped": skipped,
+           "wall_s": round(wall, 1), "pytest_s": pytest_seconds}
+    log(f"  {name}: {passed} passed, {skipped} skipped, rc {result.returncode}, wall {wall:.1f} s")
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=1, help="baseline/current pairs to run (each about 9 minutes on 2 cores)")
+    parser.add_argument("--baseline", default=BASELINE, help="the earlier commit (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "suite_time.json")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="suite-time-"))
+    tree = work / "baseline"
+    git("worktree", "add", "--detach", str(tree), args.baseline)
+    try:
+        site = work / "site"
+        log(f"building {args.baseline} into {site}")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                        "--no-build-isolation", "--no-compile", "--target", str(site), str(tree)], check=True)
+        # The earlier commit's own package first on the path; the venv's editable install of this
+        # checkout is found only after it (setuptools' editable finder comes after the path).
+        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH",)}
+        baseline_env = {**env, "PYTHONPATH": str(site)}
+        baseline_command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q"]
+        current_command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"]
+
+        pairs = []
+        for pair in range(args.pairs):
+            log(f"pair {pair + 1}/{args.pairs}")
+            order = ["baseline", "current"] if pair % 2 == 0 else ["current", "baseline"]
+            runs = {}
+            for name in order:
+                if name == "baseline":
+                    runs[name] = run_suite(name, baseline_command, tree, baseline_env, work / f"baseline-{pair}.log")
+                else:
+                    runs[name] = run_suite(name, current_command, REPO, env, work / f"current-{pair}.log")
+            runs["ratio"] = round(runs["current"]["wall_s"] / runs["baseline"]["wall_s"], 3)
+            log(f"  ratio {runs['ratio']}")
+            pairs.append(runs)
+    finally:
+        git("worktree", "remove", "--force", str(tree))
+        shutil.rmtree(work, ignore_errors=True)
+
+    ratio = statistics.median(pair["ratio"] for pair in pairs)
+    green = all(pair[side]["returncode"] == 0 and pair[side]["skipped"] == 0 for pair in pairs
+                for side in ("baseline", "current"))
+    no_test_dropped = all(pair["current"]["passed"] >= pair["baseline"]["passed"] for pair in pairs)
+    summary = {
+        "benchmark": "suite_time",
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "baseline": args.baseline,
+        "cpus": os.cpu_count(),
+        "pairs": pairs,
+        "median_ratio": ratio,
+        "target": {"median_ratio_at_most": TARGET_RATIO, "every_run_green": True, "no_test_dropped": True},
+        "verdict": {"ratio": ratio <= TARGET_RATIO, "green": green, "no_test_dropped": no_test_dropped,
+                    "met": ratio <= TARGET_RATIO and green and no_test_dropped},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"median ratio {ratio} (target <= {TARGET_RATIO}); met: {summary['verdict']['met']} -> {args.out}")
+    return 0 if summary["verdict"]["met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,8 +2,8 @@
 
 The architecture issue set the target before the change: the whole suite in at most half the
 time of the suite before it (commit e9bcd65), with no test dropped. Each pair runs the earlier
-commit's suite (a git worktree, its own build of the package first on PYTHONPATH, this
-checkout's venv, in one process as it was run then) and this checkout's suite (`make test`'s
+commit's suite (a git worktree and its own build of the package, with this checkout's
+installed dependencies, in one process as it was run then) and this checkout's suite (`make test`'s
 pytest command, with the options pyproject.toml gives it), in turn, the order alternating from
 pair to pair; the ratio is taken pair by pair, so a machine that drifts in speed affects both
 sides of it. The verdict: the median ratio at most 0.5, every run green, and this suite at
@@ -39,6 +39,22 @@ def git(*args: str, cwd: Path = REPO) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def overlay_venv(venv: Path, tree: Path) -> Path:
+    """A venv whose packages are this one's, except xmodal: the build of `tree`. A path line in a
+    .pth file adds this venv's site-packages without running the .pth files in it, so the
+    editable install of this checkout (a finder that a .pth file installs, ahead of the path) is
+    left out."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    current_site = next(path for path in map(Path, sys.path) if path.name == "site-packages" and
+                        path.is_relative_to(Path(sys.prefix)))
+    log(f"building {tree.name} into {site}")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                    "--no-build-isolation", "--target", str(site), str(tree)], check=True)
+    (site / "zz_dependencies.pth").write_text(f"{current_site}\n")
+    return venv / "bin" / "python"
+
+
 def run_suite(name: str, command: list[str], cwd: Path, env: dict[str, str], log_file: Path) -> dict:
     started = time.monotonic()
     with open(log_file, "w") as out:
@@ -64,15 +80,11 @@ def main() -> int:
     tree = work / "baseline"
     git("worktree", "add", "--detach", str(tree), args.baseline)
     try:
-        site = work / "site"
-        log(f"building {args.baseline} into {site}")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-                        "--no-build-isolation", "--no-compile", "--target", str(site), str(tree)], check=True)
-        # The earlier commit's own package first on the path; the venv's editable install of this
-        # checkout is found only after it (setuptools' editable finder comes after the path).
-        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH",)}
-        baseline_env = {**env, "PYTHONPATH": str(site)}
-        baseline_command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q"]
+        baseline_python = overlay_venv(work / "venv", tree)
+        env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        # -P: the worktree's top-level xmodal/ folder is not the package (its subpackages live
+        # in training/, indexer/ ...): never put the current directory on the path.
+        baseline_command = [str(baseline_python), "-P", "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q"]
         current_command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"]
 
         pairs = []
@@ -82,7 +94,7 @@ def main() -> int:
             runs = {}
             for name in order:
                 if name == "baseline":
-                    runs[name] = run_suite(name, baseline_command, tree, baseline_env, work / f"baseline-{pair}.log")
+                    runs[name] = run_suite(name, baseline_command, tree, env, work / f"baseline-{pair}.log")
                 else:
                     runs[name] = run_suite(name, current_command, REPO, env, work / f"current-{pair}.log")
             runs["ratio"] = round(runs["current"]["wall_s"] / runs["baseline"]["wall_s"], 3)

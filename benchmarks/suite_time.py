@@ -82,9 +82,11 @@ def main() -> int:
     try:
         baseline_python = overlay_venv(work / "venv", tree)
         env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        # -P: the worktree's top-level xmodal/ folder is not the package (its subpackages live
-        # in training/, indexer/ ...): never put the current directory on the path.
-        baseline_command = [str(baseline_python), "-P", "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q"]
+        # Run from outside the worktree: its top-level xmodal/ folder is not the package (the
+        # subpackages live in training/, indexer/ ...), and Ray puts its driver's working
+        # directory on its workers' path. -P: nor on the driver's.
+        baseline_command = [str(baseline_python), "-P", "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
+                            "-c", str(tree / "pyproject.toml"), "--rootdir", str(tree), str(tree / "tests")]
         current_command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"]
 
         pairs = []
@@ -94,7 +96,7 @@ def main() -> int:
             runs = {}
             for name in order:
                 if name == "baseline":
-                    runs[name] = run_suite(name, baseline_command, tree, env, work / f"baseline-{pair}.log")
+                    runs[name] = run_suite(name, baseline_command, work, env, work / f"baseline-{pair}.log")
                 else:
                     runs[name] = run_suite(name, current_command, REPO, env, work / f"current-{pair}.log")
             runs["ratio"] = round(runs["current"]["wall_s"] / runs["baseline"]["wall_s"], 3)

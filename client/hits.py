@@ -16,6 +16,14 @@ class Hit:
     captions: list[str]
     concept: str
     style: str
+    # An image's file (``xmodal.contract.FILE_FIELDS``); defaults for a caption, or an image of a
+    # collection made before they were kept.
+    relative_path: str = ""
+    folder: str = ""
+    size: int = 0
+    mtime: int = 0
+    width: int = 0
+    height: int = 0
 
     @property
     def title(self) -> str:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from xmodal import settings, store
+from xmodal import contract, settings, store
 from xmodal.client.hits import Hit
 from xmodal.client.webpage import APP_CSS, APP_JS, INDEX_HTML
 
@@ -83,7 +83,8 @@ def json_response(payload: Any, status: int = 200) -> Response:
 def hit_json(hit: Hit) -> dict[str, Any]:
     return {"id": hit.id, "score": round(hit.score, 6), "title": hit.title,
             "caption": hit.captions[0] if hit.captions else "",
-            "captions": hit.captions, "concept": hit.concept, "style": hit.style, "image_url": f"/image/{hit.id}"}
+            "captions": hit.captions, "concept": hit.concept, "style": hit.style, "image_url": f"/image/{hit.id}",
+            **{name: getattr(hit, name) for name in contract.FILE_FIELDS}}
 
 
 class SearchApp:

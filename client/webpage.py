@@ -30,7 +30,7 @@ INDEX_HTML = """<!doctype html>
   </form>
   <div class="options">
     <label>style <select id="style" name="style"><option value="">all styles</option></select></label>
-    <label>filter <input id="filter" name="filter" size="32" placeholder='e.g. concept in ["1f600", "2764"]'></label>
+    <label>filter <input id="filter" name="filter" size="32" placeholder='e.g. folder == "2024/holidays" and width >= 1024'></label>
     <label>results <input id="k" name="k" type="number" min="1" max="100" value="12"></label>
   </div>
 </section>
@@ -107,7 +107,8 @@ APP_JS = """"use strict";
       caption.append(
         element("span", "caption", hit.title),
         element("span", "score", "score " + hit.score.toFixed(3)),
-        element("span", "meta", [hit.style, hit.concept].filter(Boolean).join(" · ")));
+        element("span", "meta", [hit.style, hit.concept].filter(Boolean).join(" · ")),
+        element("span", "meta", [hit.folder, hit.width ? hit.width + "×" + hit.height : ""].filter(Boolean).join(" · ")));
       figure.append(image, caption);
       return figure;
     });

@@ -163,6 +163,10 @@ class Row:
     images only). A `problem` row is malformed: its one item is a dead letter with that reason;
     `missing` says why a row has no image. `extra` is what else identifies a row of another format
     in the shard digests (where it is; for Parquet and tar files their size and modification time).
+    `relative_path` names the image under the input's root (a folder's file under the folder, a
+    table's under the image root, an image the source holds by its place in it; a manifest's image
+    under the manifest's directory, or its absolute path where it is elsewhere); `source_mtime` is
+    the modification time of the file that holds the image's bytes, where that is not its own.
     """
 
     image: str
@@ -177,6 +181,8 @@ class Row:
     in_source: bool = False
     data: bytes | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    relative_path: str = ""
+    source_mtime: int = 0
 
 
 def rows(spec: InputSpec, files: Sequence[str], *, offset: int = 0, number: int | None = None,
@@ -216,8 +222,12 @@ def _file_rows(spec: InputSpec, file: Path, offset: int, number: int | None,
                                    require_captions=spec.kind == "caption")
     if spec.format in MERGED_FORMATS:
         positioned = _merge_consecutive(positioned)
+    source_mtime = int(file.stat().st_mtime) if spec.format in BYTE_FORMATS else 0
     for row_offset, row_number, source_row in positioned:
-        yield row_offset, row_number, _row(spec, file, source_row, extra)
+        row = _row(spec, file, source_row, extra)
+        if row.in_source:
+            row.source_mtime = source_mtime
+        yield row_offset, row_number, row
 
 
 def _sidecars(image: Path) -> list[Path]:
@@ -257,7 +267,7 @@ def _row(spec: InputSpec, file: Path, row: readers.SourceRow, extra: dict[str, A
     return Row(image=row.location, captions=list(dict.fromkeys(row.captions)), concept=f"{spec.style}/{place}",
                style=spec.style, split=row.split, where=row.where, problem=row.problem, missing=row.missing,
                file=str(row.image) if row.image is not None else None, in_source=row.in_source, data=row.data,
-               extra={"where": row.where, "problem": row.problem, **extra})
+               extra={"where": row.where, "problem": row.problem, **extra}, relative_path=place)
 
 
 def _manifest_rows(spec: InputSpec, file: Path, offset: int, first_line: int) -> Iterator[tuple[int, int, Row]]:
@@ -275,5 +285,7 @@ def _manifest_rows(spec: InputSpec, file: Path, offset: int, first_line: int) ->
             if not line.strip():
                 continue
             row = parse_row(line, manifest_dir, where=f"{file}:{line_number}")
+            image = Path(row.image)
+            relative = image.relative_to(manifest_dir).as_posix() if image.is_relative_to(manifest_dir) else str(image)
             yield start, line_number, Row(image=str(row.image), captions=row.captions, concept=row.concept,
-                                          style=row.style, split=row.split)
+                                          style=row.style, split=row.split, relative_path=relative)

@@ -5,8 +5,10 @@
 read tasks, one per shard (see the section below).
 
 Columns carried through the pipeline (numpy batches):
-  images:   item, path, concept, style, captions (JSON text), error, letter, in_source, data
-            -> + id, read_seconds (data: the image's bytes)
+  images:   item, path, relative_path, folder, concept, style, captions (JSON text), error, letter,
+            in_source, mtime, data
+            -> + id, size, width, height, read_seconds (data: the image's bytes); the read stage
+            sets mtime for an image file (before it, that of the source file holding the bytes)
   captions: item, caption, concept, style, image, id, data (UTF-8 bytes), error, letter, read_seconds
   the embedding stage adds vector (and vector_<level> for each other level of a
   hierarchical model's card) and embed_seconds, and drops data.
@@ -30,7 +32,7 @@ import os
 import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -198,6 +200,12 @@ def _safe_text(value: str) -> str:
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _folder(relative_path: str) -> str:
+    """The folder of a relative path, "" at the root (or for an absolute path's root)."""
+    parent = PurePosixPath(relative_path).parent.as_posix()
+    return "" if parent in (".", "/") else parent
+
+
 def _image_item(number: int, row: formats.Row) -> dict[str, Any]:
     path = row.file or row.image
     captions = [caption for caption in row.captions if caption.strip()]
@@ -205,6 +213,7 @@ def _image_item(number: int, row: formats.Row) -> dict[str, Any]:
         row.problem,
         row.missing,
         text_problem("image path", path, contract.PATH_MAX_LENGTH),
+        text_problem("relative path", row.relative_path, contract.PATH_MAX_LENGTH),
         text_problem("concept", row.concept, contract.KEY_MAX_LENGTH),
         text_problem("style", row.style, contract.KEY_MAX_LENGTH),
         *(text_problem(f"caption {i + 1}", caption) for i, caption in enumerate(captions)),
@@ -212,9 +221,10 @@ def _image_item(number: int, row: formats.Row) -> dict[str, Any]:
     # A refused item keeps its exact text in `letter` (JSON with \u escapes) for the dead-letter
     # file; its columns carry stand-ins Arrow can hold (it cannot hold a lone surrogate).
     letter = json.dumps({"path": path}) if error else ""
-    return {"item": number, "path": _safe_text(path), "concept": _safe_text(row.concept),
+    return {"item": number, "path": _safe_text(path), "relative_path": _safe_text(row.relative_path),
+            "folder": _safe_text(_folder(row.relative_path)), "concept": _safe_text(row.concept),
             "style": _safe_text(row.style), "captions": json.dumps(captions),  # \u escapes
-            "error": error, "letter": letter, "in_source": row.in_source,
+            "error": error, "letter": letter, "in_source": row.in_source, "mtime": row.source_mtime,
             "data": b"" if error else row.data or b""}
 
 
@@ -300,7 +310,7 @@ def _columns(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     columns = {}
     for key in items[0]:
         values = [item[key] for item in items]
-        if key == "item":
+        if key in ("item", "mtime"):
             columns[key] = np.array(values, dtype=np.int64)
         elif key.endswith("_seconds"):
             columns[key] = np.array(values, dtype=np.float64)
@@ -361,8 +371,8 @@ def dataset(spec: InputSpec, shards: Sequence[Shard], *, block_rows: int):
                                     override_num_blocks=len(shards))
 
 
-def check_image(data: bytes) -> str:
-    """"" when Pillow recognises the bytes as an intact image, else the reason.
+def check_image(data: bytes) -> tuple[str, int, int]:
+    """("", width, height) when Pillow recognises the bytes as an intact image, else (the reason, 0, 0).
 
     `verify()` checks the structure (PNG chunks and CRCs) without decoding the pixels, which
     the server does anyway; what slips through is caught by Triton, item by item. The size
@@ -374,26 +384,27 @@ def check_image(data: bytes) -> str:
     import xmodal.preprocessing  # noqa: F401 - sets Image.MAX_IMAGE_PIXELS to the server's limit
 
     if not data:
-        return "empty file"
+        return "empty file", 0, 0
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             image.verify()
     except UnidentifiedImageError:
         # Pillow's own message names the BytesIO object, which tells the reader nothing
-        return "cannot decode image: not in an image format Pillow knows"
+        return "cannot decode image: not in an image format Pillow knows", 0, 0
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return f"cannot decode image: {exc}"
+        return f"cannot decode image: {exc}", 0, 0
     limit = Image.MAX_IMAGE_PIXELS
     if limit and width * height > limit:
         return (f"image too large: {width}x{height} is {width * height:,} pixels, over the limit of "
-                f"{limit:,} (a decompression bomb?)")
-    return ""
+                f"{limit:,} (a decompression bomb?)"), 0, 0
+    return "", width, height
 
 
 def read_images(batch: dict[str, np.ndarray], image_store: str | None = None) -> dict[str, np.ndarray]:
-    """map_batches: read each file (or take the bytes the source held), hash it, and check that it
-    is an image. Bytes held by the source that are an image are written once, by content, under
+    """map_batches: read each file (or take the bytes the source held), hash it, check that it
+    is an image, and note its size, width and height (and a file's modification time). Bytes
+    held by the source that are an image are written once, by content, under
     `image_store` (``<sha256[:2]>/<sha256[:32]>.<ext>``, as ``xmodal data import`` writes them), and
     the item's path becomes that file's: the collection's rows point at files the client can show."""
     from xmodal.readers import ImageStore
@@ -405,6 +416,8 @@ def read_images(batch: dict[str, np.ndarray], image_store: str | None = None) ->
     paths = np.array(batch["path"], dtype=object)
     errors = np.array(batch["error"], dtype=object)
     seconds = np.zeros(n, dtype=np.float64)
+    sizes, widths, heights = (np.zeros(n, dtype=np.int64) for _ in range(3))
+    mtimes = np.array(batch["mtime"], dtype=np.int64) if "mtime" in batch else np.zeros(n, dtype=np.int64)
     in_source = batch["in_source"] if "in_source" in batch else np.zeros(n, dtype=bool)
     stored = ImageStore(Path(image_store)) if image_store is not None else None
     for i, path in enumerate(paths):
@@ -417,18 +430,20 @@ def read_images(batch: dict[str, np.ndarray], image_store: str | None = None) ->
             try:
                 with open(path, "rb") as handle:
                     content = handle.read()
+                    mtimes[i] = int(os.fstat(handle.fileno()).st_mtime)
             except OSError as exc:
                 errors[i] = f"cannot read file: {exc.strerror or exc}"
                 seconds[i] = time.perf_counter() - started
                 continue
-        ids[i], data[i], errors[i] = content_id(content), content, ""
+        ids[i], data[i], errors[i], sizes[i] = content_id(content), content, "", len(content)
         if not in_source[i] and str(path).lower().endswith(".svg"):
             # a folder's drawing: embedded as rendered, keyed and shown by its own file
             try:
                 data[i] = render_svg(content, INDEX_RENDER_SIZE)
             except SVGError as exc:
                 errors[i] = str(exc)
-        errors[i] = errors[i] or check_image(data[i])
+        if not errors[i]:
+            errors[i], widths[i], heights[i] = check_image(data[i])
         if in_source[i] and not errors[i]:
             if stored is None:
                 raise ValueError("images held by the source need an image_store to be written to")
@@ -438,4 +453,5 @@ def read_images(batch: dict[str, np.ndarray], image_store: str | None = None) ->
             else:
                 paths[i] = str(written[1])
         seconds[i] = time.perf_counter() - started
-    return {**batch, "path": paths, "id": ids, "data": data, "error": errors, "read_seconds": seconds}
+    return {**batch, "path": paths, "id": ids, "data": data, "error": errors, "size": sizes, "mtime": mtimes,
+            "width": widths, "height": heights, "read_seconds": seconds}

@@ -27,8 +27,8 @@ from xmodal.indexer.formats import Source
 pytestmark = pytest.mark.timeout(180)
 
 
-def photo(path: Path, colour: str, shape: str = "ellipse") -> bytes:
-    return write_png(path, COLOURS[colour], shape).read_bytes()
+def photo(path: Path, colour: str, shape: str = "ellipse", size: int = 24) -> bytes:
+    return write_png(path, COLOURS[colour], shape, size).read_bytes()
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def tree(tmp_path) -> dict:
         "red.png": photo(root / "red.png", "red"),
         "2024/holidays/green.png": photo(root / "2024/holidays/green.png", "green", "rectangle"),
         "2024/holidays/blue sky é.png": photo(root / "2024/holidays/blue sky é.png", "blue"),
-        "2024/yellow.PNG": photo(root / "2024/yellow.PNG", "yellow", "rectangle"),
+        "2024/yellow.PNG": photo(root / "2024/yellow.PNG", "yellow", "rectangle", size=40),
     }
     (root / "red.txt").write_text("a red ellipse\n\nround and red\n", encoding="utf-8")
     (root / "2024/holidays/green.json").write_text(json.dumps({"caption": "green rectangle", "url": "x"}))
@@ -163,6 +163,21 @@ def test_a_folder_end_to_end_indexed_and_searched(tree, tiny_repository, tiny_tr
             assert (shown["title"], shown["caption"], shown["captions"]) == ("blue sky é.png", "", [])
             texts = client.search_captions(blue, k=3)
             assert {hit.captions[0] for hit in texts} == {"a red ellipse", "green rectangle", "round and red"}
+
+            # what users filter on: the file's place, size, time and pixels
+            assert (hits[0].relative_path, hits[0].folder) == ("2024/holidays/blue sky é.png", "2024/holidays")
+            assert (hits[0].size, hits[0].width, hits[0].height) == (len(contents["2024/holidays/blue sky é.png"]), 24, 24)
+            assert hits[0].mtime == int(blue.stat().st_mtime)
+            assert (shown["folder"], shown["width"], shown["height"]) == ("2024/holidays", 24, 24)
+            in_folder = client.search_text("green rectangle", k=4, filter='folder == "2024/holidays"')
+            assert {hit.relative_path for hit in in_folder} == {"2024/holidays/green.png", "2024/holidays/blue sky é.png"}
+            wide = client.search_image(blue, k=4, filter="width >= 40")
+            assert [(hit.relative_path, hit.folder, hit.width, hit.height) for hit in wide] == [
+                ("2024/yellow.PNG", "2024", 40, 40)]
+            at_root = client.search_image(blue, k=4, filter='folder == ""')
+            assert [hit.relative_path for hit in at_root] == ["red.png"]
+            recent = client.search_image(blue, k=4, filter=f"mtime >= {int(blue.stat().st_mtime)} and size > 0")
+            assert len(recent) == 4
     finally:
         store.release_local(db)
 

@@ -90,7 +90,8 @@ def test_the_reader_plans_the_input_and_prepares_images_only(corpus, tmp_path):
 
 
 def test_the_sink_is_the_driver_for_milvus_lite_and_writer_actors_for_a_server(tmp_path, monkeypatch):
-    record = {"id": "k", "path": "a.png", "captions": '["a cat"]', "concept": "cat", "style": "s"}
+    record = {"id": "k", "path": "a.png", "captions": '["a cat"]', "concept": "cat", "style": "s",
+              "relative_path": "a.png", "folder": "", "size": 3, "mtime": 1_700_000_000, "width": 4, "height": 2}
     vectors = {"global": np.ones(2, dtype=np.float32)}
     lite = build_sink(IndexJob(manifest="m.jsonl", triton_url="t", milvus_uri=str(tmp_path / "x.db")))
     assert lite.local and lite.writers == 1 and lite.collection == settings.IMAGE_COLLECTION
@@ -98,6 +99,8 @@ def test_the_sink_is_the_driver_for_milvus_lite_and_writer_actors_for_a_server(t
     assert lite.apply(dataset, ["global"]) is dataset
     row = lite.row(record, vectors)
     assert (row["id"], row["image"], row["captions"]) == ("k", "a.png", ["a cat"])
+    assert (row["relative_path"], row["size"], row["mtime"], row["width"], row["height"]) == (
+        "a.png", 3, 1_700_000_000, 4, 2)
     assert row[contract.vector_field("global")] == [1.0, 1.0]
 
     monkeypatch.setenv("XMODAL_MILVUS_TOKEN", "user:secret")

@@ -127,7 +127,7 @@ def test_upsert_is_idempotent_and_captions_round_trip(client):
     vectors = np.eye(DIM, dtype=np.float32)
     rows = [{"id": f"{i:032x}", "global": vectors[i].tolist(), "image": f"/img/{i}.png",
              "captions": [f"caption {i}", "second, with \"quotes\" and ünïcode"], "concept": f"c{i}",
-             "style": "s"} for i in range(4)]
+             "style": "s", **contract.FILE_DEFAULTS} for i in range(4)]
     client.upsert("images", rows)
     client.upsert("images", rows[:2])
     assert client.query("images", filter="", output_fields=["count(*)"])[0]["count(*)"] == 4
@@ -174,7 +174,8 @@ def test_search_through_the_default_index_is_exact_on_a_small_collection(client)
         x = centres[rng.integers(0, len(centres), n)] + 0.3 * rng.normal(size=(n, dim))
         x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
         store.upsert_rows(client, name, [{"id": f"{i:032x}", "global": v.tolist(), "image": "", "captions": [],
-                                          "concept": "", "style": ""} for i, v in enumerate(x)])
+                                          "concept": "", "style": "", **contract.FILE_DEFAULTS}
+                                         for i, v in enumerate(x)])
         client.flush(name)
         queries = x[rng.choice(n, 20, replace=False)] + 0.05 * rng.normal(size=(20, dim)).astype(np.float32)
         truth = np.argsort(-(queries @ x.T), axis=1)[:, :10]
@@ -196,7 +197,7 @@ def test_upserts_into_milvus_lite_are_cut_into_calls_it_takes_fast(client, monke
     monkeypatch.setattr(client, "upsert", counting)
     vector = [1.0] + [0.0] * (DIM - 1)
     store.upsert_rows(client, "images", [{"id": f"{i:032x}", "global": vector, "image": "", "captions": [],
-                                          "concept": "", "style": ""} for i in range(12_000)])
+                                          "concept": "", "style": "", **contract.FILE_DEFAULTS} for i in range(12_000)])
     assert sizes == [5000, 5000, 2000]
     assert client.query("images", filter="", output_fields=["count(*)"])[0]["count(*)"] == 12_000
     # wider rows: at most 5,000 x 256 vector floats a call (three 256-d levels: 1,666 rows)
@@ -224,6 +225,8 @@ def test_a_collection_made_before_kinds_were_recorded_has_the_kind_of_its_fields
     for name, kind in (("old_images", contract.IMAGE_KIND), ("old_captions", contract.CAPTION_KIND)):
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         for field in kind.fields:
+            if field.added_later:
+                continue
             if field.type == "json":
                 schema.add_field(field.name, DataType.JSON)
             else:
@@ -232,6 +235,15 @@ def test_a_collection_made_before_kinds_were_recorded_has_the_kind_of_its_fields
         client.create_collection(name, schema=schema)
         assert "kind" not in store.collection_model(client, name)
         assert store.collection_kind(client, name) is kind
+
+
+def test_rows_do_not_go_into_a_collection_made_before_the_file_fields(client):
+    older = dataclasses.replace(contract.IMAGE_KIND, fields=tuple(
+        field for field in contract.IMAGE_KIND.fields if not field.added_later))
+    store.create_collection(client, "before_file_fields", card(), older)
+    with pytest.raises(ValueError, match=r"'before_file_fields' was made by an earlier xmodal: it has no field "
+                                         r"relative_path, folder, size, mtime, width, height.*xmodal index delete"):
+        store.ensure_collection(client, "before_file_fields", card())
 
 
 def test_model_persists_across_processes(tmp_path):

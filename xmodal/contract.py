@@ -89,9 +89,12 @@ KEY_MAX_LENGTH = 256
 @dataclass(frozen=True)
 class ScalarField:
     name: str
-    type: str  # "varchar" or "json"
+    type: str  # "varchar", "int64" or "json"
     max_length: int = 0  # varchar: bytes of UTF-8
     primary: bool = False
+    # Added to the kind after collections of it were made: a collection may lack it (searched
+    # without it; written to, refused: ``store.ensure_collection``).
+    added_later: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class CollectionKind:
     `embeds`: which ensemble embeds an item ("image" via embed_image, "text" via embed_text).
     `row` takes the item's record (the pipeline's columns: ``sources.py``) and gives the scalar
     values of its row; `hit` takes a hit's entity and gives the fields of a client ``Hit``
-    (image, captions, concept, style).
+    (image, captions, concept, style, and an image's file metadata: ``FILE_FIELDS``).
     """
 
     name: str
@@ -115,6 +118,11 @@ class CollectionKind:
     @property
     def field_names(self) -> tuple[str, ...]:
         return tuple(field.name for field in self.fields)
+
+    @property
+    def first_field_names(self) -> tuple[str, ...]:
+        """The fields every collection of this kind has, however old."""
+        return tuple(field.name for field in self.fields if not field.added_later)
 
     @property
     def output_fields(self) -> list[str]:
@@ -134,14 +142,28 @@ def decode_captions(value: Any) -> list[str]:
     return [str(c) for c in value]
 
 
+# What an image row keeps of its file, for filters (``folder == "2024/holidays"``,
+# ``width >= 1024``): its path relative to the input's root (a folder's, a manifest's or a table's
+# directory, or the image root) and that path's folder ("" at the root), its size in bytes, its
+# modification time (seconds since the epoch; 0 for an image inside a Parquet or tar file: the
+# source file's), and its width and height in pixels (a drawing's as rendered for the index).
+FILE_FIELDS = ("relative_path", "folder", "size", "mtime", "width", "height")
+# Their values where nothing is known of a file (rows made without a file: benchmarks, tests).
+FILE_DEFAULTS = {"relative_path": "", "folder": "", "size": 0, "mtime": 0, "width": 0, "height": 0}
+
+
 def _image_row(record: dict[str, Any]) -> dict[str, Any]:
     return {"id": record["id"], "image": record["path"], "captions": json.loads(record["captions"]),
-            "concept": record["concept"], "style": record["style"]}
+            "concept": record["concept"], "style": record["style"],
+            "relative_path": record["relative_path"], "folder": record["folder"],
+            **{name: int(record[name]) for name in ("size", "mtime", "width", "height")}}
 
 
 def _image_hit(entity: dict[str, Any]) -> dict[str, Any]:
+    # a collection made before the file fields has none: the hit gets their defaults
     return {"image": str(entity.get("image", "")), "captions": decode_captions(entity.get("captions")),
-            "concept": str(entity.get("concept", "")), "style": str(entity.get("style", ""))}
+            "concept": str(entity.get("concept", "")), "style": str(entity.get("style", "")),
+            **{name: type(default)(entity.get(name) or default) for name, default in FILE_DEFAULTS.items()}}
 
 
 def _caption_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +184,9 @@ IMAGE_KIND = CollectionKind(
             ScalarField("image", "varchar", PATH_MAX_LENGTH),  # absolute path
             ScalarField("captions", "json"),  # a JSON list of strings
             ScalarField("concept", "varchar", KEY_MAX_LENGTH),
-            ScalarField("style", "varchar", KEY_MAX_LENGTH)),
+            ScalarField("style", "varchar", KEY_MAX_LENGTH),
+            *(ScalarField(name, "varchar", PATH_MAX_LENGTH, added_later=True) for name in FILE_FIELDS[:2]),
+            *(ScalarField(name, "int64", added_later=True) for name in FILE_FIELDS[2:])),
     row=_image_row, hit=_image_hit)
 CAPTION_KIND = CollectionKind(
     name="caption", description="xmodal captions", embeds="text",

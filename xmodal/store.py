@@ -235,6 +235,8 @@ def create_collection(client: MilvusClient, name: str, card: ModelCard, kind: Co
     for field in kind.fields:
         if field.type == "json":
             schema.add_field(field.name, DataType.JSON)
+        elif field.type == "int64":
+            schema.add_field(field.name, DataType.INT64)
         else:
             _varchar(schema, field.name, field.max_length, is_primary=field.primary)
     _add_vector_fields(schema, card, kind.field_names)
@@ -282,7 +284,7 @@ def collection_kind(client: MilvusClient, name: str) -> CollectionKind:
         return contract.collection_kind(recorded)
     present = {f["name"] for f in client.describe_collection(name)["fields"]}
     for kind in contract.KINDS.values():
-        if set(kind.field_names) <= present:
+        if set(kind.first_field_names) <= present:
             return kind
     raise ValueError(f"collection {name!r} was not made by xmodal: it has none of its kinds' fields "
                      f"(it has {', '.join(sorted(present))})")
@@ -399,6 +401,13 @@ def ensure_collection(client: MilvusClient, name: str, card: ModelCard, *,
         present = collection_vector_fields(client, name)
         if any(field not in present for field in vector_fields(card)):
             raise ValueError(missing_levels_message(name, card, present))
+        scalars = {field["name"] for field in client.describe_collection(name)["fields"]}
+        missing = [field for field in kind.field_names if field not in scalars]
+        if missing:
+            raise ValueError(
+                f"collection {name!r} was made by an earlier xmodal: it has no field {', '.join(missing)} "
+                f"that rows of {kind.name}s now carry. Index into another collection (--collection), or "
+                f"delete this one (xmodal index delete --collection {name}) and index again")
         ensure_loaded(client, name)
         return False
     create_collection(client, name, card, kind, **index_kwargs)

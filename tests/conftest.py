@@ -94,9 +94,10 @@ def tiny_repository(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_triton(tiny_repository):
-    """The real tritonserver serving the tiny repository, one for the session; never stopped by a test."""
+    """The real tritonserver serving the tiny repository, one for the session; never stopped by a
+    test. Killed at the end (a clean shutdown is tested in test_serving.py, and costs seconds here)."""
     _, repository = tiny_repository
-    with tinymodel.serving(repository) as server:
+    with tinymodel.serving(repository, stop_timeout=0) as server:
         yield server
 
 

@@ -9,6 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from pymilvus import DataType
+
 from xmodal import contract, store
 from xmodal.card import ImagePreprocessing, ModelCard, TokenizerSpec
 
@@ -25,18 +27,35 @@ def card(fingerprint: str = "f00dfeedf00dfeed", name: str = "tiny") -> ModelCard
         recipe="test")
 
 
-@pytest.fixture
-def client(tmp_path):
-    db = tmp_path / "nested" / "dir" / "test.db"
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    """One milvus-lite database for the module: each start of its server costs half a second
+    (milvus-lite waits that long to see it stay up)."""
+    db = tmp_path_factory.mktemp("store") / "test.db"
     client = store.connect(db)
     yield client
     client.close()
     store.release_local(db)
 
 
-def test_connect_creates_parent_directories(tmp_path, client):
-    assert (tmp_path / "nested" / "dir").is_dir()
-    assert client.list_collections() == []
+@pytest.fixture
+def client(database):
+    """The module's database, empty for each test: the collections a test made are dropped after it."""
+    assert database.list_collections() == []
+    yield database
+    for name in database.list_collections():
+        database.drop_collection(name)
+
+
+def test_connect_creates_parent_directories(tmp_path):
+    db = tmp_path / "nested" / "dir" / "test.db"
+    client = store.connect(db)
+    try:
+        assert (tmp_path / "nested" / "dir").is_dir()
+        assert client.list_collections() == []
+    finally:
+        client.close()
+        store.release_local(db)
 
 
 def test_connect_rejects_a_path_without_db_suffix(tmp_path):
@@ -56,8 +75,9 @@ def test_image_collection_schema_and_model(client):
     assert store.ensure_collection(client, "images", card()) is True
     described = client.describe_collection("images")
     fields = {f["name"]: f for f in described["fields"]}
-    assert set(fields) == {"id", "global", "image", "captions", "concept", "style"}
+    assert set(fields) == {"id", "global", "image", "captions", "concept", "style", *contract.FILE_FIELDS}
     assert fields["id"]["is_primary"] and fields["id"]["params"]["max_length"] == 64
+    assert [fields[name]["type"] for name in contract.FILE_FIELDS] == [DataType.VARCHAR] * 2 + [DataType.INT64] * 4
     assert fields["global"]["params"]["dim"] == DIM
     index = client.describe_index("images", "global")
     assert index["metric_type"] == "IP" and index["index_type"] == store.LITE_INDEX_TYPE
@@ -82,7 +102,8 @@ def test_one_vector_field_per_level(client, kind):
     for field in ("global", "concept_vector", "exterior_vector"):
         index = client.describe_index("levels", field)
         assert (index["metric_type"], index["index_type"]) == ("IP", store.LITE_INDEX_TYPE)
-    scalar = {"image": {"image", "captions", "concept", "style"}, "caption": {"caption", "concept", "style", "image"}}
+    scalar = {"image": {"image", "captions", "concept", "style", *contract.FILE_FIELDS},
+              "caption": {"caption", "concept", "style", "image"}}
     fields = {f["name"] for f in client.describe_collection("levels")["fields"]}
     assert fields == {"id", "global", "concept_vector", "exterior_vector"} | scalar[kind]
     assert store.ensure_collection(client, "levels", hierarchical_card(), kind=contract.KINDS[kind]) is False
@@ -220,8 +241,6 @@ def test_caption_collection(client):
 
 
 def test_a_collection_made_before_kinds_were_recorded_has_the_kind_of_its_fields(client):
-    from pymilvus import DataType
-
     for name, kind in (("old_images", contract.IMAGE_KIND), ("old_captions", contract.CAPTION_KIND)):
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         for field in kind.fields:
@@ -327,8 +346,6 @@ def test_delete_drops_the_record(tmp_path):
 def test_a_record_outliving_its_collection_is_not_believed(client):
     """A collection dropped outside xmodal and made again by something else under the same
     name: the record names other vector fields, so the collection has no recorded model."""
-    from pymilvus import DataType
-
     store.ensure_collection(client, "images", card("aaaa000000000000", "first"))
     client.drop_collection("images")
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)

@@ -18,7 +18,7 @@ from urllib.parse import quote, urlencode
 import pytest
 
 import tinymodel
-from xmodal import store
+from xmodal import contract, store
 from xmodal.client import Client
 from xmodal.client.web import make_server, parse_multipart
 from xmodal.indexer import IndexJob
@@ -110,7 +110,8 @@ def test_search_returns_the_clients_hits(stack):
     assert [h["id"] for h in data["hits"]] == [h.id for h in expected]
     assert [h["score"] for h in data["hits"]] == pytest.approx([h.score for h in expected], abs=1e-5)
     first = data["hits"][0]
-    assert set(first) == {"id", "score", "title", "caption", "captions", "concept", "style", "image_url"}
+    assert set(first) == {"id", "score", "title", "caption", "captions", "concept", "style", "image_url",
+                          *contract.FILE_FIELDS}
     assert first["image_url"] == f"/image/{first['id']}" and first["caption"] == first["captions"][0]
     assert first["title"] == first["caption"]  # an image indexed without captions: its file's name
     assert "/" not in first["id"]  # no server path travels to the browser

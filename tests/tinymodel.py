@@ -192,7 +192,9 @@ def free_ports(count: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def serving(repository: Path) -> Iterator[object]:
+def serving(repository: Path, *, stop_timeout: float = 10) -> Iterator[object]:
+    """The real tritonserver on `repository`, ready; stopped on leaving (SIGTERM, and SIGKILL
+    after `stop_timeout` s: 0 kills it at once)."""
     from xmodal.server import TritonServer
 
     http_port, grpc_port, metrics_port = free_ports(3)
@@ -202,7 +204,7 @@ def serving(repository: Path) -> Iterator[object]:
         server.wait_ready(timeout=90)
         yield server
     finally:
-        server.stop()
+        server.stop(stop_timeout)
 
 
 def write_png(path: Path, colour: tuple[int, int, int], shape: str = "ellipse", size: int = 24) -> Path:

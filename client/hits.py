@@ -1,7 +1,7 @@
 """Search results."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
@@ -24,6 +24,8 @@ class Hit:
     mtime: int = 0
     width: int = 0
     height: int = 0
+    # every file of these bytes (`image` is the first); [] for a caption
+    paths: list[str] = field(default_factory=list)
 
     @property
     def title(self) -> str:

@@ -33,7 +33,7 @@ from xmodal.indexer import sources, state
 from xmodal.indexer.embed import EmbedStage, TritonEmbedder
 from xmodal.indexer.job import KINDS, IndexJob
 from xmodal.indexer.state import deadletter_path, progress_path  # noqa: F401 - re-exported by xmodal.indexer
-from xmodal.indexer.write import MilvusWriteStage, records
+from xmodal.indexer.write import MilvusWriteStage, merged_with_kept, records
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class IndexReport:
     seconds: float  # wall time of this run, start-up included
     deadletter_path: str | None = None
     duplicates: int = 0  # items whose content equals an earlier item's of the same shard: they share its row
+    # images: paths the collection's rows gained beside their first (byte-identical files: one
+    # row keeps every path); a rerun of the same files adds none
+    paths_merged: int = 0
     shards: int = 0
     shards_skipped: int = 0  # finished by an earlier run that was cut short
     items_skipped: int = 0  # the items of those shards
@@ -98,6 +101,8 @@ class IndexReport:
         text = (f"indexed into {self.collection!r} with {self.model} ({self.fingerprint}): "
                 f"{self.items_read} read, {self.rows_written} written, {self.dead_letters} dead letters, "
                 f"{self.duplicates} duplicates")
+        if self.paths_merged:
+            text += f"; {self.paths_merged} paths of identical files kept beside their row's first"
         if self.shards_skipped:
             text += (f"; {self.shards_skipped} of {self.shards} shards ({self.items_skipped} items) "
                      f"skipped, finished by an earlier run")
@@ -172,9 +177,14 @@ class _Writer:
     the shards still in flight (a shard is dropped from it when its last item is back).
     """
 
-    def __init__(self, client, collection: str, progress: state.Progress, *, batch_rows: int, flush: bool):
+    def __init__(self, client, collection: str, progress: state.Progress, *, batch_rows: int, flush: bool,
+                 kind: contract.CollectionKind | None = None):
         self.client = client
         self.collection = collection
+        # a kind that merges rows of a key (images: every path of the same bytes), or None: the
+        # later row of a key replaces the earlier
+        self.merge = kind.merge if kind is not None else None
+        self.kind = kind
         self.progress = progress
         self.batch_rows = batch_rows
         self.flush = flush
@@ -183,6 +193,7 @@ class _Writer:
         self.done: set[int] = set()  # shards complete since the last upsert
         self.rows = 0  # distinct keys per shard: the rows this run upserted
         self.rows_sent = 0
+        self.paths_merged = 0  # paths the collection's rows gained beyond their first (kinds that merge)
         self.seconds = 0.0
 
     def add(self, shard: int, key: str, row: dict[str, Any] | None) -> bool:
@@ -193,8 +204,11 @@ class _Writer:
             keys.add(key)
             self.rows += 1
         if row is not None:
-            self.pending.pop(key, None)  # the later item of a key wins, as a later upsert would
-            self.pending[key] = row
+            if key in self.pending and self.merge is not None:
+                self.pending[key], _ = self.merge(self.pending[key], row)
+            else:
+                self.pending.pop(key, None)  # the later item of a key wins, as a later upsert would
+                self.pending[key] = row
             if len(self.pending) >= self.batch_rows:
                 self.write()
         return seen
@@ -206,8 +220,12 @@ class _Writer:
     def write(self) -> None:
         started = time.perf_counter()
         if self.pending:
+            rows = list(self.pending.values())
+            if self.kind is not None:
+                rows, added = merged_with_kept(self.client, self.collection, self.kind, rows)
+                self.paths_merged += added
             # in calls of at most 5,000 rows (fewer for wide rows), whatever batch_rows is
-            store.upsert_rows(self.client, self.collection, list(self.pending.values()))
+            store.upsert_rows(self.client, self.collection, rows)
             self.rows_sent += len(self.pending)
             self.pending = {}
         if self.done:
@@ -324,7 +342,8 @@ class Sink:
         return {**contract.KINDS[self.kind].row(record), **store.vector_values(vectors)} if self.local else None
 
     def books(self, client, progress: state.Progress) -> _Writer:
-        return _Writer(client, self.collection, progress, batch_rows=self.write_batch, flush=self.local)
+        return _Writer(client, self.collection, progress, batch_rows=self.write_batch, flush=self.local,
+                       kind=contract.KINDS[self.kind])
 
 
 def _walk_skipped(plan: sources.InputPlan) -> dict[str, int]:
@@ -459,6 +478,7 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
                 if "write_seconds" in batch:
                     stage_seconds["write"] += float(batch["write_seconds"].sum())
                     writer.rows_sent += int(round(float(batch["rows_upserted"].sum())))
+                    writer.paths_merged += int(round(float(batch["paths_merged"].sum())))
                 done_items = n
                 for record, vectors in records(batch, dims):
                     shard = shard_of(record["item"])
@@ -497,7 +517,8 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
     report = IndexReport(
         collection=collection, model=card.name, fingerprint=card.fingerprint, items_read=plan.items,
         rows_written=writer.rows, dead_letters=dead.count, seconds=time.perf_counter() - started,
-        deadletter_path=str(dead.path) if dead.count else None, duplicates=duplicates, shards=shards,
+        deadletter_path=str(dead.path) if dead.count else None, duplicates=duplicates,
+        paths_merged=writer.paths_merged, shards=shards,
         shards_skipped=len(finished_before), items_skipped=plan.items - items_todo,
         progress_path=str(run_progress.path), fresh_start=fresh_start, scan_seconds=round(read.scan_seconds, 6),
         startup_seconds=round(first_batch_at - started, 6) if first_batch_at else 0.0, startup_items=first_batch_items,

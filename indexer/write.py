@@ -32,25 +32,61 @@ def records(batch: dict[str, np.ndarray],
 
 
 def milvus_rows(batch: dict[str, np.ndarray], kind: str, levels: Iterable[str]) -> list[dict[str, Any]]:
-    """One row per distinct key of the batch's good items (the last item of a key wins: one
-    upsert may not repeat a key)."""
+    """One row per distinct key of the batch's good items (one upsert may not repeat a key):
+    for a kind that merges (images) the rows of a key made one, else the last item of a key wins."""
     from xmodal import store
 
-    build = contract.KINDS[kind].row
+    collection_kind = contract.KINDS[kind]
     rows: dict[str, dict[str, Any]] = {}
     for record, vectors in records(batch, levels):
-        if not record["error"]:
-            rows.pop(record["id"], None)
-            rows[record["id"]] = {**build(record), **store.vector_values(vectors)}
+        if record["error"]:
+            continue
+        row = {**collection_kind.row(record), **store.vector_values(vectors)}
+        key = record["id"]
+        if key in rows and collection_kind.merge is not None:
+            rows[key], _ = collection_kind.merge(rows[key], row)
+        else:
+            rows.pop(key, None)
+            rows[key] = row
     return list(rows.values())
+
+
+# Keys per get: an expression of 32-hex-digit keys stays well under Milvus's limits.
+_GET_KEYS = 1000
+
+
+def merged_with_kept(client, collection: str, kind: contract.CollectionKind,
+                     rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """`rows` (one a key), each merged with the row its key already has in the collection, for
+    a kind that merges (an image's bytes under another path: one row, every path kept); and how
+    many paths the collection's rows gain beyond their first (a new row's, all but its first).
+    Read at Strong consistency: a row upserted a moment before is seen."""
+    if kind.merge is None or not rows:
+        return rows, 0
+    kept: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(rows), _GET_KEYS):
+        ids = [row["id"] for row in rows[start:start + _GET_KEYS]]
+        for found in client.get(collection, ids=ids, output_fields=kind.output_fields, consistency_level="Strong"):
+            kept[str(found["id"])] = found
+    merged, added = [], 0
+    for row in rows:
+        if row["id"] in kept:
+            row, more = kind.merge(kept[row["id"]], row)
+            added += more
+        else:
+            added += len(row["paths"]) - 1
+        merged.append(row)
+    return merged, added
 
 
 class MilvusWriteStage:
     """map_batches callable class for a Milvus server: upsert the batch's rows, pass on the
     rest. A batch comes back to the driver only after Milvus acknowledged its rows, so the
     driver records a shard only when all of it is written. A retried batch (a worker that
-    died) upserts the same keys again: no duplicates. The token, if any, reaches the actor as
-    a constructor argument and is never logged."""
+    died) upserts the same keys again: no duplicates. Image rows are merged with the rows their
+    keys have (every path of the same bytes kept); two actors writing the same key at the same
+    moment may each keep only their own paths. The token, if any, reaches the actor as a
+    constructor argument and is never logged."""
 
     def __init__(self, uri: str, token: str | None, collection: str, kind: str, levels: list[str],
                  timeout: float = 60.0):
@@ -62,6 +98,7 @@ class MilvusWriteStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         rows = milvus_rows(batch, self.kind, self.levels)
+        rows, added = merged_with_kept(self.client, self.collection, contract.KINDS[self.kind], rows)
         if rows:
             self.client.upsert(self.collection, rows)
         vectors = {vector_column(level) for level in self.levels}
@@ -69,6 +106,7 @@ class MilvusWriteStage:
         n = len(batch["item"])
         out["write_seconds"] = np.full(n, (time.perf_counter() - started) / max(1, n))
         out["rows_upserted"] = np.full(n, len(rows) / max(1, n))
+        out["paths_merged"] = np.full(n, added / max(1, n))
         return out
 
     def __del__(self):

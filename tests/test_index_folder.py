@@ -147,7 +147,9 @@ def test_a_folder_end_to_end_indexed_and_searched(tree, tiny_repository, tiny_tr
         assert (captions.items_read, captions.rows_written, captions.dead_letters) == (3, 3, 0)
         again = IndexJob(input=root, model_repository=repository, milvus_uri=str(db), batch_size=4,
                          progress=False).run()
+        assert report.paths_merged == 1  # yellow.PNG beside alias.png, the link to it walked first
         assert "finished" in again.fresh_start and again.rows_written == 4  # the same shards again
+        assert again.paths_merged == 0  # the row already keeps both paths
 
         blue = root / "2024/holidays/blue sky é.png"
         with Client(tiny_triton.url, db) as client:
@@ -172,8 +174,11 @@ def test_a_folder_end_to_end_indexed_and_searched(tree, tiny_repository, tiny_tr
             in_folder = client.search_text("green rectangle", k=4, filter='folder == "2024/holidays"')
             assert {hit.relative_path for hit in in_folder} == {"2024/holidays/green.png", "2024/holidays/blue sky é.png"}
             wide = client.search_image(blue, k=4, filter="width >= 40")
+            # alias.png links to yellow.PNG: one row for their bytes, described by the first path walked
             assert [(hit.relative_path, hit.folder, hit.width, hit.height) for hit in wide] == [
-                ("2024/yellow.PNG", "2024", 40, 40)]
+                ("2024/alias.png", "2024", 40, 40)]
+            assert wide[0].paths == [str(root / "2024/alias.png"), str(root / "2024/yellow.PNG")]
+            assert hits[0].paths == [str(blue)]
             at_root = client.search_image(blue, k=4, filter='folder == ""')
             assert [hit.relative_path for hit in at_root] == ["red.png"]
             recent = client.search_image(blue, k=4, filter=f"mtime >= {int(blue.stat().st_mtime)} and size > 0")
@@ -233,3 +238,35 @@ def test_a_folders_svg_drawings_are_rendered_and_read_nothing_outside(tmp_path):
     colours = Image.open(io.BytesIO(read["data"][peek])).convert("RGBA").getcolors(1 << 16)
     assert all(alpha == 0 for _, (_, _, _, alpha) in colours), "the SVG showed a file from outside the folder"
     assert secret  # the file was there to be read
+
+
+@pytest.mark.slow
+def test_identical_files_are_one_row_that_keeps_every_path(tiny_repository, ray_local, tmp_path):
+    """Byte-identical files under several paths, in different shards and upserts: one row, every
+    path kept in walk order, the row described by the first; a rerun adds no path twice."""
+    _, repository = tiny_repository
+    root = tmp_path / "copies"
+    same = photo(root / "a.png", "red")
+    for name in ("b/copy.png", "c/d/copy again.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(same)
+    photo(root / "other.png", "blue")
+    db = tmp_path / "milvus" / "xmodal.db"
+    job = IndexJob(input=root, model_repository=repository, milvus_uri=str(db), batch_size=1, shard_size=1,
+                   write_batch=1, progress=False)
+    try:
+        first = job.run()
+        assert (first.items_read, first.duplicates, first.paths_merged) == (4, 0, 2)  # one a shard: none within one
+        again = IndexJob(input=root, model_repository=repository, milvus_uri=str(db), progress=False,
+                         restart=True).run()
+        assert (again.duplicates, again.paths_merged) == (2, 0)  # one shard; the row already keeps every path
+        client = store.connect(db)
+        rows = {row["id"]: row for row in client.query(
+            "xmodal_images", filter="", limit=10, output_fields=["image", "paths", "relative_path", "folder"])}
+        client.close()
+        row = rows[sources.content_id(same)]
+        assert row["paths"] == [str(root / "a.png"), str(root / "b/copy.png"), str(root / "c/d/copy again.png")]
+        assert (row["image"], row["relative_path"], row["folder"]) == (str(root / "a.png"), "a.png", "")
+        assert len(rows) == 2
+    finally:
+        store.release_local(db)

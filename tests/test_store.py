@@ -75,7 +75,7 @@ def test_image_collection_schema_and_model(client):
     assert store.ensure_collection(client, "images", card()) is True
     described = client.describe_collection("images")
     fields = {f["name"]: f for f in described["fields"]}
-    assert set(fields) == {"id", "global", "image", "captions", "concept", "style", *contract.FILE_FIELDS}
+    assert set(fields) == {"id", "global", "image", "captions", "concept", "style", *contract.FILE_FIELDS, "paths"}
     assert fields["id"]["is_primary"] and fields["id"]["params"]["max_length"] == 64
     assert [fields[name]["type"] for name in contract.FILE_FIELDS] == [DataType.VARCHAR] * 2 + [DataType.INT64] * 4
     assert fields["global"]["params"]["dim"] == DIM
@@ -102,7 +102,7 @@ def test_one_vector_field_per_level(client, kind):
     for field in ("global", "concept_vector", "exterior_vector"):
         index = client.describe_index("levels", field)
         assert (index["metric_type"], index["index_type"]) == ("IP", store.LITE_INDEX_TYPE)
-    scalar = {"image": {"image", "captions", "concept", "style", *contract.FILE_FIELDS},
+    scalar = {"image": {"image", "captions", "concept", "style", *contract.FILE_FIELDS, "paths"},
               "caption": {"caption", "concept", "style", "image"}}
     fields = {f["name"] for f in client.describe_collection("levels")["fields"]}
     assert fields == {"id", "global", "concept_vector", "exterior_vector"} | scalar[kind]
@@ -148,7 +148,7 @@ def test_upsert_is_idempotent_and_captions_round_trip(client):
     vectors = np.eye(DIM, dtype=np.float32)
     rows = [{"id": f"{i:032x}", "global": vectors[i].tolist(), "image": f"/img/{i}.png",
              "captions": [f"caption {i}", "second, with \"quotes\" and ünïcode"], "concept": f"c{i}",
-             "style": "s", **contract.FILE_DEFAULTS} for i in range(4)]
+             "style": "s", **contract.NO_FILE} for i in range(4)]
     client.upsert("images", rows)
     client.upsert("images", rows[:2])
     assert client.query("images", filter="", output_fields=["count(*)"])[0]["count(*)"] == 4
@@ -156,7 +156,7 @@ def test_upsert_is_idempotent_and_captions_round_trip(client):
                           output_fields=contract.IMAGE_KIND.output_fields,
                           search_params=store.search_params(client, "images", "IP", 2))[0]
     assert found[0]["id"] == f"{2:032x}" and found[0]["distance"] == pytest.approx(1.0, abs=1e-5)
-    assert contract.decode_captions(found[0]["entity"]["captions"]) == rows[2]["captions"]
+    assert contract.decode_string_list(found[0]["entity"]["captions"]) == rows[2]["captions"]
 
 
 def test_search_params_follow_the_index_type(client):
@@ -195,7 +195,7 @@ def test_search_through_the_default_index_is_exact_on_a_small_collection(client)
         x = centres[rng.integers(0, len(centres), n)] + 0.3 * rng.normal(size=(n, dim))
         x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
         store.upsert_rows(client, name, [{"id": f"{i:032x}", "global": v.tolist(), "image": "", "captions": [],
-                                          "concept": "", "style": "", **contract.FILE_DEFAULTS}
+                                          "concept": "", "style": "", **contract.NO_FILE}
                                          for i, v in enumerate(x)])
         client.flush(name)
         queries = x[rng.choice(n, 20, replace=False)] + 0.05 * rng.normal(size=(20, dim)).astype(np.float32)
@@ -218,7 +218,7 @@ def test_upserts_into_milvus_lite_are_cut_into_calls_it_takes_fast(client, monke
     monkeypatch.setattr(client, "upsert", counting)
     vector = [1.0] + [0.0] * (DIM - 1)
     store.upsert_rows(client, "images", [{"id": f"{i:032x}", "global": vector, "image": "", "captions": [],
-                                          "concept": "", "style": "", **contract.FILE_DEFAULTS} for i in range(12_000)])
+                                          "concept": "", "style": "", **contract.NO_FILE} for i in range(12_000)])
     assert sizes == [5000, 5000, 2000]
     assert client.query("images", filter="", output_fields=["count(*)"])[0]["count(*)"] == 12_000
     # wider rows: at most 5,000 x 256 vector floats a call (three 256-d levels: 1,666 rows)
@@ -261,7 +261,7 @@ def test_rows_do_not_go_into_a_collection_made_before_the_file_fields(client):
         field for field in contract.IMAGE_KIND.fields if not field.added_later))
     store.create_collection(client, "before_file_fields", card(), older)
     with pytest.raises(ValueError, match=r"'before_file_fields' was made by an earlier xmodal: it has no field "
-                                         r"relative_path, folder, size, mtime, width, height.*xmodal index delete"):
+                                         r"relative_path, folder, size, mtime, width, height, paths.*xmodal index delete"):
         store.ensure_collection(client, "before_file_fields", card())
 
 

@@ -105,7 +105,10 @@ class CollectionKind:
     `embeds`: which ensemble embeds an item ("image" via embed_image, "text" via embed_text).
     `row` takes the item's record (the pipeline's columns: ``sources.py``) and gives the scalar
     values of its row; `hit` takes a hit's entity and gives the fields of a client ``Hit``
-    (image, captions, concept, style, and an image's file metadata: ``FILE_FIELDS``).
+    (image, captions, concept, style, and an image's file metadata: ``FILE_FIELDS``). `merge`,
+    where a kind has it, makes one row of a row already kept (written, or earlier in the run)
+    and a new row of the same key, and says how many of the new row's paths it added; without
+    it the new row replaces the kept one.
     """
 
     name: str
@@ -114,6 +117,7 @@ class CollectionKind:
     fields: tuple[ScalarField, ...]
     row: Callable[[dict[str, Any]], dict[str, Any]]
     hit: Callable[[dict[str, Any]], dict[str, Any]]
+    merge: Callable[[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], int]] | None = None
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -130,8 +134,8 @@ class CollectionKind:
         return [field.name for field in self.fields if not field.primary]
 
 
-def decode_captions(value: Any) -> list[str]:
-    """The captions field as a list, whether stored as JSON or as a JSON string."""
+def decode_string_list(value: Any) -> list[str]:
+    """A JSON list field (captions, paths) as a list of strings, whether stored as JSON or as a JSON string."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -148,22 +152,42 @@ def decode_captions(value: Any) -> list[str]:
 # modification time (seconds since the epoch; 0 for an image inside a Parquet or tar file: the
 # source file's), and its width and height in pixels (a drawing's as rendered for the index).
 FILE_FIELDS = ("relative_path", "folder", "size", "mtime", "width", "height")
-# Their values where nothing is known of a file (rows made without a file: benchmarks, tests).
+# Their values where nothing is known of a file (a hit of a collection made before them).
 FILE_DEFAULTS = {"relative_path": "", "folder": "", "size": 0, "mtime": 0, "width": 0, "height": 0}
+# What an image row made without a file (benchmarks, tests) holds besides its key, vectors,
+# image, captions, concept and style.
+NO_FILE = {**FILE_DEFAULTS, "paths": []}
+
+
+# An image row describes its first path (in input order): its file, captions, concept and
+# style; `paths` lists every path whose file holds the same bytes (the key is their hash).
+_DESCRIBED_BY_FIRST_PATH = ("image", "captions", "concept", "style", *FILE_FIELDS)
 
 
 def _image_row(record: dict[str, Any]) -> dict[str, Any]:
     return {"id": record["id"], "image": record["path"], "captions": json.loads(record["captions"]),
             "concept": record["concept"], "style": record["style"],
             "relative_path": record["relative_path"], "folder": record["folder"],
-            **{name: int(record[name]) for name in ("size", "mtime", "width", "height")}}
+            **{name: int(record[name]) for name in ("size", "mtime", "width", "height")},
+            "paths": [record["path"]]}
 
 
 def _image_hit(entity: dict[str, Any]) -> dict[str, Any]:
-    # a collection made before the file fields has none: the hit gets their defaults
-    return {"image": str(entity.get("image", "")), "captions": decode_captions(entity.get("captions")),
+    # a collection made before the file fields (and paths) has none: the hit gets their defaults
+    image = str(entity.get("image", ""))
+    return {"image": image, "captions": decode_string_list(entity.get("captions")),
             "concept": str(entity.get("concept", "")), "style": str(entity.get("style", "")),
-            **{name: type(default)(entity.get(name) or default) for name, default in FILE_DEFAULTS.items()}}
+            **{name: type(default)(entity.get(name) or default) for name, default in FILE_DEFAULTS.items()},
+            "paths": decode_string_list(entity.get("paths")) or ([image] if image else [])}
+
+
+def _merge_image_rows(kept: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """One row for files of the same bytes: every path, the kept row's first; described by that
+    first path (by the new row where it is that path: its file was read again)."""
+    paths = list(kept.get("paths") or [kept["image"]])
+    added = [path for path in new["paths"] if path not in paths]
+    first = new if new["image"] == paths[0] else kept
+    return {**new, **{name: first[name] for name in _DESCRIBED_BY_FIRST_PATH}, "paths": paths + added}, len(added)
 
 
 def _caption_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -186,8 +210,9 @@ IMAGE_KIND = CollectionKind(
             ScalarField("concept", "varchar", KEY_MAX_LENGTH),
             ScalarField("style", "varchar", KEY_MAX_LENGTH),
             *(ScalarField(name, "varchar", PATH_MAX_LENGTH, added_later=True) for name in FILE_FIELDS[:2]),
-            *(ScalarField(name, "int64", added_later=True) for name in FILE_FIELDS[2:])),
-    row=_image_row, hit=_image_hit)
+            *(ScalarField(name, "int64", added_later=True) for name in FILE_FIELDS[2:]),
+            ScalarField("paths", "json", added_later=True)),  # a JSON list: every path of these bytes
+    row=_image_row, hit=_image_hit, merge=_merge_image_rows)
 CAPTION_KIND = CollectionKind(
     name="caption", description="xmodal captions", embeds="text",
     fields=(ScalarField("id", "varchar", ID_MAX_LENGTH, primary=True),  # sha256 of the caption text, 32 hex digits

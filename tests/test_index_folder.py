@@ -20,7 +20,7 @@ from tinymodel import COLOURS, write_png
 from xmodal import store
 from xmodal.client import Client
 from xmodal.client.table import format_hits
-from xmodal.client.web import hit_json
+from xmodal.client.web import SearchApp, hit_json
 from xmodal.indexer import IndexJob, sources
 from xmodal.indexer.formats import Source
 
@@ -163,6 +163,8 @@ def test_a_folder_end_to_end_indexed_and_searched(tree, tiny_repository, tiny_tr
             assert "blue sky é.png" in format_hits(hits)
             shown = hit_json(hits[0])  # what the web page shows
             assert (shown["title"], shown["caption"], shown["captions"]) == ("blue sky é.png", "", [])
+            served = SearchApp(client).handle("GET", shown["image_url"], {}, b"")  # `xmodal web`'s thumbnail
+            assert (served.status, served.body) == (200, contents["2024/holidays/blue sky é.png"])
             texts = client.search_captions(blue, k=3)
             assert {hit.captions[0] for hit in texts} == {"a red ellipse", "green rectangle", "round and red"}
 

@@ -248,6 +248,17 @@ def processes_named(fragment: str) -> list[int]:
     return found
 
 
+def live_actors_of(driver_pid: int, fragment: str) -> list[int]:
+    """PIDs of the live actors whose class name contains `fragment`, of the Ray job whose driver
+    is `driver_pid`: the run's own, when other tests' runs share the Ray cluster (pytest-xdist).
+    Ray's global state from its GCS (the state API would need the dashboard, which is off)."""
+    from ray._private import state
+
+    jobs = {job["JobID"] for job in state.jobs() if int(job.get("DriverPid") or 0) == driver_pid}
+    return [int(actor["Pid"]) for actor in state.actors().values()
+            if actor.get("JobID") in jobs and actor.get("State") == "ALIVE" and fragment in actor.get("ActorClassName", "")]
+
+
 def test_an_embedding_worker_killed_mid_run_is_replaced_and_the_run_completes(stack, ray_local, tmp_path, db):
     import ray
 
@@ -261,7 +272,7 @@ def test_an_embedding_worker_killed_mid_run_is_replaced_and_the_run_completes(st
     deadline = time.monotonic() + 120
     while not tinymodel.finished_shards(progress_file) and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    actors = processes_named("MapBatches(TritonEmbedder)")
+    actors = live_actors_of(run.pid, "TritonEmbedder")
     assert run.poll() is None and len(actors) == 1, "no embedding actor to kill part-way"
     os.kill(actors[0], signal.SIGKILL)
     assert tinymodel.finished_shards(progress_file) < 20  # of 20: killed part-way

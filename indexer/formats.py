@@ -183,6 +183,7 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
     relative_path: str = ""
     source_mtime: int = 0
+    stamp: str = ""  # a folder image's (file_stamp)
 
 
 def rows(spec: InputSpec, files: Sequence[str], *, offset: int = 0, number: int | None = None,
@@ -207,10 +208,10 @@ def _file_rows(spec: InputSpec, file: Path, offset: int, number: int | None,
         yield from _manifest_rows(spec, file, offset, number or 1)
         return
     if spec.format == FOLDER:  # one row a file: its stamp and its sidecars' say whether it changed
-        stamps = [f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "" for stat in map(_stat, _sidecars(file))]
-        stat = file.stat()
-        yield 0, 0, _row(spec, file, readers.folder_row(Path(spec.path), file),
-                         {"stamp": f"{stat.st_size}:{stat.st_mtime_ns}", "sidecars": stamps})
+        stamp, sidecars = _stamps(file)
+        row = _row(spec, file, readers.folder_row(Path(spec.path), file), {"stamp": stamp, "sidecars": sidecars})
+        row.stamp = file_stamp(file, (stamp, sidecars))
+        yield 0, 0, row
         return
     extra: dict[str, Any] = {}
     if spec.format in BYTE_FORMATS:  # the image bytes are not hashed by the scan: the file's stamp stands for them
@@ -228,6 +229,19 @@ def _file_rows(spec: InputSpec, file: Path, offset: int, number: int | None,
         if row.in_source:
             row.source_mtime = source_mtime
         yield row_offset, row_number, row
+
+
+def _stamps(image: Path) -> tuple[str, list[str]]:
+    stat = image.stat()
+    return (f"{stat.st_size}:{stat.st_mtime_ns}",
+            [f"{side.st_size}:{side.st_mtime_ns}" if side else "" for side in map(_stat, _sidecars(image))])
+
+
+def file_stamp(image: Path, stamps: tuple[str, list[str]] | None = None) -> str:
+    """A folder image's stamp: its size and modification time and its sidecars': the same stamp,
+    the same row (``folder_files.py``)."""
+    stamp, sidecars = stamps or _stamps(image)
+    return "|".join([stamp, *sidecars])
 
 
 def _sidecars(image: Path) -> list[Path]:

@@ -130,6 +130,8 @@ class IndexJob:
     shard_size: int = DEFAULT_SHARD_SIZE
     write_batch: int = DEFAULT_WRITE_BATCH
     restart: bool = False
+    # a folder: remove the paths of files gone from it (their rows, when no path is left)
+    sync: bool = False
     ray_address: str | None = None
     progress: bool = True
     timeout: float = 10.0

@@ -92,8 +92,10 @@ def delete_collection(milvus_uri: str, collection: str, *, token: str | None = N
     from xmodal.sidestore import side_store_path
 
     sides = side_store_path(milvus_uri, collection)
+    from xmodal.indexer.folder_files import files_path
+
     for path in (state.progress_path(milvus_uri, collection), state.deadletter_path(milvus_uri, collection),
-                 sides, Path(f"{sides}-wal"), Path(f"{sides}-shm")):
+                 sides, Path(f"{sides}-wal"), Path(f"{sides}-shm"), files_path(milvus_uri, collection)):
         if Path(path).exists():
             path.unlink()
             removed.append(str(path))

@@ -26,14 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from xmodal import contract, settings, store
+from xmodal import contract, readers, settings, store
 from xmodal.card import ModelCard
 from xmodal import triton
-from xmodal.indexer import sources, state
+from xmodal.indexer import formats, sources, state
 from xmodal.indexer.embed import EmbedStage, TritonEmbedder
 from xmodal.indexer.job import KINDS, IndexJob
 from xmodal.indexer.state import deadletter_path, progress_path  # noqa: F401 - re-exported by xmodal.indexer
-from xmodal.indexer.write import MilvusWriteStage, merged_with_kept, records
+from xmodal.indexer.folder_files import FolderChanges, FolderFiles, files_path
+from xmodal.indexer.write import MilvusWriteStage, merged_with_kept, records, release_paths
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ class IndexReport:
     # images: paths the collection's rows gained beside their first (byte-identical files: one
     # row keeps every path); a rerun of the same files adds none
     paths_merged: int = 0
+    # a folder: its files against the collection's record of them (folder_files.py); removed
+    # (with sync): the files gone whose paths the rows let go
+    files_added: int = 0
+    files_changed: int = 0
+    files_unchanged: int = 0
+    files_removed: int = 0
     shards: int = 0
     shards_skipped: int = 0  # finished by an earlier run that was cut short
     items_skipped: int = 0  # the items of those shards
@@ -103,6 +110,9 @@ class IndexReport:
                 f"{self.duplicates} duplicates")
         if self.paths_merged:
             text += f"; {self.paths_merged} paths of identical files kept beside their row's first"
+        if self.files_added or self.files_changed or self.files_unchanged or self.files_removed:
+            text += (f"; files: {self.files_added} added, {self.files_unchanged} unchanged, "
+                     f"{self.files_changed} changed, {self.files_removed} removed")
         if self.shards_skipped:
             text += (f"; {self.shards_skipped} of {self.shards} shards ({self.items_skipped} items) "
                      f"skipped, finished by an earlier run")
@@ -178,13 +188,15 @@ class _Writer:
     """
 
     def __init__(self, client, collection: str, progress: state.Progress, *, batch_rows: int, flush: bool,
-                 kind: contract.CollectionKind | None = None):
+                 kind: contract.CollectionKind | None = None,
+                 on_recorded: Callable[[set[int]], None] | None = None):
         self.client = client
         self.collection = collection
         # a kind that merges rows of a key (images: every path of the same bytes), or None: the
         # later row of a key replaces the earlier
         self.merge = kind.merge if kind is not None else None
         self.kind = kind
+        self.on_recorded = on_recorded  # told the shards each write recorded, after it
         self.progress = progress
         self.batch_rows = batch_rows
         self.flush = flush
@@ -232,8 +244,10 @@ class _Writer:
             if self.flush:
                 self.client.flush(self.collection)
             self.progress.finished |= self.done
-            self.done = set()
+            done, self.done = self.done, set()
             self.progress.save()
+            if self.on_recorded is not None:
+                self.on_recorded(done)
         self.seconds += time.perf_counter() - started
 
 
@@ -249,6 +263,9 @@ class Reader:
     batch_size: int
     # the stage between reading and embedding (images: read and check the files), if any
     prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    # a folder of images: the collection's record of its files, and the walk compared with it
+    folder: FolderFiles | None = None
+    changes: FolderChanges | None = None
 
     def identity(self) -> dict[str, Any]:
         """What the progress file records of the input: its spec (for another format than the
@@ -341,9 +358,10 @@ class Sink:
         """The row the driver upserts for an embedded item; None where a writer actor upserted it."""
         return {**contract.KINDS[self.kind].row(record), **store.vector_values(vectors)} if self.local else None
 
-    def books(self, client, progress: state.Progress) -> _Writer:
+    def books(self, client, progress: state.Progress,
+              on_recorded: Callable[[set[int]], None] | None = None) -> _Writer:
         return _Writer(client, self.collection, progress, batch_rows=self.write_batch, flush=self.local,
-                       kind=contract.KINDS[self.kind])
+                       kind=contract.KINDS[self.kind], on_recorded=on_recorded)
 
 
 def _walk_skipped(plan: sources.InputPlan) -> dict[str, int]:
@@ -359,14 +377,23 @@ def card_dims(card: ModelCard) -> dict[str, int]:
 def build_reader(job: IndexJob) -> Reader:
     """Scan the job's input (ValueError, naming the file, for one that cannot be read as its format)."""
     started = time.perf_counter()
-    plan = sources.scan(job.source(), kind=job.kind, split=job.split, styles=job.styles, limit=job.limit,
-                        shard_size=job.shard_size)
+    source = job.source()
+    folder = changes = only = None
+    if job.kind == sources.IMAGE:
+        spec = formats.input_spec(source, kind=job.kind, split=job.split, styles=job.styles)
+        if spec.format == formats.FOLDER:  # only the files new or changed since the record of it
+            folder = FolderFiles(files_path(job.milvus_uri, job.collection), spec.path)
+            changes = folder.compare({str(image): formats.file_stamp(image)
+                                      for image in readers.walk_folder(Path(spec.path)).images})
+            only = None if job.restart else changes.to_index
+    plan = sources.scan(source, kind=job.kind, split=job.split, styles=job.styles, limit=job.limit,
+                        shard_size=job.shard_size, only=only)
     scan_seconds = time.perf_counter() - started
     prepare = KINDS[job.kind].prepare
     if prepare is not None:
         # where the images a source holds as bytes are written: beside the collection, by content
         prepare = functools.partial(prepare, image_store=str(state.image_store_path(job.milvus_uri, job.collection)))
-    return Reader(plan, scan_seconds, job.batch_size, prepare)
+    return Reader(plan, scan_seconds, job.batch_size, prepare, folder, changes)
 
 
 def build_embedding(job: IndexJob) -> Embedding:
@@ -434,11 +461,23 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
             ray_started = start_ray(job.ray_address)
         client = write.connect()
         created = write.ensure_collection(client, card)
+        if created and read.folder is not None and read.folder.known():
+            # a record of the folder's files in a collection dropped since: all is new to this one
+            read.folder.forget(list(read.folder.known()))
+            read = reader(job)
+            plan = read.plan
+            shards = len(plan.shards)
+            identity = {**read.identity(), "model": card.name, "fingerprint": card.fingerprint,
+                        "shard_size": shard_size}
+            if plan.items and not ray_started:
+                ray_started = start_ray(job.ray_address)
+        folder_counts = _sync_folder(read, job, client, collection, say)
         if not plan.items:  # nothing selected: the files of earlier runs stay as they are
             return _finish(IndexReport(collection=collection, model=card.name, fingerprint=card.fingerprint,
                                        items_read=0, rows_written=0, dead_letters=0,
                                        seconds=time.perf_counter() - started,
-                                       scan_seconds=round(read.scan_seconds, 6), **_walk_skipped(plan)),
+                                       scan_seconds=round(read.scan_seconds, 6), **_walk_skipped(plan),
+                                       **folder_counts),
                            job.progress)
         run_progress, fresh_start = state.continue_or_start(
             state.progress_path(write.uri, collection), identity, shards, collection_created=created,
@@ -455,7 +494,24 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
             say(f"resuming: {len(finished_before)} of {shards} shards were finished by an earlier run "
                 f"and are skipped; {items_todo} items to go")
         run_progress.save()
-        writer = write.books(client, run_progress)
+        folder_entries: dict[int, list[tuple[str, str, str]]] = {}  # per shard: (path, stamp, key or "")
+
+        def record_files(recorded: set[int]) -> None:
+            """The files of shards whose rows are written: into the folder's record; a changed
+            file's path let go by the row of its old bytes (a bad one's too, and forgotten)."""
+            entries = [entry for shard in sorted(recorded) for entry in folder_entries.pop(shard, [])]
+            if read.folder is None or not entries:
+                return
+            let_go: dict[str, list[str]] = {}
+            for path, _, key in entries:
+                old = read.changes.changed.get(path)
+                if old and old != key:
+                    let_go.setdefault(old, []).append(path)
+            release_paths(client, collection, read.folder.root, let_go)
+            read.folder.record([entry for entry in entries if entry[2]])
+            read.folder.forget([path for path, _, key in entries if not key])
+
+        writer = write.books(client, run_progress, on_recorded=record_files)
         if todo:
             import ray.data
             from tqdm import tqdm
@@ -482,6 +538,9 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
                 done_items = n
                 for record, vectors in records(batch, dims):
                     shard = shard_of(record["item"])
+                    if read.folder is not None and record.get("stamp"):
+                        folder_entries.setdefault(shard, []).append(
+                            (record["path"], record["stamp"], "" if record["error"] else record["id"]))
                     if record["error"]:
                         dead.write({"item": record["item"], **kind.letter(record, collection)})
                     else:
@@ -521,11 +580,31 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
         paths_merged=writer.paths_merged, shards=shards,
         shards_skipped=len(finished_before), items_skipped=plan.items - items_todo,
         progress_path=str(run_progress.path), fresh_start=fresh_start, scan_seconds=round(read.scan_seconds, 6),
+        **folder_counts,
         startup_seconds=round(first_batch_at - started, 6) if first_batch_at else 0.0, startup_items=first_batch_items,
         stage_seconds={k: round(v, 6) for k, v in stage_seconds.items()}, stage_items=stage_items,
         **_walk_skipped(plan),
     )
     return _finish(report, job.progress)
+
+
+def _sync_folder(read: Reader, job: IndexJob, client, collection: str, say: Callable[[str], None]) -> dict[str, int]:
+    """A folder's files compared with the collection's record of them: the report's counts;
+    with `job.sync` the paths of the files gone are let go (rows left with none removed)."""
+    if read.folder is None:
+        return {}
+    changes = read.changes
+    gone = changes.gone
+    if gone and job.sync:
+        let_go: dict[str, list[str]] = {}
+        for path, key in gone.items():
+            let_go.setdefault(key, []).append(path)
+        release_paths(client, collection, read.folder.root, let_go)
+        read.folder.forget(list(gone))
+    elif gone:
+        say(f"{len(gone)} files indexed before are gone from {read.folder.root}: --sync removes them")
+    return {"files_added": len(changes.added), "files_changed": len(changes.changed),
+            "files_unchanged": changes.unchanged, "files_removed": len(gone) if job.sync else 0}
 
 
 def _finish(report: IndexReport, progress: bool) -> IndexReport:

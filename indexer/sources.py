@@ -6,7 +6,7 @@ read tasks, one per shard (see the section below).
 
 Columns carried through the pipeline (numpy batches):
   images:   item, path, relative_path, folder, concept, style, captions (JSON text), error, letter,
-            in_source, mtime, data
+            in_source, mtime, stamp (a folder image's), data
             -> + id, size, width, height, read_seconds (data: the image's bytes); the read stage
             sets mtime for an image file (before it, that of the source file holding the bytes)
   captions: item, caption, concept, style, image, id, data (UTF-8 bytes), error, letter, read_seconds
@@ -138,8 +138,10 @@ def _unit_key(row: formats.Row, caption: str | None) -> str:
 
 def scan(source: formats.Source | str | os.PathLike[str], *, kind: str, split: Any = formats.SPLIT_DEFAULT,
          styles: Collection[str] | str | None = None, limit: int | None = None,
-         shard_size: int = 1000) -> InputPlan:
+         shard_size: int = 1000, only: Collection[str] | None = None) -> InputPlan:
     """One streaming pass over the input: the items' number, their hash, and the shards.
+
+    `only`: of a folder, the files to read (those new or changed since the collection's record of it).
 
     `source`: a manifest path, or a ``formats.Source``. Raises ValueError (naming the file, and
     for a manifest the line) for an input that cannot be read as its format, before any work is
@@ -151,7 +153,7 @@ def scan(source: formats.Source | str | os.PathLike[str], *, kind: str, split: A
         source = formats.Source(source, format=formats.MANIFEST)
     spec = formats.input_spec(source, kind=kind, split=split, styles=styles)
     found = formats.input_files(spec)
-    files = found.files
+    files = found.files if only is None else [file for file in found.files if file in only]
     keep_rows = spec.format == "karpathy"  # one document, parsed here: the read tasks carry its rows
     shards: list[Shard] = []
     total = hashlib.sha256()
@@ -200,7 +202,7 @@ def _safe_text(value: str) -> str:
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _folder(relative_path: str) -> str:
+def folder_of(relative_path: str) -> str:
     """The folder of a relative path, "" at the root (or for an absolute path's root)."""
     parent = PurePosixPath(relative_path).parent.as_posix()
     return "" if parent in (".", "/") else parent
@@ -222,10 +224,10 @@ def _image_item(number: int, row: formats.Row) -> dict[str, Any]:
     # file; its columns carry stand-ins Arrow can hold (it cannot hold a lone surrogate).
     letter = json.dumps({"path": path}) if error else ""
     return {"item": number, "path": _safe_text(path), "relative_path": _safe_text(row.relative_path),
-            "folder": _safe_text(_folder(row.relative_path)), "concept": _safe_text(row.concept),
+            "folder": _safe_text(folder_of(row.relative_path)), "concept": _safe_text(row.concept),
             "style": _safe_text(row.style), "captions": json.dumps(captions),  # \u escapes
             "error": error, "letter": letter, "in_source": row.in_source, "mtime": row.source_mtime,
-            "data": b"" if error else row.data or b""}
+            "stamp": row.stamp, "data": b"" if error else row.data or b""}
 
 
 def _caption_item(number: int, row: formats.Row, caption: str | None) -> dict[str, Any]:

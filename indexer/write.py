@@ -9,6 +9,7 @@ error, ...) travel on to the driver, which keeps the progress and dead-letter fi
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -116,3 +117,41 @@ class MilvusWriteStage:
                 client.close()
             except Exception:  # noqa: BLE001 - closing at interpreter exit
                 pass
+
+
+def release_paths(client, collection: str, root: str, let_go: dict[str, list[str]]) -> int:
+    """Rows of a folder's images let paths go (`let_go`: key -> paths): a row left with none is
+    deleted; a row whose first path went is described by its next one (its file read again
+    for its place, time and sidecar captions). The rows deleted."""
+    from xmodal import readers, store
+    from xmodal.indexer.sources import folder_of
+
+    if not let_go:
+        return 0
+    kept_rows, deleted = [], []
+    keys = list(let_go)
+    for start in range(0, len(keys), _GET_KEYS):
+        for row in client.get(collection, ids=keys[start:start + _GET_KEYS], output_fields=["*"],
+                              consistency_level="Strong"):
+            key = str(row["id"])
+            paths = [path for path in contract.decode_string_list(row.get("paths")) or [row["image"]]
+                     if path not in let_go[key]]
+            if not paths:
+                deleted.append(key)
+                continue
+            row = {name: value.tolist() if hasattr(value, "tolist") else value for name, value in row.items()}
+            if row["image"] != paths[0]:
+                first = Path(paths[0])
+                relative = first.relative_to(root).as_posix() if first.is_relative_to(root) else str(first)
+                row.update(image=paths[0], relative_path=relative, folder=folder_of(relative),
+                           concept=f"{row['style']}/{relative}")
+                if first.is_file():
+                    row["mtime"] = int(first.stat().st_mtime)
+                    row["captions"] = readers.folder_row(Path(root), first).captions
+            row["paths"] = paths
+            kept_rows.append(row)
+    if deleted:
+        client.delete(collection, ids=deleted)
+    if kept_rows:
+        store.upsert_rows(client, collection, kept_rows)
+    return len(deleted)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import tinymodel
 from tinymodel import COLOURS, write_png
 from xmodal import store
 from xmodal.client import Client
@@ -148,8 +151,8 @@ def test_a_folder_end_to_end_indexed_and_searched(tree, tiny_repository, tiny_tr
         again = IndexJob(input=root, model_repository=repository, milvus_uri=str(db), batch_size=4,
                          progress=False).run()
         assert report.paths_merged == 1  # yellow.PNG beside alias.png, the link to it walked first
-        assert "finished" in again.fresh_start and again.rows_written == 4  # the same shards again
-        assert again.paths_merged == 0  # the row already keeps both paths
+        # the same files again: nothing read or written (the collection's record of the folder)
+        assert (again.files_unchanged, again.items_read, again.rows_written, again.paths_merged) == (5, 0, 0, 0)
 
         blue = root / "2024/holidays/blue sky é.png"
         with Client(tiny_triton.url, db) as client:
@@ -270,5 +273,103 @@ def test_identical_files_are_one_row_that_keeps_every_path(tiny_repository, ray_
         assert row["paths"] == [str(root / "a.png"), str(root / "b/copy.png"), str(root / "c/d/copy again.png")]
         assert (row["image"], row["relative_path"], row["folder"]) == (str(root / "a.png"), "a.png", "")
         assert len(rows) == 2
+    finally:
+        store.release_local(db)
+
+
+def rows_of(db: Path, collection: str, limit: int = 100) -> dict[str, tuple]:
+    client = store.connect(db)
+    try:
+        return {row["id"]: (row["image"], row["paths"], row["relative_path"], row["captions"]) for row in client.query(
+            collection, filter="", limit=limit, output_fields=["image", "paths", "relative_path", "captions"])}
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+def test_a_folder_indexed_again_does_only_what_changed_and_sync_removes_what_is_gone(
+        tiny_repository, ray_local, tmp_path):
+    _, repository = tiny_repository
+    root = tmp_path / "album"
+    red = photo(root / "a.png", "red")
+    green = photo(root / "b.png", "green")
+    photo(root / "sub" / "c.png", "blue")
+    (root / "d.png").write_bytes(red)  # a.png's bytes: one row, two paths
+    (root / "d.txt").write_text("the copy\n")
+    db = tmp_path / "milvus" / "xmodal.db"
+
+    def index(**options):
+        return IndexJob(input=root, model_repository=repository, milvus_uri=str(db), progress=False,
+                        **options).run()
+
+    try:
+        first = index()
+        assert (first.files_added, first.files_unchanged, first.rows_written, first.paths_merged) == (4, 0, 3, 1)
+        unchanged = index()
+        assert (unchanged.files_unchanged, unchanged.items_read, unchanged.rows_written) == (4, 0, 0)  # nothing read
+
+        yellow = photo(root / "b.png", "yellow", "rectangle")  # changed in place: other bytes
+        os.utime(root / "b.png", ns=(1, 1))  # and another time, whatever the clock's resolution
+        photo(root / "e.png", "purple")  # added
+        (root / "a.png").unlink()  # gone, its bytes still in d.png
+        (root / "sub" / "c.png").unlink()  # gone
+        kept = index()
+        assert (kept.files_added, kept.files_changed, kept.files_unchanged, kept.files_removed) == (1, 1, 1, 0)
+        assert kept.items_read == 2
+        rows = rows_of(db, "xmodal_images")
+        assert sources.content_id(green) not in rows  # b.png's old bytes: no path left
+        assert rows[sources.content_id(yellow)][:2] == (str(root / "b.png"), [str(root / "b.png")])
+        assert rows[sources.content_id(red)][1] == [str(root / "a.png"), str(root / "d.png")]  # without --sync
+
+        synced = index(sync=True)
+        assert (synced.files_added, synced.files_changed, synced.files_unchanged, synced.files_removed) == (0, 0, 3, 2)
+        assert "3 unchanged, 0 changed, 2 removed" in str(synced)
+        fresh = IndexJob(input=root, model_repository=repository, milvus_uri=str(db), collection="fresh",
+                         progress=False).run()
+        assert fresh.files_added == 3
+        assert rows_of(db, "xmodal_images") == rows_of(db, "fresh")
+        assert rows_of(db, "fresh")[sources.content_id(red)] == (str(root / "d.png"), [str(root / "d.png")], "d.png",
+                                                                ["the copy"])
+    finally:
+        store.release_local(db)
+
+
+@pytest.mark.slow
+def test_a_sync_killed_part_way_and_run_again_ends_as_an_uninterrupted_one(tiny_repository, ray_local, tmp_path):
+    import ray
+
+    from xmodal.indexer import progress_path
+
+    _, repository = tiny_repository
+    tinymodel.many_images(tmp_path, 120, bad_every=25)
+    root = tmp_path / "images" / "many"
+    db = tmp_path / "milvus" / "xmodal.db"
+    IndexJob(input=root, model_repository=repository, milvus_uri=str(db), progress=False).run()
+    store.release_local(db)  # the command's process opens the database
+    for i in range(0, 120, 4):  # changed in place
+        write_png(root / f"{i:04d}.png", (i, 40, 200 - i), "ellipse", size=20)
+        os.utime(root / f"{i:04d}.png", ns=(1, 1))
+    for i in range(1, 120, 12):  # gone
+        (root / f"{i:04d}.png").unlink()
+    for i in range(40):  # added
+        write_png(root / "new" / f"{i:04d}.png", (200, i * 5, 30), "rectangle", size=18)
+    command = [sys.executable, "-m", "xmodal.cli", "index", "--input", str(root), "--local", "--model-repository",
+               str(repository), "--milvus-uri", str(db), "--sync", "--shard-size", "4", "--write-batch", "4",
+               "--batch-size", "4", "--json", "--address", ray.get_runtime_context().gcs_address]
+    progress = progress_path(str(db), "xmodal_images")
+    progress.unlink()  # the first run's: the kill waits for the sync's first finished shard
+    at_kill = tinymodel.kill_part_way(command, progress, tmp_path / "killed.log")
+    assert 1 <= len(at_kill["finished"]) < at_kill["shards"] and not at_kill["complete"], (
+        "the sync was not killed part-way:\n" + (tmp_path / "killed.log").read_text())
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=150)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    assert report["files_removed"] == 0 and report["files_unchanged"] > 0  # the killed run removed the gone ones
+
+    try:
+        fresh = IndexJob(input=root, model_repository=repository, milvus_uri=str(db), collection="fresh",
+                         progress=False).run()
+        assert fresh.files_added == 120 - 10 + 40
+        assert rows_of(db, "xmodal_images", 500) == rows_of(db, "fresh", 500)
     finally:
         store.release_local(db)

@@ -144,7 +144,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         milvus_uri=args.milvus_uri, milvus_token=args.milvus_token, collection=args.collection,
         batch_size=args.batch_size, embed_workers=args.workers, embed_threads=args.embed_threads,
         writers=args.writers, shard_size=args.shard_size, index_type=args.index_type, index_params=args.index_params,
-        write_batch=args.write_batch, restart=args.restart, ray_address=args.address,
+        write_batch=args.write_batch, restart=args.restart, sync=args.sync, ray_address=args.address,
     )
     report = job.run()
     sides = None
@@ -400,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"items per shard, the unit a killed run resumes from (default {DEFAULT_SHARD_SIZE})")
     index.add_argument("--write-batch", type=int, default=DEFAULT_WRITE_BATCH, help=f"rows per upsert into Milvus (default {DEFAULT_WRITE_BATCH})")
     index.add_argument("--restart", action="store_true", help="ignore the progress of a run that was cut short and index everything")
+    index.add_argument("--sync", action="store_true",
+                       help="a folder indexed before: also remove the files gone from it (their paths, and rows left "
+                            "with none); new and changed files are indexed, unchanged ones skipped, either way")
     index.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
     index.add_argument("--address", help="join an existing Ray cluster (default: a local one)")
     index.add_argument("--index-type", default=None,

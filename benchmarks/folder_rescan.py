@@ -66,6 +66,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="folder-rescan-"))
     try:
+        (work / "model").mkdir()
         _, repository = tinymodel.build_repository(work / "model", max_batch_size=64)
         root = work / "images"
         log(f"writing {args.files} images under {root}")

@@ -178,6 +178,14 @@ def test_a_folder_end_to_end_indexed_and_searched(tree, tiny_repository, tiny_tr
             assert (shown["folder"], shown["width"], shown["height"]) == ("2024/holidays", 24, 24)
             in_folder = client.search_text("green rectangle", k=4, filter='folder == "2024/holidays"')
             assert {hit.relative_path for hit in in_folder} == {"2024/holidays/green.png", "2024/holidays/blue sky é.png"}
+            from urllib.parse import urlencode
+
+            page = SearchApp(client).handle(  # the web page's filter box
+                "GET", "/api/search?" + urlencode({"q": "green rectangle", "k": 4, "filter": 'folder == "2024/holidays"'}),
+                {}, b"")
+            assert page.status == 200
+            assert {hit["relative_path"] for hit in json.loads(page.body)["hits"]} == {
+                "2024/holidays/green.png", "2024/holidays/blue sky é.png"}
             wide = client.search_image(blue, k=4, filter="width >= 40")
             # alias.png links to yellow.PNG: one row for their bytes, described by the first path walked
             assert [(hit.relative_path, hit.folder, hit.width, hit.height) for hit in wide] == [

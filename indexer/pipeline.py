@@ -131,8 +131,9 @@ class IndexReport:
         return text
 
 
-def start_ray(address: str | None = None) -> bool:
-    """Connect to `address`, or start a small local Ray; True if this call started it."""
+def start_ray(address: str | None = None, *, num_cpus: int = 2) -> bool:
+    """Connect to `address`, or start a small local Ray (of `num_cpus` logical CPUs); True if
+    this call started it."""
     import ray
 
     if ray.is_initialized():
@@ -146,7 +147,7 @@ def start_ray(address: str | None = None) -> bool:
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         for attempt in range(3):
             try:
-                ray.init(num_cpus=2, include_dashboard=False, **kwargs)
+                ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
                 break
             except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for these
                 # Ray gives its raylet a fixed 30 s to register, and waits a fixed time for
@@ -196,7 +197,7 @@ class _Writer:
         # later row of a key replaces the earlier
         self.merge = kind.merge if kind is not None else None
         self.kind = kind
-        self.on_recorded = on_recorded  # told the shards each write recorded, after it
+        self.on_recorded = on_recorded  # told the shards whose rows a write acknowledged, before the progress file
         self.progress = progress
         self.batch_rows = batch_rows
         self.flush = flush
@@ -243,11 +244,13 @@ class _Writer:
         if self.done:
             if self.flush:
                 self.client.flush(self.collection)
-            self.progress.finished |= self.done
             done, self.done = self.done, set()
-            self.progress.save()
             if self.on_recorded is not None:
+                # before the progress file: a shard it records as finished is never done again,
+                # so what is told of its rows (a folder's record of its files) must be written first
                 self.on_recorded(done)
+            self.progress.finished |= done
+            self.progress.save()
         self.seconds += time.perf_counter() - started
 
 

@@ -56,12 +56,11 @@ SHARED_RAY_CPUS = 4
 def pytest_configure(config):
     if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
         return  # a worker, or a run in one process: the ray_local fixture starts Ray itself
-    import logging
-
     import ray
 
-    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
-    ray.init(num_cpus=SHARED_RAY_CPUS, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    from xmodal.indexer.pipeline import start_ray
+
+    start_ray(num_cpus=SHARED_RAY_CPUS)
     os.environ[SHARED_RAY_ADDRESS] = ray.get_runtime_context().gcs_address
 
 

@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))  # tinymodel: the suite's tiny model and images
+from measure import commit, log  # noqa: E402 - the benchmarks' shared helpers
+
 TARGET_RATIO = 0.1
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 def write_images(root: Path, count: int) -> None:
@@ -81,8 +80,7 @@ def main() -> int:
     ratio = rescan_s / first_s
     summary = {
         "benchmark": "folder_rescan",
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": commit(REPO),
         "cpus": os.cpu_count(),
         "files": args.files,
         "first_run": {"seconds": round(first_s, 2), "rows_written": first["rows_written"],

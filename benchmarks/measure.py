@@ -1,6 +1,7 @@
 """What the benchmark scripts share: latency distributions, and a real Triton server on a repository."""
 from __future__ import annotations
 
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -10,6 +11,12 @@ import numpy as np
 
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def commit(repository: Path) -> str:
+    """The short hash of the checkout's HEAD, for a result's provenance."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repository, check=True,
+                          capture_output=True, text=True).stdout.strip()
 
 
 def distribution(seconds: Sequence[float]) -> dict[str, float]:

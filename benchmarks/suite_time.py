@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from measure import commit, log  # noqa: E402 - the benchmarks' shared helpers
+
 BASELINE = "e9bcd65"
 TARGET_RATIO = 0.5
 SUMMARY = re.compile(r"(\d+) passed(?:, (\d+) skipped)?(?:, \d+ \w+)* in ([\d.]+)s")
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 def git(*args: str, cwd: Path = REPO) -> str:
@@ -112,7 +111,7 @@ def main() -> int:
     no_test_dropped = all(pair["current"]["passed"] >= pair["baseline"]["passed"] for pair in pairs)
     summary = {
         "benchmark": "suite_time",
-        "commit": git("rev-parse", "--short", "HEAD"),
+        "commit": commit(REPO),
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "baseline": args.baseline,
         "cpus": os.cpu_count(),

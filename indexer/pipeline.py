@@ -34,7 +34,7 @@ from xmodal.indexer.embed import EmbedStage, TritonEmbedder
 from xmodal.indexer.job import KINDS, IndexJob
 from xmodal.indexer.state import deadletter_path, progress_path  # noqa: F401 - re-exported by xmodal.indexer
 from xmodal.indexer.folder_files import FolderChanges, FolderFiles, files_path
-from xmodal.indexer.write import MilvusWriteStage, merged_with_kept, records, release_paths
+from xmodal.indexer.write import MilvusWriteStage, merged_with_kept, put_row, records, release_paths
 
 logger = logging.getLogger(__name__)
 
@@ -193,9 +193,8 @@ class _Writer:
                  on_recorded: Callable[[set[int]], None] | None = None):
         self.client = client
         self.collection = collection
-        # a kind that merges rows of a key (images: every path of the same bytes), or None: the
-        # later row of a key replaces the earlier
-        self.merge = kind.merge if kind is not None else None
+        # the rows' kind: one that merges rows of a key (images: every path of the same bytes)
+        # is merged with the collection's rows too; None: the later row of a key replaces the earlier
         self.kind = kind
         self.on_recorded = on_recorded  # told the shards whose rows a write acknowledged, before the progress file
         self.progress = progress
@@ -217,11 +216,7 @@ class _Writer:
             keys.add(key)
             self.rows += 1
         if row is not None:
-            if key in self.pending and self.merge is not None:
-                self.pending[key], _ = self.merge(self.pending[key], row)
-            else:
-                self.pending.pop(key, None)  # the later item of a key wins, as a later upsert would
-                self.pending[key] = row
+            put_row(self.pending, key, row, self.kind)
             if len(self.pending) >= self.batch_rows:
                 self.write()
         return seen
@@ -449,7 +444,6 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
     shard_size = plan.shard_size
     shard_of = lambda number: number // shard_size  # noqa: E731 - items are numbered in input order
     shards = len(plan.shards)
-    identity = {**read.identity(), "model": card.name, "fingerprint": card.fingerprint, "shard_size": shard_size}
     stage_seconds = {"read": 0.0, "embed": 0.0, "write": 0.0}
     stage_items = {"read": 0, "embed": 0, "write": 0}
     duplicates = 0
@@ -470,8 +464,6 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
             read = reader(job)
             plan = read.plan
             shards = len(plan.shards)
-            identity = {**read.identity(), "model": card.name, "fingerprint": card.fingerprint,
-                        "shard_size": shard_size}
             if plan.items and not ray_started:
                 ray_started = start_ray(job.ray_address)
         folder_counts = _sync_folder(read, job, client, collection, say)
@@ -483,7 +475,9 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
                                        **folder_counts),
                            job.progress)
         run_progress, fresh_start = state.continue_or_start(
-            state.progress_path(write.uri, collection), identity, shards, collection_created=created,
+            state.progress_path(write.uri, collection),
+            {**read.identity(), "model": card.name, "fingerprint": card.fingerprint, "shard_size": shard_size},
+            shards, collection_created=created,
             restart=job.restart)
         if fresh_start:
             say(f"{run_progress.path}: {fresh_start}")
@@ -505,12 +499,9 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
             entries = [entry for shard in sorted(recorded) for entry in folder_entries.pop(shard, [])]
             if read.folder is None or not entries:
                 return
-            let_go: dict[str, list[str]] = {}
-            for path, _, key in entries:
-                old = read.changes.changed.get(path)
-                if old and old != key:
-                    let_go.setdefault(old, []).append(path)
-            release_paths(client, collection, read.folder.root, let_go)
+            old_keys = read.changes.changed
+            release_paths(client, collection, read.folder.root,
+                          [(path, old_keys[path]) for path, _, key in entries if old_keys.get(path, key) != key])
             read.folder.record([entry for entry in entries if entry[2]])
             read.folder.forget([path for path, _, key in entries if not key])
 
@@ -568,6 +559,8 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
             dead.close()
         if client is not None:
             client.close()
+        if read.folder is not None:
+            read.folder.close()
         if ray_started:
             import ray
 
@@ -599,10 +592,7 @@ def _sync_folder(read: Reader, job: IndexJob, client, collection: str, say: Call
     changes = read.changes
     gone = changes.gone
     if gone and job.sync:
-        let_go: dict[str, list[str]] = {}
-        for path, key in gone.items():
-            let_go.setdefault(key, []).append(path)
-        release_paths(client, collection, read.folder.root, let_go)
+        release_paths(client, collection, read.folder.root, gone.items())
         read.folder.forget(list(gone))
     elif gone:
         say(f"{len(gone)} files indexed before are gone from {read.folder.root}: --sync removes them")

@@ -42,14 +42,19 @@ def milvus_rows(batch: dict[str, np.ndarray], kind: str, levels: Iterable[str]) 
     for record, vectors in records(batch, levels):
         if record["error"]:
             continue
-        row = {**collection_kind.row(record), **store.vector_values(vectors)}
-        key = record["id"]
-        if key in rows and collection_kind.merge is not None:
-            rows[key], _ = collection_kind.merge(rows[key], row)
-        else:
-            rows.pop(key, None)
-            rows[key] = row
+        put_row(rows, record["id"], {**collection_kind.row(record), **store.vector_values(vectors)}, collection_kind)
     return list(rows.values())
+
+
+def put_row(rows: dict[str, dict[str, Any]], key: str, row: dict[str, Any],
+            kind: contract.CollectionKind | None) -> None:
+    """`row` into `rows` (one a key, in order): merged with the row of its key for a kind that
+    merges (images), else replacing it (the later item of a key wins, as a later upsert would)."""
+    if key in rows and kind is not None and kind.merge is not None:
+        rows[key], _ = kind.merge(rows[key], row)
+    else:
+        rows.pop(key, None)
+        rows[key] = row
 
 
 # Keys per get: an expression of 32-hex-digit keys stays well under Milvus's limits.
@@ -119,13 +124,16 @@ class MilvusWriteStage:
                 pass
 
 
-def release_paths(client, collection: str, root: str, let_go: dict[str, list[str]]) -> int:
-    """Rows of a folder's images let paths go (`let_go`: key -> paths): a row left with none is
-    deleted; a row whose first path went is described by its next one (its file read again
-    for its place, time and sidecar captions). The rows deleted."""
+def release_paths(client, collection: str, root: str, paths: Iterable[tuple[str, str]]) -> int:
+    """Rows of a folder's images let paths go (`paths`: (path, the key of its row)): a row left
+    with none is deleted; a row whose first path went is described by its next one (its file
+    read again for its place, time and sidecar captions). The rows deleted."""
     from xmodal import readers, store
     from xmodal.indexer.sources import folder_of
 
+    let_go: dict[str, list[str]] = {}
+    for path, key in paths:
+        let_go.setdefault(key, []).append(path)
     if not let_go:
         return 0
     kept_rows, deleted = [], []

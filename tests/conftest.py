@@ -46,8 +46,8 @@ def pytest_collection_modifyitems(config, items):
 
 # The Ray every test of the run uses, started once by pytest-xdist's controller before its
 # workers start. Ray 2.60 is not safe to start twice at once on one machine (two workers'
-# local clusters starting together: one GCS never came up, and its start timed out after
-# 120 s), and one cluster costs one start. Four logical CPUs: two workers' jobs at once, each
+# local clusters starting together: one GCS never came up, and its start waited out Ray's
+# GCS timeout; ray#53906, ray#60991), and one cluster costs one start. Four logical CPUs: two workers' jobs at once, each
 # with an actor holding a CPU, still leave CPUs for their read tasks.
 SHARED_RAY_ADDRESS = "XMODAL_TEST_RAY_ADDRESS"
 SHARED_RAY_CPUS = 4

@@ -398,10 +398,11 @@ def ensure_collection(client: MilvusClient, name: str, card: ModelCard, *,
     """
     if client.has_collection(name):
         check_collection_model(client, name, card)
-        present = collection_vector_fields(client, name)
+        described = client.describe_collection(name)
+        present = _described_vector_fields(described)
         if any(field not in present for field in vector_fields(card)):
             raise ValueError(missing_levels_message(name, card, present))
-        scalars = {field["name"] for field in client.describe_collection(name)["fields"]}
+        scalars = {field["name"] for field in described["fields"]}
         missing = [field for field in kind.field_names if field not in scalars]
         if missing:
             raise ValueError(

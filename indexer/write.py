@@ -80,7 +80,7 @@ def merged_with_kept(client, collection: str, kind: contract.CollectionKind,
             row, more = kind.merge(kept[row["id"]], row)
             added += more
         else:
-            added += len(row["paths"]) - 1
+            added += len(contract.decode_string_list(row["paths"])) - 1
         merged.append(row)
     return merged, added
 
@@ -155,8 +155,8 @@ def release_paths(client, collection: str, root: str, paths: Iterable[tuple[str,
                            concept=f"{row['style']}/{relative}")
                 if first.is_file():
                     row["mtime"] = int(first.stat().st_mtime)
-                    row["captions"] = readers.folder_row(Path(root), first).captions
-            row["paths"] = paths
+                    row["captions"] = contract.json_list(readers.folder_row(Path(root), first).captions)
+            row["paths"] = contract.json_list(paths)
             kept_rows.append(row)
     if deleted:
         client.delete(collection, ids=deleted)

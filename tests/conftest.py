@@ -112,3 +112,53 @@ def emoji_manifest(tmp_path_factory, npm_cache):
     from xmodal.training.emoji import fetch_emoji
 
     return fetch_emoji(tmp_path_factory.mktemp("emoji"), limit=12, progress=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A real Milvus 2.3.5 server (PyPI `milvus`, as `xmodal milvus start` runs it: in a network
+    namespace, its proxy relayed to 127.0.0.1) for the session, one per pytest-xdist worker; its
+    URI. Tests share it: each drops the collections it made (``empty_server``)."""
+    from xmodal import milvus_server as server
+
+    directory = tmp_path_factory.mktemp("milvus-server")
+    state = server.start(directory, port=free_port())
+    yield state.uri
+    server.stop(directory)
+
+
+def empty_server(uri: str) -> None:
+    """Drop every collection of the server at `uri`, the model records' included."""
+    from xmodal import store
+
+    client = store.connect(uri)
+    try:
+        for name in client.list_collections():
+            client.drop_collection(name)
+    finally:
+        client.close()
+
+
+# The two stores the store, indexer and client tests run against (``milvus_backend``).
+MILVUS_BACKENDS = ("milvus-lite", "milvus-server")
+
+
+@pytest.fixture(params=MILVUS_BACKENDS)
+def milvus_backend(request, tmp_path):
+    """A Milvus URI of each backend in turn: a milvus-lite database in tmp_path, or the session's
+    Milvus server, emptied after the test. The test's data directory is its tmp_path."""
+    if request.param == "milvus-lite":
+        yield str(tmp_path / "milvus.db")
+        return
+    uri = request.getfixturevalue("milvus_server")
+    empty_server(uri)
+    yield uri
+    empty_server(uri)

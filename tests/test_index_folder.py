@@ -274,7 +274,7 @@ def test_identical_files_are_one_row_that_keeps_every_path(tiny_repository, ray_
                          restart=True).run()
         assert (again.duplicates, again.paths_merged) == (2, 0)  # one shard; the row already keeps every path
         client = store.connect(db)
-        rows = {row["id"]: row for row in client.query(
+        rows = {row["id"]: tinymodel.decoded(row) for row in client.query(
             "xmodal_images", filter="", limit=10, output_fields=["image", "paths", "relative_path", "folder"])}
         client.close()
         row = rows[sources.content_id(same)]
@@ -288,8 +288,9 @@ def test_identical_files_are_one_row_that_keeps_every_path(tiny_repository, ray_
 def rows_of(db: Path, collection: str, limit: int = 100) -> dict[str, tuple]:
     client = store.connect(db)
     try:
-        return {row["id"]: (row["image"], row["paths"], row["relative_path"], row["captions"]) for row in client.query(
-            collection, filter="", limit=limit, output_fields=["image", "paths", "relative_path", "captions"])}
+        rows = client.query(collection, filter="", limit=limit, output_fields=["image", "paths", "relative_path", "captions"])
+        return {row["id"]: (row["image"], row["paths"], row["relative_path"], row["captions"])
+                for row in map(tinymodel.decoded, rows)}
     finally:
         client.close()
 

@@ -57,8 +57,8 @@ def stored(db: Path, collection: str, fields: list[str]) -> dict[str, dict]:
     client = store.connect(db)
     try:
         store.ensure_loaded(client, collection)
-        return {row["id"]: row for row in client.query(collection, filter='id != ""', output_fields=fields,
-                                                        limit=16384)}
+        return {row["id"]: tinymodel.decoded(row) for row in client.query(
+            collection, filter='id != ""', output_fields=fields, limit=16384)}
     finally:
         client.close()
 

@@ -98,7 +98,7 @@ def test_the_sink_is_the_driver_for_milvus_lite_and_writer_actors_for_a_server(t
     dataset = object()  # milvus-lite adds no stage: the driver writes
     assert lite.apply(dataset, ["global"]) is dataset
     row = lite.row(record, vectors)
-    assert (row["id"], row["image"], row["captions"]) == ("k", "a.png", ["a cat"])
+    assert (row["id"], row["image"], row["captions"]) == ("k", "a.png", {"values": ["a cat"]})
     assert (row["relative_path"], row["size"], row["mtime"], row["width"], row["height"]) == (
         "a.png", 3, 1_700_000_000, 4, 2)
     assert row[contract.vector_field("global")] == [1.0, 1.0]

@@ -1,16 +1,14 @@
 """The indexer against a Milvus server URI, and the collection's index options.
 
-The server is milvus-lite's own `milvus` binary listening on a TCP port: a real Milvus gRPC
-server (the lite engine: it builds FLAT, IVF_FLAT and AUTOINDEX, not HNSW), which the
-indexer reaches as any server URI, so the server path runs: writer actors upserting in
-parallel, no driver-side writes, the model record beside the collection.
+The server is a real Milvus 2.3.5 (conftest's ``milvus_server``), which the indexer reaches as
+any server URI, so the server path runs: writer actors upserting in parallel, no driver-side
+writes, the model recorded in the collection's properties, a real ANN index.
 """
 from __future__ import annotations
 
-import socket
+import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,6 +16,8 @@ import tinymodel
 from xmodal import store
 from xmodal.indexer import IndexJob
 from xmodal.indexer.manage import collection_stats
+
+from conftest import empty_server
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -28,29 +28,13 @@ def repository(tiny_repository):
     return repository
 
 
-@pytest.fixture(scope="module")
-def milvus_server(tmp_path_factory):
-    """A Milvus gRPC server on 127.0.0.1 (milvus-lite's binary on a TCP address); its URI."""
-    from milvus_lite.server import Server
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = Server(str(tmp_path_factory.mktemp("milvus-server") / "server.db"), address=f"127.0.0.1:{port}")
-    assert server.init() and server.start(), "milvus-lite's server did not start"
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            store.connect(uri, timeout=2).close()
-            break
-        except Exception:  # noqa: BLE001 - not listening yet
-            if time.monotonic() > deadline:
-                server.stop()
-                raise
-            time.sleep(0.2)
-    yield uri
-    server.stop()
+@pytest.fixture
+def server(milvus_server, tmp_path, monkeypatch):
+    """The session's Milvus 2.3.5 server, empty; the test's data directory its tmp_path."""
+    monkeypatch.setenv("XMODAL_DATA", str(tmp_path / "data"))
+    empty_server(milvus_server)
+    yield milvus_server
+    empty_server(milvus_server)
 
 
 def server_rows(uri: str, collection: str) -> dict[str, dict]:
@@ -58,16 +42,17 @@ def server_rows(uri: str, collection: str) -> dict[str, dict]:
     try:
         store.ensure_loaded(client, collection)
         return {row["id"]: row for row in client.query(collection, filter='id != ""', output_fields=["image"],
-                                                        limit=16384)}
+                                                        limit=16384, consistency_level="Strong")}
     finally:
         client.close()
 
 
-def test_writer_actors_fill_a_server_collection_idempotently(repository, ray_local, tmp_path, milvus_server):
+def test_writer_actors_fill_a_server_collection_idempotently(repository, ray_local, tmp_path, server):
+    milvus_server = server
     manifest = tinymodel.many_images(tmp_path, 60, bad_every=20)
     options = dict(model_repository=repository, milvus_uri=milvus_server, collection="served", split=None,
-                   batch_size=4, shard_size=16, write_batch=8, writers=2, index_type="IVF_FLAT",
-                   index_params={"nlist": 8}, milvus_token="root:Milvus", progress=False)
+                   batch_size=4, shard_size=16, write_batch=8, writers=2, index_type="HNSW",
+                   index_params={"M": 8, "efConstruction": 64}, milvus_token="root:Milvus", progress=False)
     report = IndexJob(manifest=manifest, **options).run()
     assert (report.items_read, report.rows_written, report.dead_letters) == (60, 57, 3)
     assert report.stage_items["write"] == 57  # upserted by the writer actors, not the driver
@@ -76,7 +61,11 @@ def test_writer_actors_fill_a_server_collection_idempotently(repository, ray_loc
 
     stats = collection_stats(milvus_server, "served")
     assert stats["rows"] == 57
-    assert stats["index"]["type"] == "IVF_FLAT" and stats["index"]["params"].get("nlist") in (8, "8")
+    assert stats["index"]["type"] == "HNSW" and stats["index"]["params"].get("M") in (8, "8")
+    reader = store.connect(milvus_server)
+    recorded = json.loads(store.collection_model(reader, "served")["index"])
+    reader.close()
+    assert recorded == {"type": "HNSW", "params": {"M": 8, "efConstruction": 64}}
 
     again = IndexJob(manifest=manifest, **{**options, "restart": True}).run()
     assert again.rows_written == 57 and server_rows(milvus_server, "served").keys() == rows.keys()

@@ -152,14 +152,19 @@ def test_the_writer_keeps_only_the_shards_in_flight(tmp_path):
 
 def test_image_rows_of_the_same_bytes_merge_into_one_that_keeps_every_path():
     def row(path: str, mtime: int, captions: list[str]) -> dict:
-        return {"id": "k", "image": path, "captions": captions, "concept": f"s{path}", "style": "s",
-                "relative_path": path.lstrip("/"), "folder": "", "size": 3, "mtime": mtime, "width": 1, "height": 1,
-                "paths": [path], "global": [1.0, 0.0]}
+        return {"id": "k", "image": path, "captions": contract.json_list(captions), "concept": f"s{path}",
+                "style": "s", "relative_path": path.lstrip("/"), "folder": "", "size": 3, "mtime": mtime, "width": 1,
+                "height": 1, "paths": contract.json_list([path]), "global": [1.0, 0.0]}
 
     merged, added = contract.IMAGE_KIND.merge(row("/a.png", 1, ["first"]), row("/b.png", 2, ["second"]))
-    assert (merged["paths"], added) == (["/a.png", "/b.png"], 1)
-    assert (merged["image"], merged["mtime"], merged["captions"], merged["concept"]) == ("/a.png", 1, ["first"], "s/a.png")
+    assert (merged["paths"], added) == ({"values": ["/a.png", "/b.png"]}, 1)
+    assert (merged["image"], merged["mtime"], merged["captions"], merged["concept"]) == (
+        "/a.png", 1, {"values": ["first"]}, "s/a.png")
     again, added = contract.IMAGE_KIND.merge(merged, row("/a.png", 5, ["edited"]))  # the first path, read again
-    assert (again["paths"], added) == (["/a.png", "/b.png"], 0)
-    assert (again["mtime"], again["captions"]) == (5, ["edited"])
+    assert (again["paths"], added) == ({"values": ["/a.png", "/b.png"]}, 0)
+    assert (again["mtime"], again["captions"]) == (5, {"values": ["edited"]})
+    # a row written before rows kept their lists as objects: read as the same list
+    old = {**row("/a.png", 1, ["first"]), "captions": ["first"], "paths": ["/a.png"]}
+    merged, added = contract.IMAGE_KIND.merge(old, row("/b.png", 2, ["second"]))
+    assert (merged["paths"], merged["captions"], added) == ({"values": ["/a.png", "/b.png"]}, {"values": ["first"]}, 1)
     assert contract.CAPTION_KIND.merge is None  # a caption's later row replaces the earlier

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tinymodel
-from xmodal import cli, store
+from xmodal import cli, contract, store
 from xmodal.client import Client
 from xmodal.indexer import IndexJob, deadletter_path, progress_path
 from xmodal.indexer.embed import TritonEmbedder
@@ -69,7 +69,7 @@ def test_every_image_once_and_reruns_are_idempotent(stack, ray_local, tmp_path, 
     finally:
         client.close()
     assert row["image"] == str(images[1]) and row["style"] == "tiny"
-    assert row["captions"] == ["green rectangle", "a green star"]
+    assert contract.decode_string_list(row["captions"]) == ["green rectangle", "a green star"]
     assert len(row["id"]) == 32 and abs(np.linalg.norm(row["global"]) - 1) < 1e-4
 
 

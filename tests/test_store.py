@@ -1,7 +1,11 @@
-"""xmodal.store against a real milvus-lite database in tmp_path (no Triton, no Ray)."""
+"""xmodal.store against a real milvus-lite database and a real Milvus 2.3.5 server (no Triton, no Ray).
+
+The tests that take ``client`` run on both backends; those that open databases of their own test
+what only milvus-lite does (a database file one process holds)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -13,6 +17,8 @@ from pymilvus import DataType
 
 from xmodal import contract, store
 from xmodal.card import ImagePreprocessing, ModelCard, TokenizerSpec
+
+from conftest import MILVUS_BACKENDS, empty_server
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -27,15 +33,23 @@ def card(fingerprint: str = "f00dfeedf00dfeed", name: str = "tiny") -> ModelCard
         recipe="test")
 
 
-@pytest.fixture(scope="module")
-def database(tmp_path_factory):
-    """One milvus-lite database for the module: each start of its server costs half a second
-    (milvus-lite waits that long to see it stay up)."""
-    db = tmp_path_factory.mktemp("store") / "test.db"
-    client = store.connect(db)
+@pytest.fixture(scope="module", params=MILVUS_BACKENDS)
+def database(request, tmp_path_factory):
+    """One database of each backend for the module: a milvus-lite file (each start of its server
+    costs half a second: milvus-lite waits that long to see it stay up), or the session's Milvus
+    server."""
+    if request.param == "milvus-lite":
+        db = tmp_path_factory.mktemp("store") / "test.db"
+        client = store.connect(db)
+        yield client
+        client.close()
+        store.release_local(db)
+        return
+    uri = request.getfixturevalue("milvus_server")
+    empty_server(uri)
+    client = store.connect(uri)
     yield client
     client.close()
-    store.release_local(db)
 
 
 @pytest.fixture
@@ -45,6 +59,11 @@ def client(database):
     yield database
     for name in database.list_collections():
         database.drop_collection(name)
+
+
+def count(client, name: str) -> int:
+    """Rows in `name`, every write before seen (a server answers Bounded reads from a moment ago)."""
+    return client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"]
 
 
 def test_connect_creates_parent_directories(tmp_path):
@@ -80,11 +99,12 @@ def test_image_collection_schema_and_model(client):
     assert [fields[name]["type"] for name in contract.FILE_FIELDS] == [DataType.VARCHAR] * 2 + [DataType.INT64] * 4
     assert fields["global"]["params"]["dim"] == DIM
     index = client.describe_index("images", "global")
-    assert index["metric_type"] == "IP" and index["index_type"] == store.LITE_INDEX_TYPE
-    assert index["nlist"] == str(store.LITE_INDEX_PARAMS["nlist"])
+    index_type, params = store.default_index(client)  # IVF_FLAT on milvus-lite, HNSW on a server
+    assert index["metric_type"] == "IP" and index["index_type"] == index_type
+    assert {key: index[key] for key in params} == {key: str(value) for key, value in params.items()}
     assert store.collection_model(client, "images") == {
         "name": "tiny", "version": "3", "fingerprint": "f00dfeedf00dfeed", "dim": str(DIM), "metric": "IP",
-        "kind": "image"}
+        "kind": "image", "index": f'{{"type": "{index_type}", "params": {json.dumps(params)}}}'}
     # same model again: nothing to create, the check passes
     assert store.ensure_collection(client, "images", card()) is False
 
@@ -96,12 +116,20 @@ def hierarchical_card(fingerprint: str = "abcdabcdabcdabcd") -> ModelCard:
 
 @pytest.mark.parametrize("kind", ["image", "caption"])
 def test_one_vector_field_per_level(client, kind):
+    if not store.holds_several_vector_fields(client):
+        with pytest.raises(ValueError) as raised:
+            store.ensure_collection(client, "levels", hierarchical_card(), kind=contract.KINDS[kind])
+        message = str(raised.value)
+        assert "Milvus v2.3.5" in message and "one vector field per collection" in message
+        assert "'levels' (global, concept, exterior)" in message and "milvus-lite" in message
+        assert not client.has_collection("levels")
+        return
     assert store.ensure_collection(client, "levels", hierarchical_card(), kind=contract.KINDS[kind])
     assert store.collection_vector_fields(client, "levels") == {
         "global": 2 * DIM, "concept_vector": DIM, "exterior_vector": DIM + 4}
     for field in ("global", "concept_vector", "exterior_vector"):
         index = client.describe_index("levels", field)
-        assert (index["metric_type"], index["index_type"]) == ("IP", store.LITE_INDEX_TYPE)
+        assert (index["metric_type"], index["index_type"]) == ("IP", store.default_index(client)[0])
     scalar = {"image": {"image", "captions", "concept", "style", *contract.FILE_FIELDS, "paths"},
               "caption": {"caption", "concept", "style", "image"}}
     fields = {f["name"] for f in client.describe_collection("levels")["fields"]}
@@ -147,16 +175,16 @@ def test_upsert_is_idempotent_and_captions_round_trip(client):
     store.ensure_collection(client, "images", card())
     vectors = np.eye(DIM, dtype=np.float32)
     rows = [{"id": f"{i:032x}", "global": vectors[i].tolist(), "image": f"/img/{i}.png",
-             "captions": [f"caption {i}", "second, with \"quotes\" and ünïcode"], "concept": f"c{i}",
+             "captions": contract.json_list([f"caption {i}", "second, with \"quotes\" and ünïcode"]), "concept": f"c{i}",
              "style": "s", **contract.NO_FILE} for i in range(4)]
     client.upsert("images", rows)
     client.upsert("images", rows[:2])
-    assert client.query("images", filter="", output_fields=["count(*)"])[0]["count(*)"] == 4
+    assert count(client, "images") == 4
     found = client.search("images", data=[vectors[2].tolist()], limit=2, anns_field="global",
                           output_fields=contract.IMAGE_KIND.output_fields,
                           search_params=store.search_params(client, "images", "IP", 2))[0]
     assert found[0]["id"] == f"{2:032x}" and found[0]["distance"] == pytest.approx(1.0, abs=1e-5)
-    assert contract.decode_string_list(found[0]["entity"]["captions"]) == rows[2]["captions"]
+    assert contract.decode_string_list(found[0]["entity"]["captions"]) == rows[2]["captions"]["values"]
 
 
 def test_search_params_follow_the_index_type(client):
@@ -166,14 +194,21 @@ def test_search_params_follow_the_index_type(client):
     assert store.search_params(None, "c", "IP", 5, index="IVF_FLAT")["params"] == {"nprobe": store.DEFAULT_NPROBE}
     assert store.search_params(None, "c", "COSINE", 5, index="")["params"] == {}
     store.ensure_collection(client, "images", card())
-    assert store.index_type(client, "images") == store.LITE_INDEX_TYPE
+    index_type = store.default_index(client)[0]
+    assert store.index_type(client, "images") == index_type
     assert store.index_type(client, "no_such_collection") == ""
     assert store.search_params(client, "images", "IP", 5) == store.search_params(None, "images", "IP", 5,
-                                                                                 index="IVF_FLAT")
+                                                                                 index=index_type)
 
 
 def test_default_index_is_ivf_flat_on_milvus_lite_and_hnsw_is_refused_clearly(client):
-    assert store.is_lite_client(client)
+    if not store.is_lite_client(client):  # a server builds HNSW, the default there
+        assert store.default_index(client) == ("HNSW", store.DEFAULT_INDEX_PARAMS)
+        store.ensure_collection(client, "images", card(), index_type="IVF_PQ", index_params={"nlist": 16, "m": 4})
+        assert store.index_type(client, "images") == "IVF_PQ"
+        assert json.loads(store.collection_model(client, "images")["index"]) == {
+            "type": "IVF_PQ", "params": {"nlist": 16, "m": 4}}
+        return
     assert store.default_index(client) == ("IVF_FLAT", store.LITE_INDEX_PARAMS)
     with pytest.raises(ValueError, match=r"milvus-lite builds only FLAT, IVF_FLAT, AUTOINDEX indexes, not 'HNSW'"):
         store.ensure_collection(client, "images", card(), index_type="HNSW")
@@ -194,7 +229,7 @@ def test_search_through_the_default_index_is_exact_on_a_small_collection(client)
         centres = rng.normal(size=(n // 20, dim))
         x = centres[rng.integers(0, len(centres), n)] + 0.3 * rng.normal(size=(n, dim))
         x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-        store.upsert_rows(client, name, [{"id": f"{i:032x}", "global": v.tolist(), "image": "", "captions": [],
+        store.upsert_rows(client, name, [{"id": f"{i:032x}", "global": v.tolist(), "image": "", "captions": contract.json_list([]),
                                           "concept": "", "style": "", **contract.NO_FILE}
                                          for i, v in enumerate(x)])
         client.flush(name)
@@ -217,10 +252,11 @@ def test_upserts_into_milvus_lite_are_cut_into_calls_it_takes_fast(client, monke
         return real_upsert(name, rows, **kwargs)
     monkeypatch.setattr(client, "upsert", counting)
     vector = [1.0] + [0.0] * (DIM - 1)
-    store.upsert_rows(client, "images", [{"id": f"{i:032x}", "global": vector, "image": "", "captions": [],
+    store.upsert_rows(client, "images", [{"id": f"{i:032x}", "global": vector, "image": "", "captions": contract.json_list([]),
                                           "concept": "", "style": "", **contract.NO_FILE} for i in range(12_000)])
-    assert sizes == [5000, 5000, 2000]
-    assert client.query("images", filter="", output_fields=["count(*)"])[0]["count(*)"] == 12_000
+    # one call to a server
+    assert sizes == ([5000, 5000, 2000] if store.is_lite_client(client) else [12_000])
+    assert count(client, "images") == 12_000
     # wider rows: at most 5,000 x 256 vector floats a call (three 256-d levels: 1,666 rows)
     assert store.lite_rows_per_call({"id": "x", "global": [0.5] * 256, "captions": ["a", "b"]}) == 5000
     assert store.lite_rows_per_call({"id": "x", "global": [0.5] * 256, "concept_vector": [0.5] * 256,
@@ -306,7 +342,7 @@ def test_the_model_record_survives_a_reopen_on_milvus_lite(tmp_path):
     try:
         assert store.collection_model(client, "images") == {
             "name": "first", "version": "3", "fingerprint": "aaaa000000000000", "dim": str(DIM), "metric": "IP",
-            "kind": "image"}
+            "kind": "image", "index": '{"type": "IVF_FLAT", "params": {"nlist": 1024}}'}
         with pytest.raises(ValueError) as raised:
             store.check_collection_model(client, "images", card("bbbb111111111111", "second"))
         assert "'first'" in str(raised.value) and "bbbb111111111111" in str(raised.value)

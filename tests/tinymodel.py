@@ -294,3 +294,11 @@ def many_images(directory: Path, count_: int, bad_every: int) -> Path:
     manifest = directory / "many.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     return manifest
+
+
+def decoded(row: dict) -> dict:
+    """A row as Milvus returns it, its JSON lists (captions, paths) as plain lists."""
+    from xmodal import contract
+
+    return {name: contract.decode_string_list(value) if name in ("captions", "paths") else value
+            for name, value in row.items()}

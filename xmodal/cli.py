@@ -289,6 +289,31 @@ def cmd_web(args: argparse.Namespace) -> int:
     return serve(args.triton_url, args.milvus_uri, args.collection, host=args.host, port=args.port)
 
 
+def cmd_milvus(args: argparse.Namespace) -> int:
+    from xmodal import milvus_server
+
+    directory = args.directory or milvus_server.default_directory()
+    if args.milvus_command == "start":
+        require("milvus start", "milvus-server")
+        state = milvus_server.start(directory, host=args.host, port=args.port, timeout=args.timeout,
+                                    say=lambda message: print(message, file=sys.stderr, flush=True))
+        where = ("for this machine only: its other ports are in a network namespace of its own" if state.isolated
+                 else f"on {state.host}: every Milvus port is open to the network, put it behind a firewall")
+        print(f"Milvus server ready at {state.uri}, {where}; data in {state.directory}")
+        return 0
+    if args.milvus_command == "stop":
+        print("stopped the Milvus server" if milvus_server.stop(directory)
+              else f"no Milvus server of {directory} was running")
+        return 0
+    state = milvus_server.running(directory)
+    if state is None:
+        print(f"no Milvus server of {directory} is running")
+        return 3
+    print(f"Milvus server at {state.uri}: {state.state}{': ' + state.reason if state.reason else ''} "
+          f"(pid {state.pid}, data in {state.directory})")
+    return 0 if state.state == "ready" else 3
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     require("demo", "index", "train", "serve", onnxruntime=True)
     from xmodal.demo import run_demo
@@ -458,6 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--milvus-uri", default=None)
     web.add_argument("--collection", default=settings.IMAGE_COLLECTION)
     web.set_defaults(func=cmd_web)
+
+    milvus = commands.add_parser(
+        "milvus", help="a Milvus server on this machine, for what milvus-lite does not do (docs/scale-out.md)")
+    milvus_commands = milvus.add_subparsers(dest="milvus_command", required=True)
+    milvus_start = milvus_commands.add_parser("start", help="start the Milvus 2.3 server and wait until it answers")
+    milvus_start.add_argument("--host", default=settings.HOST,
+                              help="address to listen on (default 127.0.0.1: this machine only)")
+    milvus_start.add_argument("--port", type=int, default=19530)
+    milvus_start.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for it to be ready")
+    milvus_commands.add_parser("stop", help="stop it")
+    milvus_commands.add_parser("status", help="whether it runs, and where (exit status 3 when it does not)")
+    for sub in milvus_commands.choices.values():
+        sub.add_argument("--directory", type=Path, help="its data (default <data>/milvus-server)")
+        sub.set_defaults(func=cmd_milvus)
 
     demo = commands.add_parser("demo", help="fetch, train, export, serve, index, query: the whole pipeline")
     demo.add_argument("--minutes", type=float, help="training budget")

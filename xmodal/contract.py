@@ -134,8 +134,22 @@ class CollectionKind:
         return [field.name for field in self.fields if not field.primary]
 
 
+# A list in a JSON field (captions, paths) is stored as {"values": [...]}: Milvus 2.3 takes only
+# an object there ("json: cannot unmarshal array into Go value of type map[string]interface {}"),
+# and one form on every backend keeps a filter the same on each
+# (``json_contains(captions["values"], "a cat")``). Rows written as bare lists (milvus-lite, before)
+# are read all the same.
+LIST_KEY = "values"
+
+
+def json_list(values: Any) -> dict[str, list]:
+    """The JSON field value that holds the list `values`."""
+    return {LIST_KEY: list(values)}
+
+
 def decode_string_list(value: Any) -> list[str]:
-    """A JSON list field (captions, paths) as a list of strings, whether stored as JSON or as a JSON string."""
+    """A JSON list field (captions, paths) as a list of strings, whether stored as ``json_list``
+    made it, as a bare list, or as a JSON string of either."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -143,6 +157,10 @@ def decode_string_list(value: Any) -> list[str]:
             value = json.loads(value)
         except json.JSONDecodeError:
             return [value]
+    if isinstance(value, dict):
+        value = value.get(LIST_KEY) or []
+    if isinstance(value, str):
+        return [value]
     return [str(c) for c in value]
 
 
@@ -156,7 +174,7 @@ FILE_FIELDS = ("relative_path", "folder", "size", "mtime", "width", "height")
 FILE_DEFAULTS = {"relative_path": "", "folder": "", "size": 0, "mtime": 0, "width": 0, "height": 0}
 # What an image row made without a file (benchmarks, tests) holds besides its key, vectors,
 # image, captions, concept and style.
-NO_FILE = {**FILE_DEFAULTS, "paths": []}
+NO_FILE = {**FILE_DEFAULTS, "paths": json_list([])}
 
 
 # An image row describes its first path (in input order): its file, captions, concept and
@@ -165,11 +183,11 @@ _DESCRIBED_BY_FIRST_PATH = ("image", "captions", "concept", "style", *FILE_FIELD
 
 
 def _image_row(record: dict[str, Any]) -> dict[str, Any]:
-    return {"id": record["id"], "image": record["path"], "captions": json.loads(record["captions"]),
+    return {"id": record["id"], "image": record["path"], "captions": json_list(json.loads(record["captions"])),
             "concept": record["concept"], "style": record["style"],
             "relative_path": record["relative_path"], "folder": record["folder"],
             **{name: int(record[name]) for name in ("size", "mtime", "width", "height")},
-            "paths": [record["path"]]}
+            "paths": json_list([record["path"]])}
 
 
 def _image_hit(entity: dict[str, Any]) -> dict[str, Any]:
@@ -184,10 +202,13 @@ def _image_hit(entity: dict[str, Any]) -> dict[str, Any]:
 def _merge_image_rows(kept: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """One row for files of the same bytes: every path, the kept row's first; described by that
     first path (by the new row where it is that path: its file was read again)."""
-    paths = list(kept.get("paths") or [kept["image"]])
-    added = [path for path in new["paths"] if path not in paths]
+    paths = decode_string_list(kept.get("paths")) or [kept["image"]]
+    added = [path for path in decode_string_list(new["paths"]) if path not in paths]
     first = new if new["image"] == paths[0] else kept
-    return {**new, **{name: first[name] for name in _DESCRIBED_BY_FIRST_PATH}, "paths": paths + added}, len(added)
+    merged = {**new, **{name: first[name] for name in _DESCRIBED_BY_FIRST_PATH}, "paths": json_list(paths + added)}
+    if first is kept:  # a row read back from Milvus: its captions as written
+        merged["captions"] = json_list(decode_string_list(kept["captions"]))
+    return merged, len(added)
 
 
 def _caption_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -206,12 +227,12 @@ IMAGE_KIND = CollectionKind(
     name="image", description="xmodal images", embeds="image",
     fields=(ScalarField("id", "varchar", ID_MAX_LENGTH, primary=True),  # sha256 of the image bytes, 32 hex digits
             ScalarField("image", "varchar", PATH_MAX_LENGTH),  # absolute path
-            ScalarField("captions", "json"),  # a JSON list of strings
+            ScalarField("captions", "json"),  # json_list of strings
             ScalarField("concept", "varchar", KEY_MAX_LENGTH),
             ScalarField("style", "varchar", KEY_MAX_LENGTH),
             *(ScalarField(name, "varchar", PATH_MAX_LENGTH, added_later=True) for name in FILE_FIELDS[:2]),
             *(ScalarField(name, "int64", added_later=True) for name in FILE_FIELDS[2:]),
-            ScalarField("paths", "json", added_later=True)),  # a JSON list: every path of these bytes
+            ScalarField("paths", "json", added_later=True)),  # json_list: every path of these bytes
     row=_image_row, hit=_image_hit, merge=_merge_image_rows)
 CAPTION_KIND = CollectionKind(
     name="caption", description="xmodal captions", embeds="text",

@@ -42,6 +42,7 @@ FINGERPRINT_KEY = "xmodal.fingerprint"
 DIM_KEY = "xmodal.dim"
 METRIC_KEY = "xmodal.metric"
 KIND_KEY = "xmodal.kind"  # the collection kind: contract.KINDS
+INDEX_KEY = "xmodal.index"  # the vector index it was made with: {"type": ..., "params": {...}} as JSON
 
 # The index each vector field gets when the caller names none (``default_index``):
 # - a Milvus server: HNSW with the parameters DESIGN.md measured; `ef` at search time is
@@ -186,7 +187,8 @@ def vector_values(vectors: dict[str, Any]) -> dict[str, list[float]]:
             for level, vector in vectors.items()}
 
 
-def card_properties(card: ModelCard, kind: CollectionKind) -> dict[str, str]:
+def card_properties(card: ModelCard, kind: CollectionKind, index: tuple[str, dict[str, Any]]) -> dict[str, str]:
+    index_type, params = index
     return {
         MODEL_KEY: card.name,
         VERSION_KEY: str(card.version),
@@ -194,7 +196,35 @@ def card_properties(card: ModelCard, kind: CollectionKind) -> dict[str, str]:
         DIM_KEY: str(card.dim),
         METRIC_KEY: card.metric,
         KIND_KEY: kind.name,
+        INDEX_KEY: json.dumps({"type": index_type, "params": params}),
     }
+
+
+def server_version(client: MilvusClient) -> tuple[int, int] | None:
+    """(major, minor) of the Milvus server behind `client`; None for milvus-lite or an answer
+    that is not a version."""
+    if is_lite_client(client):
+        return None
+    match = re.match(r"v?(\d+)\.(\d+)", str(client.get_server_version()))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def holds_several_vector_fields(client: MilvusClient) -> bool:
+    """Whether a collection may hold several vector fields there: milvus-lite 2.5 and Milvus
+    2.4+ do; Milvus 2.3 holds one per collection."""
+    version = server_version(client)
+    return version is None or version >= (2, 4)
+
+
+def _check_levels_fit(client: MilvusClient, name: str, card: ModelCard) -> None:
+    """A model of several levels needs a vector field each: ValueError on a server that holds
+    one per collection, naming the limit and the ways out."""
+    if len(card.embeddings) > 1 and not holds_several_vector_fields(client):
+        raise ValueError(
+            f"Milvus {client.get_server_version()} holds one vector field per collection, and model "
+            f"{describe_model(card)} embeds each item at {len(card.embeddings)} levels, stored in one vector "
+            f"field each in collection {name!r} ({', '.join(card_levels(card))}): index it into milvus-lite "
+            "(a .db path) or a Milvus 2.4+ server, or serve a single-level model (every recipe but mthcn)")
 
 
 def _varchar(schema, name: str, max_length: int, **kwargs) -> None:
@@ -231,6 +261,7 @@ def create_collection(client: MilvusClient, name: str, card: ModelCard, kind: Co
     if name == MODELS_COLLECTION:
         raise ValueError(f"{MODELS_COLLECTION!r} is the collection where xmodal records each collection's "
                          "model: choose another collection name")
+    _check_levels_fit(client, name, card)
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     for field in kind.fields:
         if field.type == "json":
@@ -244,7 +275,7 @@ def create_collection(client: MilvusClient, name: str, card: ModelCard, kind: Co
     index = client.prepare_index_params()
     for field in vector_fields(card):
         index.add_index(field, index_type=index_kind, metric_type=card.metric, params=dict(params))
-    properties = card_properties(card, kind)
+    properties = card_properties(card, kind, (index_kind, params))
     client.create_collection(
         name, schema=schema, index_params=index, description=kind.description, properties=properties,
     )
@@ -252,16 +283,16 @@ def create_collection(client: MilvusClient, name: str, card: ModelCard, kind: Co
     if kept.get(FINGERPRINT_KEY) == card.fingerprint:
         _forget_model(client, name)  # a record left from a collection of that name dropped elsewhere
     else:  # milvus-lite: no properties; the record goes to the metadata collection
-        _record_model(client, name, card, kind)
+        _record_model(client, name, properties, vector_fields(card))
 
 
 _RECORD_KEYS = {MODEL_KEY: "name", VERSION_KEY: "version", FINGERPRINT_KEY: "fingerprint",
-                DIM_KEY: "dim", METRIC_KEY: "metric", KIND_KEY: "kind"}
+                DIM_KEY: "dim", METRIC_KEY: "metric", KIND_KEY: "kind", INDEX_KEY: "index"}
 
 
 def collection_model(client: MilvusClient, name: str) -> dict[str, str]:
     """The model recorded with a collection: {"name", "version", "fingerprint", "dim", "metric",
-    "kind"}.
+    "kind", "index"} ("index": the vector index it was made with, as JSON).
 
     From the collection's properties (a Milvus server), else from its row in the metadata
     collection (milvus-lite). Values missing from both (a collection not made by xmodal)
@@ -307,11 +338,11 @@ def _ensure_models_collection(client: MilvusClient) -> None:
     ensure_loaded(client, MODELS_COLLECTION)
 
 
-def _record_model(client: MilvusClient, name: str, card: ModelCard, kind: CollectionKind) -> None:
-    """Write `name`'s model record (the card's properties and the vector fields it was made
-    with) into the metadata collection, replacing any earlier one; flushed at once."""
+def _record_model(client: MilvusClient, name: str, properties: dict[str, str], fields: dict[str, int]) -> None:
+    """Write `name`'s model record (its properties and the vector fields it was made with) into
+    the metadata collection, replacing any earlier one; flushed at once."""
     _ensure_models_collection(client)
-    record = {**card_properties(card, kind), "vector_fields": vector_fields(card)}
+    record = {**properties, "vector_fields": fields}
     client.upsert(MODELS_COLLECTION, [{_MODELS_NAME_FIELD: name, _MODELS_RECORD_FIELD: json.dumps(record),
                                        _MODELS_VECTOR_FIELD: [0.0, 0.0]}])
     client.flush(MODELS_COLLECTION)

@@ -152,11 +152,16 @@ MILVUS_BACKENDS = ("milvus-lite", "milvus-server")
 
 
 @pytest.fixture(params=MILVUS_BACKENDS)
-def milvus_backend(request, tmp_path):
+def milvus_backend(request, tmp_path, monkeypatch):
     """A Milvus URI of each backend in turn: a milvus-lite database in tmp_path, or the session's
-    Milvus server, emptied after the test. The test's data directory is its tmp_path."""
+    Milvus server, emptied before and after the test. The test's data directory is in its tmp_path."""
+    from xmodal import store
+
+    monkeypatch.setenv("XMODAL_DATA", str(tmp_path / "data"))
     if request.param == "milvus-lite":
-        yield str(tmp_path / "milvus.db")
+        path = tmp_path / "milvus" / "test.db"
+        yield str(path)
+        store.release_local(path)
         return
     uri = request.getfixturevalue("milvus_server")
     empty_server(uri)

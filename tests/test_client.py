@@ -1,11 +1,12 @@
-"""The client SDK against the session's tiny tritonserver (tiny ONNX encoders) and milvus-lite,
-filled once for the module by the indexer. Its parts that need no server: test_client_no_server.py."""
+"""The client SDK against the session's tiny tritonserver (tiny ONNX encoders) and each Milvus
+backend (milvus-lite, then the session's Milvus server), filled once for the module by the indexer. Its parts that need no server: test_client_no_server.py."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import tinymodel
+from conftest import MILVUS_BACKENDS, empty_server
 from xmodal import store
 from xmodal.client import AsyncClient, Client, Hit, Retry, format_hits
 from xmodal.indexer import IndexJob
@@ -13,12 +14,19 @@ from xmodal.indexer import IndexJob
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_repository, tiny_triton, tiny_corpus, ray_local):
+@pytest.fixture(scope="module", params=MILVUS_BACKENDS)
+def stack(request, tmp_path_factory, tiny_repository, tiny_triton, tiny_corpus, ray_local):
     card, _ = tiny_repository
     manifest, images = tiny_corpus
     server = tiny_triton
-    db = tmp_path_factory.mktemp("client") / "milvus" / "xmodal.db"
+    directory = tmp_path_factory.mktemp("client")
+    if request.param == "milvus-lite":
+        db = directory / "milvus" / "xmodal.db"
+    else:
+        db = request.getfixturevalue("milvus_server")
+        empty_server(db)
+    data = pytest.MonkeyPatch()
+    data.setenv("XMODAL_DATA", str(directory / "data"))
     report = IndexJob(manifest=manifest, triton_url=server.url, milvus_uri=str(db), batch_size=4, progress=False).run()
     assert report.rows_written == len(images)
     captions = IndexJob(kind="caption", manifest=manifest, triton_url=server.url, milvus_uri=str(db), batch_size=8,
@@ -29,6 +37,7 @@ def stack(tmp_path_factory, tiny_repository, tiny_triton, tiny_corpus, ray_local
     milvus.close()
     yield {"card": card, "url": server.url, "db": db, "images": images}
     store.release_local(db)
+    data.undo()
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +165,7 @@ def test_searches_do_not_describe_the_index_each_time(client, stack, monkeypatch
     monkeypatch.setattr(milvus, "describe_index", refuse)
     assert client.search_text("a red face", k=3) == expected
     assert client.searcher.search_params(client.collection, 3) == store.search_params(
-        None, client.collection, client.card.metric, 3, index=store.LITE_INDEX_TYPE)
+        None, client.collection, client.card.metric, 3, index=store.default_index(milvus)[0])
 
 
 # -- image -> captions, filters, k -----------------------------------------------------------

@@ -1,5 +1,5 @@
 """The Ray indexer end to end: tiny ONNX encoders on the session's real tritonserver, the
-session's real local Ray, milvus-lite in tmp_path. The streaming reader alone: test_index_sources.py."""
+session's real local Ray, milvus-lite in tmp_path and the session's Milvus server. The streaming reader alone: test_index_sources.py."""
 from __future__ import annotations
 
 import json
@@ -31,17 +31,16 @@ def stack(tmp_path_factory, tiny_repository, tiny_triton):
 
 
 @pytest.fixture
-def db(tmp_path):
-    path = tmp_path / "milvus" / "test.db"
-    yield path
-    store.release_local(path)
+def db(milvus_backend):
+    """A milvus-lite database, then the session's Milvus server."""
+    return milvus_backend
 
 
 def count(db, collection):
     client = store.connect(db)
     try:
         store.ensure_loaded(client, collection)  # written by another process: milvus-lite reopens it released
-        return client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"]
+        return client.query(collection, filter="", output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"]
     finally:
         client.close()
 
@@ -195,7 +194,8 @@ def ids(db, collection) -> list[str]:
     client = store.connect(db)
     try:
         store.ensure_loaded(client, collection)
-        return [row["id"] for row in client.query(collection, filter='id != ""', output_fields=["id"], limit=16384)]
+        return [row["id"] for row in client.query(collection, filter='id != ""', output_fields=["id"], limit=16384,
+                                                  consistency_level="Strong")]
     finally:
         client.close()
 
@@ -329,8 +329,10 @@ def test_report_stats_and_delete(stack, ray_local, tmp_path, db, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert stats["rows"] == len(images) and stats["dead_letters"] == 1
     assert stats["model"]["fingerprint"] == stack["card"].fingerprint and stats["model"]["name"] == "tiny"
-    assert stats["index"]["type"] == store.LITE_INDEX_TYPE == "IVF_FLAT"
-    assert stats["index"]["params"]["nlist"] == str(store.LITE_INDEX_PARAMS["nlist"])
+    index_type, params = ((store.LITE_INDEX_TYPE, store.LITE_INDEX_PARAMS) if store.is_local_uri(db)
+                          else (store.DEFAULT_INDEX_TYPE, store.DEFAULT_INDEX_PARAMS))  # IVF_FLAT / HNSW
+    assert stats["index"]["type"] == index_type
+    assert {key: str(stats["index"]["params"][key]) for key in params} == {key: str(v) for key, v in params.items()}
     assert stats["progress"]["complete"] and stats["progress"]["finished"] == [0, 1]
     assert cli.main(["index", "stats", *uri]) == 0
     text = capsys.readouterr().out
@@ -346,7 +348,8 @@ def test_report_stats_and_delete(stack, ray_local, tmp_path, db, capsys):
     assert "does not exist" in capsys.readouterr().err
     client = store.connect(db)  # the model record went with the collection
     try:
-        assert client.get(store.MODELS_COLLECTION, ids=["xmodal_images"]) == []
+        if store.is_local_uri(db):  # milvus-lite keeps it in the metadata collection, a server in properties
+            assert client.get(store.MODELS_COLLECTION, ids=["xmodal_images"]) == []
         assert store.list_collections(client) == []
     finally:
         client.close()

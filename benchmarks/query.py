@@ -224,7 +224,7 @@ def build_collection(milvus, card, x: np.ndarray, index_type: str, index_params:
     for start in range(0, len(x), INSERT_BATCH):
         block = np.asarray(x[start:start + INSERT_BATCH])
         rows = [{"id": row_id(start + j), "global": v, "image": f"/synthetic/{start + j}.png",
-                 "captions": [], "concept": f"c{(start + j) % CENTRES}", "style": "synthetic", **contract.NO_FILE}
+                 "captions": contract.json_list([]), "concept": f"c{(start + j) % CENTRES}", "style": "synthetic", **contract.NO_FILE}
                 for j, v in enumerate(block.tolist())]
         milvus.insert(COLLECTION, rows)
         if (start // INSERT_BATCH) % 10 == 9:
@@ -433,7 +433,7 @@ def visibility(info: dict, card, dim: int, params: dict) -> dict:
         v = rng.standard_normal(dim).astype(np.float32)
         v /= np.linalg.norm(v)
         pk = f"visibility-{level}-{time.time_ns()}"
-        milvus.insert(COLLECTION, [{"id": pk, "global": v.tolist(), "image": "/visibility.png", "captions": [],
+        milvus.insert(COLLECTION, [{"id": pk, "global": v.tolist(), "image": "/visibility.png", "captions": contract.json_list([]),
                                     "concept": "visibility", "style": "visibility", **contract.NO_FILE}])
         inserted = time.perf_counter()
         first = None

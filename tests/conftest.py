@@ -130,7 +130,7 @@ def milvus_server(tmp_path_factory):
     from xmodal import milvus_server as server
 
     directory = tmp_path_factory.mktemp("milvus-server")
-    state = server.start(directory, port=free_port())
+    state = server.start(directory, port=0)  # the port the system picks: no race with the other workers
     yield state.uri
     server.stop(directory)
 

@@ -11,7 +11,6 @@ import pytest
 
 from xmodal import milvus_server, store
 
-from conftest import free_port
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -42,15 +41,16 @@ def milvus_pid(supervisor: int) -> int:
 
 
 def test_start_status_stop_keeps_milvus_to_this_machine(tmp_path):
-    data, port = tmp_path / "data", free_port()
+    data = tmp_path / "data"
     assert xmodal(data, "status").returncode == 3
-    started = xmodal(data, "start", "--port", str(port))
+    started = xmodal(data, "start", "--port", "0")  # a free port the system picks
     try:
-        assert started.returncode == 0, started.stderr
-        assert f"Milvus server ready at http://127.0.0.1:{port}, for this machine only" in started.stdout
-        status = xmodal(data, "status")
-        assert status.returncode == 0 and f"http://127.0.0.1:{port}: ready" in status.stdout
+        assert started.returncode == 0, started.stdout + started.stderr
         state = milvus_server.running(data / "milvus-server")
+        port = state.port
+        assert port > 0 and f"Milvus server ready at http://127.0.0.1:{port}, for this machine only" in started.stdout
+        status = xmodal(data, "status")
+        assert status.returncode == 0 and f"http://127.0.0.1:{port}: ready" in status.stdout, status.stdout
         milvus = milvus_pid(state.pid)
         # Milvus listens on every interface of a network namespace whose only interface is its loopback
         assert os.readlink(f"/proc/{milvus}/ns/net") != os.readlink("/proc/self/ns/net")
@@ -71,25 +71,32 @@ def test_start_status_stop_keeps_milvus_to_this_machine(tmp_path):
         finally:
             client.close()
 
-        again = xmodal(data, "start", "--port", str(free_port()))
+        again = xmodal(data, "start", "--port", str(port + 1))
         assert again.returncode == 1 and "is running at" in again.stderr and "xmodal milvus stop" in again.stderr
     finally:
         stopped = xmodal(data, "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stdout + stopped.stderr
     status = xmodal(data, "status")
     assert status.returncode == 3, status.stdout + status.stderr
-    with pytest.raises(ConnectionError, match=f"cannot reach Milvus at http://127.0.0.1:{port}"):
-        store.connect(f"http://127.0.0.1:{port}", timeout=3)
+    assert not milvus_server.process_alive(state.pid) and not milvus_server.process_alive(milvus)  # zombies are not
 
     # its data stays: started again, the collection is there
-    restarted = xmodal(data, "start", "--port", str(port))
+    restarted = xmodal(data, "start", "--port", "0")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     try:
-        client = store.connect(f"http://127.0.0.1:{port}")
+        client = store.connect(milvus_server.running(data / "milvus-server").uri)
         assert client.list_collections() == ["kept"]
         client.close()
     finally:
         xmodal(data, "stop")
+
+
+def test_an_unreachable_server_is_named():
+    with socket.socket() as held:  # bound, not listening: a connection is refused, and no one else takes the port
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        with pytest.raises(ConnectionError, match=f"cannot reach Milvus at http://127.0.0.1:{port}"):
+            store.connect(f"http://127.0.0.1:{port}", timeout=3)
 
 
 def test_a_taken_port_is_named(tmp_path):

@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     milvus_start = milvus_commands.add_parser("start", help="start the Milvus 2.3 server and wait until it answers")
     milvus_start.add_argument("--host", default=settings.HOST,
                               help="address to listen on (default 127.0.0.1: this machine only)")
-    milvus_start.add_argument("--port", type=int, default=19530)
+    milvus_start.add_argument("--port", type=int, default=19530, help="default 19530; 0: a free port")
     milvus_start.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for it to be ready")
     milvus_commands.add_parser("stop", help="stop it")
     milvus_commands.add_parser("status", help="whether it runs, and where (exit status 3 when it does not)")

@@ -91,7 +91,8 @@ def _write_state(directory: Path, state: ServerState) -> None:
     write_atomic(directory / STATE_FILE, (json.dumps(asdict(state), indent=1) + "\n").encode("utf-8"))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie (exited, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -108,7 +109,7 @@ def _alive(pid: int) -> bool:
 def running(directory: Path | None = None) -> ServerState | None:
     """The state of the server of `directory` if its supervisor is alive, else None."""
     state = read_state(Path(directory or default_directory()))
-    return state if state is not None and _alive(state.pid) else None
+    return state if state is not None and process_alive(state.pid) else None
 
 
 def is_loopback(host: str) -> bool:
@@ -123,14 +124,15 @@ def is_loopback(host: str) -> bool:
 def start(directory: Path | None = None, *, host: str = settings.HOST, port: int = DEFAULT_PORT,
           timeout: float = DEFAULT_START_TIMEOUT, say=None) -> ServerState:
     """Start the server of `directory` (default ``<data>/milvus-server``) and wait until it
-    answers; its state. A server of that directory already running is returned as it is.
+    answers; its state (its URI: ``state.uri``). `port` 0: a free port the system picks. A
+    server of that directory already running is returned as it is.
 
     MilvusServerError naming the reason when it cannot start (the port taken, no network
     namespace to be had for a loopback host, Milvus failing: its log's path)."""
     directory = Path(directory or default_directory()).resolve()
     existing = running(directory)
     if existing is not None:
-        if (existing.host, existing.port) != (host, port):
+        if existing.host != host or port not in (0, existing.port):
             raise MilvusServerError(f"the Milvus server of {directory} is running at {existing.uri}, not "
                                     f"{host}:{port}: stop it first (xmodal milvus stop)")
         return wait_ready(directory, timeout=timeout, say=say)
@@ -161,7 +163,7 @@ def wait_ready(directory: Path, *, timeout: float = DEFAULT_START_TIMEOUT, say=N
         if state is not None and state.state == "failed":
             raise MilvusServerError(f"the Milvus server did not start: {state.reason}")
         supervisor = state.pid if state is not None else pid
-        if supervisor is not None and not _alive(supervisor):
+        if supervisor is not None and not process_alive(supervisor):
             raise MilvusServerError(f"the Milvus server's supervisor exited while starting; see "
                                     f"{directory / LOG_FILE}")
         waited = time.monotonic() - started
@@ -181,15 +183,15 @@ def stop(directory: Path | None = None, *, timeout: float = STOP_TIMEOUT) -> boo
     is killed with its whole session."""
     directory = Path(directory or default_directory())
     state = read_state(directory)
-    if state is None or not _alive(state.pid):
+    if state is None or not process_alive(state.pid):
         (directory / STATE_FILE).unlink(missing_ok=True)
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(state.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(state.pid) and time.monotonic() < deadline:
+    while process_alive(state.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(state.pid):
+    if process_alive(state.pid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(state.pid, signal.SIGKILL)
     (directory / STATE_FILE).unlink(missing_ok=True)
@@ -274,6 +276,8 @@ def supervise(directory: Path, host: str, port: int) -> int:
     try:
         if state.isolated:
             listener = _bind(host, port)
+            state.port = listener.getsockname()[1]
+            _write_state(directory, state)
             try:
                 _enter_network_namespace()
             except OSError as exc:
@@ -281,7 +285,10 @@ def supervise(directory: Path, host: str, port: int) -> int:
                             f"allowed here ({exc.strerror or exc}). Milvus 2.3 listens on every interface; "
                             f"to run it that way deliberately, behind your firewall, pass --host 0.0.0.0")
         else:
-            _bind(host, port).close()  # the port is free: Milvus takes it itself
+            probe = _bind(host, port)  # the port is free (or, for 0, one is): Milvus takes it itself
+            state.port = probe.getsockname()[1]
+            probe.close()
+            _write_state(directory, state)
     except MilvusServerError as exc:
         return fail(str(exc))
     from milvus import MilvusServer  # the pinned `milvus` package: imported where it is needed
@@ -289,7 +296,7 @@ def supervise(directory: Path, host: str, port: int) -> int:
     milvus = MilvusServer(wait_for_started=False)
     milvus.set_base_dir(str(directory))
     if not state.isolated:
-        milvus.listen_port = port
+        milvus.listen_port = state.port
     stopping = {"now": False}
 
     def on_term(signum, frame) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))  # tinymodel: the suite's tiny model and images
-from measure import commit, log  # noqa: E402 - the benchmarks' shared helpers
+from measure import commit, log, save_verdict  # noqa: E402 - the benchmarks' shared helpers
 
 TARGET_RATIO = 0.1
 
@@ -93,10 +93,7 @@ def main() -> int:
                     "files": args.files >= 100_000},
     }
     summary["verdict"]["met"] = all(summary["verdict"].values())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"rescan / first run = {ratio:.4f} (target <= {TARGET_RATIO}); met: {summary['verdict']['met']} -> {args.out}")
-    return 0 if summary["verdict"]["met"] else 1
+    return save_verdict(args.out, summary, f"rescan / first run = {ratio:.4f} (target <= {TARGET_RATIO})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What the benchmark scripts share: latency distributions, and a real Triton server on a repository."""
 from __future__ import annotations
 
+import json
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,16 @@ import numpy as np
 
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def save_verdict(out: Path, summary: dict, headline: str) -> int:
+    """`summary` (its computed ``verdict["met"]`` included) saved as JSON at `out`, `headline`
+    logged with the verdict; the script's exit status (1 when the target was missed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    met = summary["verdict"]["met"]
+    log(f"{headline}; met: {met} -> {out}")
+    return 0 if met else 1
 
 
 def commit(repository: Path) -> str:

@@ -14,7 +14,6 @@ least as many tests as the earlier one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from measure import commit, log  # noqa: E402 - the benchmarks' shared helpers
+from measure import commit, log, save_verdict  # noqa: E402 - the benchmarks' shared helpers
 
 BASELINE = "e9bcd65"
 TARGET_RATIO = 0.5
@@ -121,10 +120,7 @@ def main() -> int:
         "verdict": {"ratio": ratio <= TARGET_RATIO, "green": green, "no_test_dropped": no_test_dropped,
                     "met": ratio <= TARGET_RATIO and green and no_test_dropped},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"median ratio {ratio} (target <= {TARGET_RATIO}); met: {summary['verdict']['met']} -> {args.out}")
-    return 0 if summary["verdict"]["met"] else 1
+    return save_verdict(args.out, summary, f"median ratio {ratio} (target <= {TARGET_RATIO})")
 
 
 if __name__ == "__main__":

@@ -114,13 +114,6 @@ def emoji_manifest(tmp_path_factory, npm_cache):
     return fetch_emoji(tmp_path_factory.mktemp("emoji"), limit=12, progress=False)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory):

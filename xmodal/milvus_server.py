@@ -297,10 +297,7 @@ def supervise(directory: Path, host: str, port: int) -> int:
     milvus.set_base_dir(str(directory))
     if not state.isolated:
         milvus.listen_port = state.port
-    stopping = {"now": False}
-
-    def on_term(signum, frame) -> None:
-        stopping["now"] = True
+    def on_term(signum, frame) -> None:  # while Milvus starts: stop it, as after
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
@@ -327,9 +324,9 @@ def supervise(directory: Path, host: str, port: int) -> int:
         _stop_milvus(milvus)
         if listener is not None:
             listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            if read_state(directory) and read_state(directory).pid == os.getpid():
-                (directory / STATE_FILE).unlink()
+        kept = read_state(directory)
+        if kept is not None and kept.pid == os.getpid():
+            (directory / STATE_FILE).unlink(missing_ok=True)
     return 0
 
 

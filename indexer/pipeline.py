@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pymilvus.exceptions import MilvusException
 
 from xmodal import contract, readers, settings, store
 from xmodal.card import ModelCard
@@ -34,9 +35,21 @@ from xmodal.indexer.embed import EmbedStage, TritonEmbedder
 from xmodal.indexer.job import KINDS, IndexJob
 from xmodal.indexer.state import deadletter_path, progress_path  # noqa: F401 - re-exported by xmodal.indexer
 from xmodal.indexer.folder_files import FolderChanges, FolderFiles, files_path
-from xmodal.indexer.write import MilvusWriteStage, merged_with_kept, put_row, records, release_paths
+from xmodal.indexer.write import (WRITE_REFUSED, MilvusWriteStage, merged_with_kept, put_row, records,
+                                  release_paths)
 
 logger = logging.getLogger(__name__)
+
+
+# The CPU share of a task that reads items (and of the one that checks images): reading waits on
+# files as much as it computes, and a share this small still fits on a node of one CPU beside
+# an embedding actor. With a whole CPU each, two nodes of one CPU whose embedding actors held
+# half a CPU each had no room for any reading task, and the run waited for ever.
+READ_CPUS = 0.25
+
+
+class WriteRefused(Exception):
+    """A writer actor's batch the Milvus server refused (its message)."""
 
 
 @dataclass
@@ -273,13 +286,11 @@ class Reader:
 
     def dataset(self, shards: list[sources.Shard]):
         """The items of `shards`, read by Ray tasks (one a shard), prepared, in blocks of two batches."""
-        ds = sources.dataset(self.plan.spec, shards, block_rows=2 * self.batch_size)
+        ds = sources.dataset(self.plan.spec, shards, block_rows=2 * self.batch_size, num_cpus=READ_CPUS)
         if self.prepare is not None:
-            ds = ds.map_batches(self.prepare, batch_size=self.batch_size, batch_format="numpy")
-        # Ray Data gathers a task's output into blocks of up to 128 MiB: a whole shard would
-        # go to one embedding actor. Blocks of about two batches (a streaming repartition)
-        # let the actors share a shard, and reach the driver as they are done.
-        return ds.repartition(target_num_rows_per_block=2 * self.batch_size)
+            ds = ds.map_batches(self.prepare, batch_size=self.batch_size, batch_format="numpy", num_cpus=READ_CPUS)
+        # blocks of about two batches let the actors share a shard, and reach the driver as they are done
+        return sources.reblocked(ds, 2 * self.batch_size, num_cpus=READ_CPUS)
 
 
 @dataclass
@@ -506,50 +517,58 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
             read.folder.forget([path for path, _, key in entries if not key])
 
         writer = write.books(client, run_progress, on_recorded=record_files)
-        if todo:
-            import ray.data
-            from tqdm import tqdm
+        try:
+            if todo:
+                import ray.data
+                from tqdm import tqdm
 
-            # In input order: a key met in several shards gets the row of its last item, with
-            # a resumed run as with an uninterrupted one (shards also finish in order).
-            ray.data.DataContext.get_current().execution_options.preserve_order = True
-            left = {shard.number: shard.emitted for shard in todo}  # items still out, per shard
-            unsent = {shard.number: shard.items - shard.emitted for shard in todo}  # repeated captions
-            ds = write.apply(embed.apply(read.dataset(todo)), dims)
-            bar = tqdm(total=plan.items, initial=plan.items - items_todo, unit="item", desc=f"index {collection}",
-                       disable=not job.progress, file=sys.stderr, dynamic_ncols=True)
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                n = len(batch["item"])
-                if not first_batch_at:
-                    first_batch_at, first_batch_items = time.perf_counter(), n
-                stage_seconds["read"] += float(batch["read_seconds"].sum()) if "read_seconds" in batch else 0.0
-                stage_seconds["embed"] += float(batch["embed_seconds"].sum())
-                stage_items["embed"] += int(np.count_nonzero(batch["embed_seconds"]))
-                if "write_seconds" in batch:
-                    stage_seconds["write"] += float(batch["write_seconds"].sum())
-                    writer.rows_sent += int(round(float(batch["rows_upserted"].sum())))
-                    writer.paths_merged += int(round(float(batch["paths_merged"].sum())))
-                done_items = n
-                for record, vectors in records(batch, dims):
-                    shard = shard_of(record["item"])
-                    if read.folder is not None and record.get("stamp"):
-                        folder_entries.setdefault(shard, []).append(
-                            (record["path"], record["stamp"], "" if record["error"] else record["id"]))
-                    if record["error"]:
-                        dead.write({"item": record["item"], **kind.letter(record, collection)})
-                    else:
-                        duplicates += writer.add(shard, record["id"], write.row(record, vectors))
-                    left[shard] -= 1
-                    if not left[shard]:
-                        del left[shard]
-                        writer.shard_done(shard)
-                        done_items += unsent.pop(shard)
-                if not write.local:
-                    writer.write()  # these rows are acknowledged: record the shards they finished
-                bar.update(done_items)
-                bar.set_postfix(written=writer.rows, dead=dead.count, refresh=False)
-        writer.write()
-        client.flush(collection)
+                # In input order: a key met in several shards gets the row of its last item, with
+                # a resumed run as with an uninterrupted one (shards also finish in order).
+                ray.data.DataContext.get_current().execution_options.preserve_order = True
+                left = {shard.number: shard.emitted for shard in todo}  # items still out, per shard
+                unsent = {shard.number: shard.items - shard.emitted for shard in todo}  # repeated captions
+                ds = write.apply(embed.apply(read.dataset(todo)), dims)
+                bar = tqdm(total=plan.items, initial=plan.items - items_todo, unit="item", desc=f"index {collection}",
+                           disable=not job.progress, file=sys.stderr, dynamic_ncols=True)
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    n = len(batch["item"])
+                    if not first_batch_at:
+                        first_batch_at, first_batch_items = time.perf_counter(), n
+                    stage_seconds["read"] += float(batch["read_seconds"].sum()) if "read_seconds" in batch else 0.0
+                    stage_seconds["embed"] += float(batch["embed_seconds"].sum())
+                    stage_items["embed"] += int(np.count_nonzero(batch["embed_seconds"]))
+                    if WRITE_REFUSED in batch and any(batch[WRITE_REFUSED]):
+                        raise WriteRefused(next(reason for reason in batch[WRITE_REFUSED] if reason))
+                    if "write_seconds" in batch:
+                        stage_seconds["write"] += float(batch["write_seconds"].sum())
+                        writer.rows_sent += int(round(float(batch["rows_upserted"].sum())))
+                        writer.paths_merged += int(round(float(batch["paths_merged"].sum())))
+                    done_items = n
+                    for record, vectors in records(batch, dims):
+                        shard = shard_of(record["item"])
+                        if read.folder is not None and record.get("stamp"):
+                            folder_entries.setdefault(shard, []).append(
+                                (record["path"], record["stamp"], "" if record["error"] else record["id"]))
+                        if record["error"]:
+                            dead.write({"item": record["item"], **kind.letter(record, collection)})
+                        else:
+                            duplicates += writer.add(shard, record["id"], write.row(record, vectors))
+                        left[shard] -= 1
+                        if not left[shard]:
+                            del left[shard]
+                            writer.shard_done(shard)
+                            done_items += unsent.pop(shard)
+                    if not write.local:
+                        writer.write()  # these rows are acknowledged: record the shards they finished
+                    bar.update(done_items)
+                    bar.set_postfix(written=writer.rows, dead=dead.count, refresh=False)
+            writer.write()
+            client.flush(collection)
+        except (WriteRefused, MilvusException) as exc:  # a writer actor's, or the driver's own (milvus-lite)
+            reason = f"{exc.message} (code {exc.code})" if isinstance(exc, MilvusException) else str(exc)
+            raise RuntimeError(
+                f"Milvus at {write.uri} refused a write to {collection!r}: {reason}. The shards written "
+                f"before it are recorded: once the cause is fixed the same command continues from them") from None
         run_progress.complete = True
         run_progress.save()
     finally:

@@ -363,14 +363,33 @@ def _datasource_class():
     return InputDatasource
 
 
-def dataset(spec: InputSpec, shards: Sequence[Shard], *, block_rows: int):
-    """A Ray dataset of the items of `shards` (in shard order)."""
+def dataset(spec: InputSpec, shards: Sequence[Shard], *, block_rows: int, num_cpus: float = 1.0):
+    """A Ray dataset of the items of `shards` (in shard order), each read task holding `num_cpus`."""
     import ray.data
 
     if not shards:
         raise ValueError("no shards to read")
     return ray.data.read_datasource(_datasource_class()(spec, shards, block_rows),
-                                    override_num_blocks=len(shards))
+                                    override_num_blocks=len(shards), ray_remote_args={"num_cpus": num_cpus})
+
+
+def reblocked(ds, rows: int, *, num_cpus: float):
+    """`ds` in blocks of about `rows` rows, re-blocked by tasks holding `num_cpus` each.
+
+    Ray Data gathers a task's output into blocks of up to 128 MiB, so without this a whole
+    shard would go to one embedding actor. ``Dataset.repartition(target_num_rows_per_block=)``
+    does the same but its tasks hold a whole CPU, and takes no resources: on nodes of one CPU
+    whose embedding actors hold a share each, such a task fits nowhere and the run waits for
+    ever. So the same logical operator is built here with the share the reading tasks hold
+    (which also lets Ray fuse it into the task before it).
+    """
+    from ray.data import Dataset
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+    op = StreamingRepartition(target_num_rows_per_block=rows, input_dependencies=[ds._logical_plan.dag],
+                              ray_remote_args={"num_cpus": num_cpus})
+    return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
 
 
 def check_image(data: bytes) -> tuple[str, int, int]:

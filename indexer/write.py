@@ -85,10 +85,15 @@ def merged_with_kept(client, collection: str, kind: contract.CollectionKind,
     return merged, added
 
 
+# The column in which a writer actor returns the server's refusal of its batch ("" when written)
+WRITE_REFUSED = "write_refused"
+
+
 class MilvusWriteStage:
     """map_batches callable class for a Milvus server: upsert the batch's rows, pass on the
     rest. A batch comes back to the driver only after Milvus acknowledged its rows, so the
-    driver records a shard only when all of it is written. A retried batch (a worker that
+    driver records a shard only when all of it is written; a batch the server refuses comes back
+    with the refusal in its ``write_refused`` column. A retried batch (a worker that
     died) upserts the same keys again: no duplicates. Image rows are merged with the rows their
     keys have (every path of the same bytes kept); two actors writing the same key at the same
     moment may each keep only their own paths. The token, if any, reaches the actor as a
@@ -102,14 +107,23 @@ class MilvusWriteStage:
         self.collection, self.kind, self.levels = collection, kind, list(levels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pymilvus.exceptions import MilvusException
+
         started = time.perf_counter()
+        n = len(batch["item"])
+        refused = ""
         rows = milvus_rows(batch, self.kind, self.levels)
-        rows, added = merged_with_kept(self.client, self.collection, contract.KINDS[self.kind], rows)
-        if rows:
-            self.client.upsert(self.collection, rows)
+        try:
+            rows, added = merged_with_kept(self.client, self.collection, contract.KINDS[self.kind], rows)
+            if rows:
+                self.client.upsert(self.collection, rows)
+        except MilvusException as exc:
+            # returned, not raised: raised, it would reach the driver as a Ray stack trace,
+            # the Milvus error's own type and code lost on the way
+            refused, rows, added = f"{exc.message} (code {exc.code})", [], 0
         vectors = {vector_column(level) for level in self.levels}
         out = {key: value for key, value in batch.items() if key not in vectors}
-        n = len(batch["item"])
+        out[WRITE_REFUSED] = np.full(n, refused, dtype=object)
         out["write_seconds"] = np.full(n, (time.perf_counter() - started) / max(1, n))
         out["rows_upserted"] = np.full(n, len(rows) / max(1, n))
         out["paths_merged"] = np.full(n, added / max(1, n))

@@ -90,3 +90,27 @@ def test_index_options_are_checked(repository, ray_local, tmp_path) -> None:
                "--index-params", "[16]"]
     refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--index-params: expected a JSON object, got '[16]'" in refused.stderr
+
+
+def test_a_write_the_server_refuses_is_named_not_a_ray_stack_trace(repository, ray_local, tmp_path, server):
+    """The writer actors upsert into a collection the server does not have: the refusal comes
+    back as one RuntimeError naming the server and the collection, and no shard is recorded."""
+    from dataclasses import replace
+
+    from xmodal.indexer import pipeline
+
+    class WritesToAMissingCollection(pipeline.Sink):
+        def apply(self, ds, levels):
+            return pipeline.Sink.apply(replace(self, collection="never_created"), ds, levels)
+
+    manifest = tinymodel.many_images(tmp_path, 8, bad_every=99)
+    job = IndexJob(manifest=manifest, model_repository=repository, milvus_uri=server, collection="served",
+                   split=None, batch_size=4, shard_size=4, writers=1, progress=False)
+    sink = lambda job: WritesToAMissingCollection(**vars(pipeline.build_sink(job)))  # noqa: E731
+    with pytest.raises(RuntimeError) as refused:
+        pipeline.run(job, sink=sink)
+    message = str(refused.value)
+    assert message.startswith(f"Milvus at {server} refused a write to 'served': ") and "never_created" in message
+    assert "Traceback" not in message and refused.value.__cause__ is None
+    progress = json.loads(pipeline.progress_path(server, "served").read_text())
+    assert progress["finished"] == [] and not progress["complete"]

@@ -10,6 +10,7 @@ from xmodal.triton import Embedder
 from xmodal.contract import GLOBAL
 
 VECTOR_COLUMN = "vector"
+NODE_COLUMN = "node"  # the Ray node whose actor embedded the batch ("" outside Ray)
 
 
 def vector_column(level: str) -> str:
@@ -26,13 +27,17 @@ class EmbedStage:
     ``error`` are passed through untouched; items the model rejects get its message as their
     ``error``, after ``error_prefix``. The ``data`` column is dropped here so the bytes never
     travel back to the driver. ``embed_seconds`` spreads the batch's embedding time over the
-    items sent (the driver's report sums it). Subclasses provide ``embed_outputs``.
+    items sent (the driver's report sums it), and ``node`` names the Ray node the actor runs
+    on (the report counts the items each node embedded). Subclasses provide ``embed_outputs``.
     """
 
     error_prefix = ""
 
     def __init__(self, dims: dict[str, int] | int):
+        import ray
+
         self.dims = {GLOBAL: dims} if isinstance(dims, int) else dict(dims)
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def embed_outputs(self, items: list[bytes]) -> tuple[dict[str, np.ndarray], list[str | None]]:
         raise NotImplementedError
@@ -57,6 +62,7 @@ class EmbedStage:
         out.update({vector_column(level): array for level, array in vectors.items()})
         out["error"] = errors
         out["embed_seconds"] = seconds
+        out[NODE_COLUMN] = np.full(n, self.node, dtype=object)
         return out
 
 

@@ -75,7 +75,9 @@ class IndexJob:
     in-process with ONNX Runtime from that repository (``xmodal index --local``,
     ``xmodal.indexer.local``): the same preprocessing and encoders, the same rows.
     `embed_workers` actors embed batches of `batch_size` items; `embed_threads` sets ONNX
-    Runtime's intra-op threads per actor with a `model_repository` (default: its choice).
+    Runtime's intra-op threads per actor with a `model_repository` (default: its choice);
+    `embed_resources` are the Ray resources each actor holds (e.g. ``{"GPU": 1}``, or a custom
+    resource that marks some nodes; default a share of a CPU).
 
     Writing: into `collection` (default by kind: ``xmodal_images``, ``xmodal_captions``) at
     `milvus_uri` (default: the data directory's milvus-lite file), `milvus_token` (else
@@ -127,6 +129,7 @@ class IndexJob:
     batch_size: int = DEFAULT_BATCH_SIZE
     embed_workers: int = 1
     embed_threads: int | None = None
+    embed_resources: dict[str, float] | None = None
     shard_size: int = DEFAULT_SHARD_SIZE
     write_batch: int = DEFAULT_WRITE_BATCH
     restart: bool = False
@@ -165,6 +168,11 @@ class IndexJob:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        for name, amount in (self.embed_resources or {}).items():
+            if not isinstance(name, str) or isinstance(amount, bool) or not isinstance(amount, (int, float)) \
+                    or not amount >= 0:
+                raise ValueError(f"embed_resources: each resource needs a name and an amount of at least 0, "
+                                 f"got {name!r}: {amount!r}")
         writers = self.writer_count()
         if writers < 1:
             raise ValueError(f"writers must be at least 1, got {writers}")

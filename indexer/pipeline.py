@@ -18,7 +18,9 @@ import functools
 import logging
 import os
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from xmodal import contract, readers, settings, store
 from xmodal.card import ModelCard
 from xmodal import triton
 from xmodal.indexer import formats, sources, state
-from xmodal.indexer.embed import EmbedStage, TritonEmbedder
+from xmodal.indexer.embed import NODE_COLUMN, EmbedStage, TritonEmbedder
 from xmodal.indexer.job import KINDS, IndexJob
 from xmodal.indexer.state import deadletter_path, progress_path  # noqa: F401 - re-exported by xmodal.indexer
 from xmodal.indexer.folder_files import FolderChanges, FolderFiles, files_path
@@ -46,6 +48,8 @@ logger = logging.getLogger(__name__)
 # an embedding actor. With a whole CPU each, two nodes of one CPU whose embedding actors held
 # half a CPU each had no room for any reading task, and the run waited for ever.
 READ_CPUS = 0.25
+# How long a run waits for its first embedded batch before it says what it waits on, and again
+WAIT_NOTE_SECONDS = 20.0
 
 
 class WriteRefused(Exception):
@@ -89,6 +93,8 @@ class IndexReport:
     hidden_skipped: int = 0
     not_images_skipped: int = 0
     outside_links_skipped: int = 0
+    # the items each Ray node's embedding actors embedded, by "<node address> <node id's first 8>"
+    items_per_node: dict[str, int] = field(default_factory=dict)
 
     @property
     def items_processed(self) -> int:
@@ -139,6 +145,8 @@ class IndexReport:
             text += "; busy time per stage: " + ", ".join(
                 f"{stage} {self.stage_seconds[stage]:.2f} s ({rate:.0f} {unit.get(stage, 'items/s')})"
                 for stage, rate in rates.items())
+        if len(self.items_per_node) > 1:
+            text += "\n  embedded per node: " + ", ".join(f"{node} {n}" for node, n in self.items_per_node.items())
         if self.dead_letters:
             text += f"\n  dead letters: {self.deadletter_path}"
         return text
@@ -154,7 +162,17 @@ def start_ray(address: str | None = None, *, num_cpus: int = 2) -> bool:
     kwargs: dict[str, Any] = dict(logging_level=logging.ERROR, log_to_driver=False,
                                   configure_logging=True)
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            if "InvalidAuthToken" not in str(exc.__cause__):
+                raise
+            # `ray start` (Ray 2.60) turns token authentication on, and a client only sends the
+            # token when told to; Ray reads the setting once, so it must come from the environment
+            raise ConnectionError(
+                f"the Ray cluster at {address} asks for its authentication token: run with "
+                f"RAY_AUTH_MODE=token, the token where Ray looks for it (~/.ray/auth_token as `ray start` "
+                f"wrote it on the head, or RAY_AUTH_TOKEN_PATH, or RAY_AUTH_TOKEN)") from None
     else:
         # Ray waits 30 s for its GCS server by default; a busy 2-core machine can take longer.
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
@@ -301,7 +319,7 @@ class Embedding:
     card: ModelCard
     stage: type[EmbedStage]
     args: tuple[Any, ...]  # the stage's constructor arguments
-    cpus: float  # the CPU share each actor holds
+    resources: dict[str, float]  # the Ray resources each actor holds ("CPU" always named)
     workers: int
     batch_size: int
 
@@ -312,9 +330,62 @@ class Embedding:
     def apply(self, ds):
         import ray.data
 
+        others = {name: amount for name, amount in self.resources.items() if name not in ("CPU", "GPU")}
         return ds.map_batches(self.stage, batch_size=self.batch_size, batch_format="numpy",
                               fn_constructor_args=self.args, compute=ray.data.ActorPoolStrategy(size=self.workers),
-                              num_cpus=self.cpus)
+                              num_cpus=self.resources["CPU"], num_gpus=self.resources.get("GPU"),
+                              resources=others or None)
+
+    def check_room(self) -> None:
+        """ValueError when the Ray cluster's nodes (what they have, not what is free now) cannot
+        hold the actors and, beside them, a reading task: said at once, not waited on for ever."""
+        import ray
+
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        room = [dict(node["Resources"]) for node in nodes]
+        placed = 0
+        for _ in range(self.workers):  # each on the node with most CPU left that holds all it asks
+            fits = [i for i, left in enumerate(room)
+                    if all(left.get(name, 0.0) >= amount - 1e-9 for name, amount in self.resources.items())]
+            if not fits:
+                break
+            i = max(fits, key=lambda i: room[i].get("CPU", 0.0))
+            for name, amount in self.resources.items():
+                room[i][name] = room[i].get(name, 0.0) - amount
+            placed += 1
+        reading = any(left.get("CPU", 0.0) >= READ_CPUS - 1e-9 for left in room)
+        if placed == self.workers and reading:
+            return
+        names = ["CPU", "GPU", *sorted(set(self.resources) - {"CPU", "GPU"})]
+        have = "; ".join(f"{node['NodeManagerAddress']} {node['NodeID'][:8]}: " + ", ".join(
+            f"{name} {_amount(node['Resources'].get(name, 0))}" for name in names) for node in nodes)
+        room_for = (f"room for {placed} of them" if placed < self.workers
+                    else "room for them but then none for a reading task")
+        raise ValueError(
+            f"the Ray cluster cannot place this run: {self.workers} embedding actor(s) of "
+            f"{_resources(self.resources)} each, and reading tasks of {READ_CPUS} CPU beside them; it has "
+            f"{room_for}. Its nodes: {have}. Ask for fewer workers or less each "
+            f"(--workers, --worker-resources), or add nodes that have it")
+
+    def waiting_note(self, seconds: float) -> str:
+        """What a run that has had no embedded batch back for `seconds` waits on."""
+        import ray
+
+        free, total = ray.available_resources(), ray.cluster_resources()
+        names = ["CPU", "GPU", *sorted(set(self.resources) - {"CPU", "GPU"})]
+        return (f"no batch embedded after {seconds:.0f} s: {self.workers} embedding actor(s) of "
+                f"{_resources(self.resources)} each asked for; the cluster has free now "
+                + ", ".join(f"{name} {_amount(free.get(name, 0))} of {_amount(total.get(name, 0))}"
+                            for name in names)
+                + " (other jobs may hold the rest; the actors also load their model)")
+
+
+def _amount(value: float) -> str:
+    return f"{value:g}"
+
+
+def _resources(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{name} {_amount(amount)}" for name, amount in resources.items()) + "}"
 
 
 @dataclass
@@ -373,6 +444,22 @@ class Sink:
                        kind=contract.KINDS[self.kind], on_recorded=on_recorded)
 
 
+def _note_while_waiting(embed: Embedding, first_back: threading.Event, warn: Callable[[str], None]) -> None:
+    waited = 0.0
+    while not first_back.wait(WAIT_NOTE_SECONDS):
+        waited += WAIT_NOTE_SECONDS
+        warn(embed.waiting_note(waited))
+
+
+def _by_node_address(counts: Counter[str]) -> dict[str, int]:
+    """`counts` by Ray node id, keyed by the node's address and the id's first 8 characters
+    (nodes on one host share an address); a node removed since is still listed by Ray."""
+    import ray
+
+    address = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+    return {f"{address.get(node, '?')} {node[:8]}": n for node, n in sorted(counts.items()) if node}
+
+
 def _walk_skipped(plan: sources.InputPlan) -> dict[str, int]:
     return {"hidden_skipped": plan.hidden_skipped, "not_images_skipped": plan.not_images_skipped,
             "outside_links_skipped": plan.outside_links_skipped}
@@ -417,13 +504,15 @@ def build_embedding(job: IndexJob) -> Embedding:
         # The actors compute: up to a CPU each, the rest of the local Ray left to the readers.
         return Embedding(card, local.LocalEmbedder, (str(repository), kind.local_input, card_dims(card),
                                                      job.embed_threads),
-                         min(1.0, 1.0 / job.embed_workers), job.embed_workers, job.batch_size)
+                         {"CPU": min(1.0, 1.0 / job.embed_workers), **(job.embed_resources or {})},
+                         job.embed_workers, job.batch_size)
     card = _fetch_card(job.triton_url, kind.model, job.timeout)
     # The actors mostly wait on Triton: a fraction of a CPU each leaves the local two-CPU Ray
     # room for the reading tasks.
     return Embedding(card, TritonEmbedder, (job.triton_url, kind.model, kind.input_name, card_dims(card),
                                             max(job.timeout, 60.0)),
-                     min(0.5, 1.0 / job.embed_workers), job.embed_workers, job.batch_size)
+                     {"CPU": min(0.5, 1.0 / job.embed_workers), **(job.embed_resources or {})},
+                     job.embed_workers, job.batch_size)
 
 
 def build_sink(job: IndexJob) -> Sink:
@@ -452,6 +541,12 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
         else:
             logger.info(message)
 
+    def warn(message: str) -> None:
+        if job.progress:
+            print(message, file=sys.stderr, flush=True)
+        else:
+            logger.warning(message)
+
     shard_size = plan.shard_size
     shard_of = lambda number: number // shard_size  # noqa: E731 - items are numbered in input order
     shards = len(plan.shards)
@@ -459,6 +554,9 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
     stage_items = {"read": 0, "embed": 0, "write": 0}
     duplicates = 0
     first_batch_at, first_batch_items = 0.0, 0
+    node_items: Counter[str] = Counter()
+    first_back = threading.Event()  # the first embedded batch is back (or the run ended)
+    items_per_node: dict[str, int] = {}
     ray_started = False
     bar = client = dead = None
     todo: list[sources.Shard] = []
@@ -467,6 +565,7 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
             # Ray first: started while this process has no gRPC threads (pymilvus and
             # milvus-lite bring them), its forks make grpcio print no fork warnings.
             ray_started = start_ray(job.ray_address)
+            embed.check_room()  # before anything is written
         client = write.connect()
         created = write.ensure_collection(client, card)
         if created and read.folder is not None and read.folder.known():
@@ -525,6 +624,7 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
                 # In input order: a key met in several shards gets the row of its last item, with
                 # a resumed run as with an uninterrupted one (shards also finish in order).
                 ray.data.DataContext.get_current().execution_options.preserve_order = True
+                threading.Thread(target=_note_while_waiting, args=(embed, first_back, warn), daemon=True).start()
                 left = {shard.number: shard.emitted for shard in todo}  # items still out, per shard
                 unsent = {shard.number: shard.items - shard.emitted for shard in todo}  # repeated captions
                 ds = write.apply(embed.apply(read.dataset(todo)), dims)
@@ -534,9 +634,11 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
                     n = len(batch["item"])
                     if not first_batch_at:
                         first_batch_at, first_batch_items = time.perf_counter(), n
+                        first_back.set()
                     stage_seconds["read"] += float(batch["read_seconds"].sum()) if "read_seconds" in batch else 0.0
                     stage_seconds["embed"] += float(batch["embed_seconds"].sum())
                     stage_items["embed"] += int(np.count_nonzero(batch["embed_seconds"]))
+                    node_items.update(batch[NODE_COLUMN][batch["embed_seconds"] > 0].tolist())
                     if WRITE_REFUSED in batch and any(batch[WRITE_REFUSED]):
                         raise WriteRefused(next(reason for reason in batch[WRITE_REFUSED] if reason))
                     if "write_seconds" in batch:
@@ -562,6 +664,7 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
                         writer.write()  # these rows are acknowledged: record the shards they finished
                     bar.update(done_items)
                     bar.set_postfix(written=writer.rows, dead=dead.count, refresh=False)
+                items_per_node = _by_node_address(node_items)
             writer.write()
             client.flush(collection)
         except (WriteRefused, MilvusException) as exc:  # a writer actor's, or the driver's own (milvus-lite)
@@ -572,6 +675,7 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
         run_progress.complete = True
         run_progress.save()
     finally:
+        first_back.set()  # the note-taker stops
         if bar is not None:
             bar.close()
         if dead is not None:
@@ -598,7 +702,7 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
         **folder_counts,
         startup_seconds=round(first_batch_at - started, 6) if first_batch_at else 0.0, startup_items=first_batch_items,
         stage_seconds={k: round(v, 6) for k, v in stage_seconds.items()}, stage_items=stage_items,
-        **_walk_skipped(plan),
+        **_walk_skipped(plan), items_per_node=items_per_node,
     )
     return _finish(report, job.progress)
 

@@ -370,7 +370,7 @@ def dataset(spec: InputSpec, shards: Sequence[Shard], *, block_rows: int, num_cp
     if not shards:
         raise ValueError("no shards to read")
     return ray.data.read_datasource(_datasource_class()(spec, shards, block_rows),
-                                    override_num_blocks=len(shards), ray_remote_args={"num_cpus": num_cpus})
+                                    override_num_blocks=len(shards), num_cpus=num_cpus)
 
 
 def reblocked(ds, rows: int, *, num_cpus: float):

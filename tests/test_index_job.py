@@ -117,9 +117,12 @@ def test_the_embedding_runs_the_repository_in_process(repository, tmp_path):
     assert embedding.stage is LocalEmbedder and embedding.card.name == "tiny"
     assert embedding.args == (str(repository.resolve()), "image", embedding.dims, 1)
     assert embedding.dims == {level: int(spec["dim"]) for level, spec in embedding.card.embeddings.items()}
-    assert (embedding.workers, embedding.cpus, embedding.batch_size) == (4, 0.25, job.batch_size)
+    assert (embedding.workers, embedding.resources, embedding.batch_size) == (4, {"CPU": 0.25}, job.batch_size)
     assert build_embedding(replace(job, kind="caption", collection=None, embed_workers=1)).args[1] == "text"
-    assert build_embedding(replace(job, embed_workers=1)).cpus == 1.0
+    assert build_embedding(replace(job, embed_workers=1)).resources == {"CPU": 1.0}
+    assert build_embedding(replace(job, embed_resources={"GPU": 1, "CPU": 2})).resources == {"CPU": 2, "GPU": 1}
+    with pytest.raises(ValueError, match="embed_resources: each resource needs a name and an amount of at least 0, got 'GPU': -1"):
+        replace(job, embed_resources={"GPU": -1})
     with pytest.raises(ValueError, match="is not an xmodal model repository"):
         build_embedding(replace(job, model_repository=tmp_path))
 

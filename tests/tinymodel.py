@@ -288,7 +288,8 @@ def many_images(directory: Path, count_: int, bad_every: int) -> Path:
             (directory / relative).parent.mkdir(parents=True, exist_ok=True)
             (directory / relative).write_bytes(b"not an image %d" % i)
         else:
-            write_png(directory / relative, (i % 256, 255 - i % 256, (i * 7) % 256),
+            # 97 is odd: past 256 images the second channel tells images of the same first apart
+            write_png(directory / relative, (i % 256, (255 - i % 256 + 97 * (i // 256)) % 256, (i * 7) % 256),
                                 "ellipse" if i % 2 else "rectangle")
         records.append(record(relative, f"c{i:04d}"))
     manifest = directory / "many.jsonl"

@@ -143,6 +143,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         kind="caption" if args.captions else "image", **_index_input(args), **where,
         milvus_uri=args.milvus_uri, milvus_token=args.milvus_token, collection=args.collection,
         batch_size=args.batch_size, embed_workers=args.workers, embed_threads=args.embed_threads,
+        embed_resources=args.worker_resources,
         writers=args.writers, shard_size=args.shard_size, index_type=args.index_type, index_params=args.index_params,
         write_batch=args.write_batch, restart=args.restart, sync=args.sync, ray_address=args.address,
     )
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--workers", type=int, default=1, help="embedding actors")
     index.add_argument("--embed-threads", type=int, default=None,
                        help="with --local: ONNX Runtime threads per embedding actor (default: its own choice)")
+    index.add_argument("--worker-resources", type=_json_object, default=None,
+                       help='Ray resources each embedding actor holds, a JSON object such as \'{"GPU": 1}\' '
+                            '(default: a share of a CPU)')
     index.add_argument("--writers", type=int, default=None,
                        help="writer actors for a Milvus server URI (default 2); milvus-lite has one, the driver")
     index.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"items per shard, the unit a killed run resumes from (default {DEFAULT_SHARD_SIZE})")

@@ -42,7 +42,7 @@ def rerank_depth(card: ModelCard, k: int, rerank_top: int | None) -> int:
     return rerank_top
 
 
-def open_reranker(url: str, card: ModelCard, milvus_uri: str, collection: str, *, timeout: float,
+def open_reranker(url: str | Sequence[str], card: ModelCard, milvus_uri: str, collection: str, *, timeout: float,
                   retry: Retry) -> "Reranker":
     """A Reranker on the side store of ``collection`` (SideStoreError naming the command that fills it)."""
     from xmodal.sidestore import side_store_path
@@ -63,7 +63,7 @@ class RerankedHit(Hit):
 class Reranker:
     """Scores one text query against candidate images with the served re-ranker."""
 
-    def __init__(self, url: str, card: ModelCard, sides: SideStore, *, timeout: float = 10.0,
+    def __init__(self, url: str | Sequence[str], card: ModelCard, sides: SideStore, *, timeout: float = 10.0,
                  retry: Retry = DEFAULT_RETRY, own_sides: bool = False):
         if not card.reranker:
             raise ValueError(f"model {card.name} has no re-ranker (recipe {card.recipe!r}; CRAN and MCSM have one)")

@@ -47,7 +47,10 @@ class Client:
     ``timeout`` (seconds) bounds each Triton request and each Milvus call. Triton calls that
     fail transiently (connection refused or reset, HTTP 503) are retried with exponential
     backoff as ``retry`` says (``xmodal.client.Retry``; ``Retry(attempts=1)`` turns retries
-    off); when they keep failing the call raises ``ConnectionError``. Bad input (HTTP 4xx) is
+    off); when they keep failing the call raises ``ConnectionError``. ``triton_url`` may name
+    several servers of the same model (a list, or one string with commas): a call goes to the
+    first that answers, and a server that keeps failing is asked last from then on; only when
+    none answers does the call raise ``ConnectionError``, naming each. Bad input (HTTP 4xx) is
     never retried: it raises ``ValueError`` at once. Each thread gets its own HTTP connection
     to Triton, reused for its calls, so one client may serve many threads.
 
@@ -78,7 +81,7 @@ class Client:
 
     def __init__(
         self,
-        triton_url: str | None = None,
+        triton_url: str | Sequence[str] | None = None,
         milvus_uri: str | os.PathLike | None = None,
         collection: str = settings.IMAGE_COLLECTION,
         *,
@@ -88,7 +91,9 @@ class Client:
         consistency_level: str = "Bounded",
         retry: Retry = DEFAULT_RETRY,
     ) -> None:
-        self.triton_url = triton.host_port(triton_url or settings.default_triton_url())
+        # several servers of one model: asked in turn, one that stops answering set aside
+        self.triton_urls = triton.triton_urls(triton_url or settings.default_triton_url())
+        self.triton_url = self.triton_urls[0]
         self.milvus_uri = str(milvus_uri or settings.default_milvus_uri())
         self.collection = collection
         self.caption_collection = caption_collection
@@ -96,7 +101,7 @@ class Client:
         self.consistency_level = consistency_level
         self.retry = retry
         self._searcher = self._image = self._text = self._reranker = None
-        server = triton.connect(self.triton_url, timeout=timeout, retry=retry)
+        server = triton.connect_any(self.triton_urls, timeout=timeout, retry=retry)
         try:
             self.card: ModelCard = triton.fetch_card(server, contract.EMBED_IMAGE)
             text_card = triton.fetch_card(server, contract.EMBED_TEXT)
@@ -106,9 +111,9 @@ class Client:
         levels = store.card_levels(self.card)
         try:
             # Embedders keep one HTTP client per thread (see triton.Embedder).
-            self._image = triton.Embedder(self.triton_url, contract.EMBED_IMAGE, contract.IMAGE_INPUT,
+            self._image = triton.Embedder(self.triton_urls, contract.EMBED_IMAGE, contract.IMAGE_INPUT,
                                           timeout=timeout, retry=retry, outputs=levels)
-            self._text = triton.Embedder(self.triton_url, contract.EMBED_TEXT, contract.TEXT_INPUT,
+            self._text = triton.Embedder(self.triton_urls, contract.EMBED_TEXT, contract.TEXT_INPUT,
                                          timeout=timeout, retry=retry, outputs=levels)
             self._searcher = Searcher(self.milvus_uri, self.card, token=token, timeout=timeout,
                                       consistency_level=consistency_level)
@@ -206,7 +211,7 @@ class Client:
 
     def _open_reranker(self) -> Reranker:
         if self._reranker is None:
-            self._reranker = open_reranker(self.triton_url, self.card, self.milvus_uri, self.collection,
+            self._reranker = open_reranker(self.triton_urls, self.card, self.milvus_uri, self.collection,
                                            timeout=self.timeout, retry=self.retry)
         return self._reranker
 

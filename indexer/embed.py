@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from xmodal.triton import Embedder
+from xmodal.triton import Embedder, triton_urls
 from xmodal.contract import GLOBAL
 
 VECTOR_COLUMN = "vector"
@@ -66,16 +66,44 @@ class EmbedStage:
         return out
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def servers_in_order(triton_url: str | list[str]) -> list[str]:
+    """The Triton servers named, in the order this embedding actor asks them (``order_servers``
+    with its node's address and its actor id)."""
+    import ray
+
+    if not ray.is_initialized():
+        return order_servers(triton_urls(triton_url), "", 0)
+    actor = ray.get_runtime_context().get_actor_id()
+    return order_servers(triton_urls(triton_url), ray.util.get_node_ip_address(), int(actor, 16) if actor else 0)
+
+
+def order_servers(servers: list[str], node_ip: str, turn: int) -> list[str]:
+    """`servers` (``host:port``) in the order an actor asks them: those on its own node first
+    (their host is the node's address or loopback), so that tensors stay on the node; then the
+    rest. Each group is rotated by `turn` (the actor's), so that the actors of a node, or of
+    nodes without a server, spread over the servers."""
+    def rotated(group: list[str]) -> list[str]:
+        shift = turn % len(group) if group else 0
+        return group[shift:] + group[:shift]
+
+    local = [url for url in servers if url.rsplit(":", 1)[0] in (node_ip, *LOOPBACK_HOSTS)]
+    return rotated(local) + rotated([url for url in servers if url not in local])
+
+
 class TritonEmbedder(EmbedStage):
     """The embedding stage through a Triton ensemble over HTTP, every level from the same request."""
 
     error_prefix = "triton: "
 
-    def __init__(self, triton_url: str, model: str, input_name: str, dims: dict[str, int] | int,
+    def __init__(self, triton_url: str | list[str], model: str, input_name: str, dims: dict[str, int] | int,
                  timeout: float = 60.0):
         super().__init__(dims)
-        # The driver checked that the server and model are ready; this reads the batch limit.
-        self.embedder = Embedder(triton_url, model, input_name, timeout=timeout, outputs=tuple(self.dims))
+        # The driver checked that a server and the model are ready; this reads the batch limit.
+        self.embedder = Embedder(servers_in_order(triton_url), model, input_name, timeout=timeout,
+                                 outputs=tuple(self.dims))
 
     def embed_outputs(self, items: list[bytes]) -> tuple[dict[str, np.ndarray], list[str | None]]:
         return self.embedder.embed_outputs(items)

@@ -71,7 +71,9 @@ class IndexJob:
     split unless given; every row of another format unless given (None: every row). `styles`
     keeps those styles only; `limit` the first rows.
 
-    Embedding: by the Triton server at `triton_url`, or, given `model_repository` instead,
+    Embedding: by the Triton server at `triton_url` (or several of the same model: a list, or
+    URLs separated by commas; each actor asks those on its own node first and goes on to the
+    next when one stops answering), or, given `model_repository` instead,
     in-process with ONNX Runtime from that repository (``xmodal index --local``,
     ``xmodal.indexer.local``): the same preprocessing and encoders, the same rows.
     `embed_workers` actors embed batches of `batch_size` items; `embed_threads` sets ONNX
@@ -116,7 +118,7 @@ class IndexJob:
     styles: Collection[str] | str | None = None
     limit: int | None = None
     # where to embed: one of the two
-    triton_url: str | None = None
+    triton_url: str | list[str] | None = None
     model_repository: str | os.PathLike[str] | None = None
     # where to write: `milvus_uri` and `collection` are filled in when the job is made
     milvus_uri: str | os.PathLike[str] | None = None

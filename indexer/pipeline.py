@@ -194,12 +194,30 @@ def start_ray(address: str | None = None, *, num_cpus: int = 2) -> bool:
     return True
 
 
-def _fetch_card(triton_url: str, model: str, timeout: float) -> ModelCard:
-    client = triton.connect(triton_url, timeout=timeout, models=(model,))
-    try:
-        return triton.fetch_card(client, model)
-    finally:
-        client.close()
+def _fetch_card(triton_url: str | list[str], model: str, timeout: float) -> ModelCard:
+    """The card of `model` on the Triton servers named (``triton.triton_urls``). A server that
+    does not answer is named in a warning and stays on the list (the embedders ask it last);
+    ConnectionError when none answers, ValueError when two serve different models."""
+    cards, failures = {}, []
+    for url in triton.triton_urls(triton_url):
+        try:
+            client = triton.connect(url, timeout=timeout, models=(model,))
+        except ConnectionError as exc:
+            failures.append(str(exc))
+            continue
+        try:
+            cards[url] = triton.fetch_card(client, model)
+        finally:
+            client.close()
+    if not cards:
+        raise ConnectionError("; ".join(failures))
+    for failure in failures:
+        logger.warning("%s: the run goes on with the other servers, and asks this one when they fail", failure)
+    if len({card.fingerprint for card in cards.values()}) > 1:
+        raise ValueError("the Triton servers serve different models, whose vectors cannot share a collection: "
+                         + ", ".join(f"{url} {card.name} ({card.fingerprint})" for url, card in cards.items())
+                         + "; serve the same export (model repository) on every server")
+    return next(iter(cards.values()))
 
 
 class _Writer:

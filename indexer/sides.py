@@ -63,7 +63,7 @@ def index_sides(*, triton_url: str, milvus_uri: str | None = None, collection: s
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
     milvus_uri = str(milvus_uri or settings.default_milvus_uri())
-    client = triton.connect(triton_url, timeout=timeout, models=(contract.EMBED_IMAGE,))
+    client = triton.connect_any(triton_url, timeout=timeout, models=(contract.EMBED_IMAGE,))
     try:
         card = triton.fetch_card(client, contract.EMBED_IMAGE)
         if not card.reranker:

@@ -27,12 +27,13 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), 
            "purple": (150, 40, 180), "black": (10, 10, 10)}
 
 
-def export_encoders(directory: Path) -> tuple[Path, Path]:
-    """Untrained but deterministic image and text encoders -> ONNX (global, L2-normalised)."""
+def export_encoders(directory: Path, *, seed: int = 0) -> tuple[Path, Path]:
+    """Untrained but deterministic image and text encoders -> ONNX (global, L2-normalised);
+    another `seed`, other weights (another model's fingerprint)."""
     import torch
     from torch import nn
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
 
     class ImageEncoder(nn.Module):
         def __init__(self):
@@ -91,10 +92,10 @@ def make_card(fingerprint: str, name: str = "tiny", *, embeddings: dict[str, dic
         recipe=recipe)
 
 
-def build_repository(directory: Path, *, max_batch_size: int = 8) -> tuple[ModelCard, Path]:
+def build_repository(directory: Path, *, max_batch_size: int = 8, seed: int = 0) -> tuple[ModelCard, Path]:
     from xmodal.export.repository import write_model_repository
 
-    image_onnx, text_onnx = export_encoders(directory)
+    image_onnx, text_onnx = export_encoders(directory, seed=seed)
     tokenizer_json = write_tokenizer(directory / "tokenizer.json")
     card = make_card(fingerprint_files([image_onnx, text_onnx]))
     repository = write_model_repository(

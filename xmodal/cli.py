@@ -198,7 +198,7 @@ def _serves_reranker(triton_url: str) -> bool:
     from xmodal import contract
     from xmodal import triton
 
-    client = triton.connect(triton_url, models=(contract.EMBED_IMAGE,))
+    client = triton.connect_any(triton_url, models=(contract.EMBED_IMAGE,))
     try:
         return bool(triton.fetch_card(client, contract.EMBED_IMAGE).reranker)
     finally:
@@ -407,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--name", help="with --input: the corpus name, the rows' style (default: the source's name)")
     index.add_argument("--split", help="the split to index, or 'all' (default: test for a manifest, every row for --input)")
     index.add_argument("--captions", action="store_true", help="index the captions (one row per distinct text) instead of the images")
-    index.add_argument("--triton-url", default=settings.default_triton_url())
+    index.add_argument("--triton-url", default=settings.default_triton_url(),
+                       help="the Triton server, or several of the same model separated by commas: each embedding "
+                            "actor asks one on its own node first, and the next when one stops answering")
     index.add_argument("--local", action="store_true",
                        help="embed in-process with ONNX Runtime from the model repository, no Triton server")
     index.add_argument("--model-repository", type=Path,

@@ -25,6 +25,16 @@ def host_port(url: str) -> str:
     return url.rstrip("/")
 
 
+def triton_urls(urls: str | Sequence[str]) -> list[str]:
+    """``host:port`` of each Triton server named: one URL, a list of them, or one string of
+    several separated by commas (as ``--triton-url`` takes them); ValueError for none."""
+    named = urls.split(",") if isinstance(urls, str) else list(urls)
+    found = [host_port(url.strip()) for url in named if url and url.strip()]
+    if not found:
+        raise ValueError(f"no Triton URL in {urls!r}")
+    return list(dict.fromkeys(found))
+
+
 def connect(url: str, *, timeout: float = 10.0, models: Sequence[str] = (EMBED_IMAGE, EMBED_TEXT),
             retry: Retry = DEFAULT_RETRY) -> triton_http.InferenceServerClient:
     """A client for a live server whose `models` are ready; ConnectionError naming the URL if not.
@@ -59,6 +69,20 @@ def connect(url: str, *, timeout: float = 10.0, models: Sequence[str] = (EMBED_I
                 f"(ready models: {', '.join(loaded) or 'none'})"
             )
     return client
+
+
+def connect_any(urls: str | Sequence[str], *, timeout: float = 10.0,
+                models: Sequence[str] = (EMBED_IMAGE, EMBED_TEXT), retry: Retry = DEFAULT_RETRY,
+                ) -> triton_http.InferenceServerClient:
+    """``connect`` to the first of `urls` (``triton_urls``) whose `models` are ready;
+    ConnectionError naming each server and why, when none is."""
+    failures = []
+    for url in triton_urls(urls):
+        try:
+            return connect(url, timeout=timeout, models=models, retry=retry)
+        except ConnectionError as exc:
+            failures.append(str(exc))
+    raise ConnectionError("; ".join(failures))
 
 
 def _ready_models(client: triton_http.InferenceServerClient) -> list[str]:
@@ -96,14 +120,20 @@ class Embedder:
     the batch is then re-sent item by item so only the bad items fail, each with the
     server's message. Transport errors (server gone) are raised, not attributed to items.
 
+    `url` may name several servers that serve the same model (``triton_urls``): requests go
+    to the first, and a server that stops answering (a transient failure that outlasts `retry`:
+    refused, reset, 503) is set aside to the end of the list and the request is sent to the
+    next; ConnectionError only when none answers. A request is a pure function of its input,
+    so sending it again elsewhere is safe.
+
     tritonclient.http runs on gevent, whose connections belong to the thread that made them
     (Ray Data calls an actor's UDF on another thread than its constructor), so each thread
-    gets its own HTTP client.
+    gets its own HTTP client per server.
     """
 
-    def __init__(self, url: str, model: str, input_name: str, *, timeout: float = 10.0,
+    def __init__(self, url: str | Sequence[str], model: str, input_name: str, *, timeout: float = 10.0,
                  batch_limit: int | None = None, retry: Retry = DEFAULT_RETRY, outputs: Sequence[str] = (GLOBAL,)):
-        self.url = host_port(url)
+        self.servers = triton_urls(url)  # in the order they are asked: the one answering first
         self.model = model
         self.input_name = input_name
         self.outputs = tuple(outputs)
@@ -120,15 +150,26 @@ class Embedder:
         self.batch_limit = min(limits) if limits else 1
 
     @property
-    def client(self) -> triton_http.InferenceServerClient:
-        client = getattr(self._local, "client", None)
+    def url(self) -> str:
+        """The server asked first."""
+        return self.servers[0]
+
+    def client_of(self, url: str) -> triton_http.InferenceServerClient:
+        """This thread's client of server `url`."""
+        clients = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = self._local.clients = {}
+        client = clients.get(url)
         if client is None:
-            client = triton_http.InferenceServerClient(
-                self.url, connection_timeout=self.timeout, network_timeout=self.timeout)
-            self._local.client = client
+            client = clients[url] = triton_http.InferenceServerClient(
+                url, connection_timeout=self.timeout, network_timeout=self.timeout)
             with self._lock:
                 self._clients.append(client)
         return client
+
+    @property
+    def client(self) -> triton_http.InferenceServerClient:
+        return self.client_of(self.url)
 
     def close(self) -> None:
         with self._lock:
@@ -140,13 +181,25 @@ class Embedder:
                 pass
 
     def _call(self, fn, *args, what: str):
-        """`fn(self.client, *args)` with retries; a transient failure that outlasts them is a ConnectionError."""
-        try:
-            return self.retry.call(lambda: fn(self.client, *args))
-        except Exception as exc:
-            if is_transient(exc):
-                raise unavailable(self.url, what, exc, self.retry) from exc
-            raise
+        """`fn(client, *args)` with retries, on each server in turn while the one asked does not
+        answer; a transient failure that outlasts them on every server is a ConnectionError."""
+        failed = []
+        for url in list(self.servers):
+            try:
+                return self.retry.call(lambda: fn(self.client_of(url), *args))
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                failed.append((url, exc))
+                with self._lock:  # asked last from now on, until the others fail too
+                    if url in self.servers:
+                        self.servers.remove(url)
+                        self.servers.append(url)
+        if len(failed) == 1:
+            url, exc = failed[0]
+            raise unavailable(url, what, exc, self.retry) from exc
+        raise ConnectionError(f"no Triton server answered {what}: " + "; ".join(
+            str(unavailable(url, what, exc, self.retry)) for url, exc in failed)) from failed[-1][1]
 
     def embed(self, items: Sequence[bytes]) -> tuple[np.ndarray, list[str | None]]:
         """Vectors [N, D] of the first output (zero rows where an item failed) and per-item

@@ -26,7 +26,7 @@ from xmodal.card import ModelCard
 from xmodal import triton
 from xmodal.client.hits import Hit
 from xmodal.client.rerank import Reranker, open_reranker, rerank_depth
-from xmodal.retry import DEFAULT_RETRY, Retry, describe, is_transient, unavailable
+from xmodal.retry import DEFAULT_RETRY, Retry, describe, is_transient, none_answered
 from xmodal.client.sdk import (CAPTION_HINT, ImageLike, check_cards, check_levels, empty_levels, encode_images,
                                encode_texts, is_image_list, query_levels, query_vectors, raise_item_errors, run_search)
 from xmodal.client.searcher import Searcher, check_k, check_level_weights
@@ -45,7 +45,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        triton_url: str | None = None,
+        triton_url: str | Sequence[str] | None = None,
         milvus_uri: str | os.PathLike | None = None,
         collection: str = settings.IMAGE_COLLECTION,
         *,
@@ -57,7 +57,9 @@ class AsyncClient:
         executor: Executor | None = None,
         max_workers: int = 4,
     ) -> None:
-        self.triton_url = triton.host_port(triton_url or settings.default_triton_url())
+        # several servers of one model: asked in turn, one that stops answering set aside (as Client)
+        self.triton_urls = triton.triton_urls(triton_url or settings.default_triton_url())
+        self.triton_url = self.triton_urls[0]
         self.milvus_uri = str(milvus_uri or settings.default_milvus_uri())
         self.collection = collection
         self.caption_collection = caption_collection
@@ -68,7 +70,9 @@ class AsyncClient:
         self._own_executor = executor is None
         self._executor = executor
         self._max_workers = max_workers
-        self._triton: triton_aio.InferenceServerClient | None = None
+        self._servers = list(self.triton_urls)  # in the order they are asked
+        self._tritons: dict[str, triton_aio.InferenceServerClient] = {}  # by server, made when first asked
+        self._triton: triton_aio.InferenceServerClient | None = None  # the first server that answered: open
         self._searcher: Searcher | None = None
         self._reranker: Reranker | None = None
         self._batch: dict[str, int] = {}  # model -> max_batch_size (0: not batched)
@@ -81,12 +85,11 @@ class AsyncClient:
             return self
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="xmodal-milvus")
-        self._triton = triton_aio.InferenceServerClient(self.triton_url, conn_timeout=self.timeout)
         try:
-            await self._check_server()
+            await self._check_servers()
             configs = {}
             for model in (contract.EMBED_IMAGE, contract.EMBED_TEXT):
-                configs[model] = await self._call(self._triton.get_model_config, model,
+                configs[model] = await self._call(lambda client, model=model: client.get_model_config(model),
                                                   what=f"the config of {model}")
                 self._batch[model] = int(configs[model].get("max_batch_size", 0) or 0)
             self.card = triton.card_from_config(configs[contract.EMBED_IMAGE], contract.EMBED_IMAGE)
@@ -101,23 +104,45 @@ class AsyncClient:
             raise
         return self
 
-    async def _check_server(self) -> None:
-        assert self._triton is not None
+    def _client_of(self, url: str) -> triton_aio.InferenceServerClient:
+        if url not in self._tritons:
+            self._tritons[url] = triton_aio.InferenceServerClient(url, conn_timeout=self.timeout)
+        return self._tritons[url]
+
+    async def _check_servers(self) -> None:
+        """The first server that is live with both models ready is asked first; ConnectionError
+        naming each server and why when none is."""
+        failures = []
+        for url in list(self._servers):
+            try:
+                await self._check_server(url)
+            except ConnectionError as exc:
+                failures.append(str(exc))
+                continue
+            self._servers.remove(url)
+            self._servers.insert(0, url)
+            self._triton = self._client_of(url)
+            return
+        raise ConnectionError("; ".join(failures))
+
+    async def _check_server(self, url: str) -> None:
+        client = self._client_of(url)
         try:
-            live = await self.retry.acall(self._triton.is_server_live)
+            live = await self.retry.acall(client.is_server_live)
         except Exception as exc:  # refused, unreachable, timed out
             reason = describe(exc)
             if is_transient(exc) and self.retry.attempts > 1:
                 reason += f" ({self.retry.attempts} attempts)"
-            raise ConnectionError(f"cannot reach Triton at {self.triton_url}: {reason}") from None
+            raise ConnectionError(f"cannot reach Triton at {url}: {reason}") from None
         if not live:
-            raise ConnectionError(f"cannot reach Triton at {self.triton_url}: the server is not live")
+            raise ConnectionError(f"cannot reach Triton at {url}: the server is not live")
         for model in (contract.EMBED_IMAGE, contract.EMBED_TEXT):
-            if not await self._triton.is_model_ready(model):
-                raise ConnectionError(f"Triton at {self.triton_url} is up but model {model!r} is not ready")
+            if not await client.is_model_ready(model):
+                raise ConnectionError(f"Triton at {url} is up but model {model!r} is not ready")
 
     async def close(self) -> None:
-        client, self._triton = self._triton, None
+        self._triton = None
+        clients, self._tritons = list(self._tritons.values()), {}
         searcher, self._searcher = self._searcher, None
         reranker, self._reranker = self._reranker, None
         if reranker is not None:
@@ -125,7 +150,7 @@ class AsyncClient:
                 await self._run(reranker.close)
             except Exception:  # noqa: BLE001 - closing is best effort
                 pass
-        if client is not None:
+        for client in clients:
             try:
                 await client.close()
             except Exception:  # noqa: BLE001 - closing is best effort
@@ -159,14 +184,22 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
-    async def _call(self, fn, *args: Any, what: str, **kwargs: Any):
-        """An async Triton call with retries; a transient failure that outlasts them is a ConnectionError."""
-        try:
-            return await self.retry.acall(fn, *args, **kwargs)
-        except Exception as exc:
-            if is_transient(exc):
-                raise unavailable(self.triton_url, what, exc, self.retry) from exc
-            raise
+    async def _call(self, request: Callable[[triton_aio.InferenceServerClient], Any], *, what: str):
+        """`await request(client)` with retries, on each server in turn while the one asked does
+        not answer (as ``triton.Embedder``); a transient failure that outlasts them on every
+        server is a ConnectionError naming each."""
+        failed = []
+        for url in list(self._servers):
+            try:
+                return await self.retry.acall(lambda: request(self._client_of(url)))
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                failed.append((url, exc))
+                if url in self._servers:  # asked last from now on
+                    self._servers.remove(url)
+                    self._servers.append(url)
+        raise none_answered(failed, what, self.retry) from failed[-1][1]
 
     # -- embedding ---------------------------------------------------------------------------
 
@@ -226,9 +259,7 @@ class AsyncClient:
     async def _infer(self, model: str, input_name: str, chunk: list[bytes], batched: bool,
                      levels: Sequence[str]) -> dict[str, np.ndarray]:
         inputs, outputs = triton.infer_request(input_name, chunk, batched=batched, outputs=levels)
-        client = self._triton
-        assert client is not None
-        result = await self._call(client.infer, model, inputs, outputs=outputs, what=model)
+        result = await self._call(lambda client: client.infer(model, inputs, outputs=outputs), what=model)
         return triton.infer_outputs(result, model, len(chunk), levels)
 
     # -- search ------------------------------------------------------------------------------
@@ -249,7 +280,7 @@ class AsyncClient:
         results = await self._search(self.collection, vectors, depth, filter, weights, single=False)
         if rerank:
             if self._reranker is None:
-                self._reranker = await self._run(open_reranker, self.triton_url, self.card, self.milvus_uri,
+                self._reranker = await self._run(open_reranker, self.triton_urls, self.card, self.milvus_uri,
                                                  self.collection, timeout=self.timeout, retry=self.retry)
             texts = [query] if isinstance(query, str) else list(query)
             results = [await self._run(self._reranker.rerank, text, hits, k) for text, hits in zip(texts, results)]

@@ -47,13 +47,20 @@ def test_an_embedder_asks_the_next_server_when_one_does_not_answer(tiny_triton):
     assert f"Triton at {down} did not answer" in message and f"Triton at {other} did not answer" in message
 
 
-def test_the_client_takes_several_servers_and_goes_on_when_one_is_down(tiny_repository, tiny_triton, tmp_path):
-    card, repository = tiny_repository
-    manifest, _ = tinymodel.write_corpus(tmp_path)
-    db = str(tmp_path / "x.db")
+@pytest.fixture(scope="module")
+def indexed(tiny_triton, tmp_path_factory):
+    """(milvus-lite database, the hits of "a red circle" through the session's server alone)."""
+    directory = tmp_path_factory.mktemp("failover")
+    manifest, _ = tinymodel.write_corpus(directory)
+    db = str(directory / "x.db")
     IndexJob(manifest=manifest, triton_url=tiny_triton.url, milvus_uri=db, batch_size=4, progress=False).run()
     with Client(tiny_triton.url, db) as alone:
-        expected = alone.search_text("a red circle", k=3)
+        return db, alone.search_text("a red circle", k=3)
+
+
+def test_the_client_takes_several_servers_and_goes_on_when_one_is_down(tiny_repository, tiny_triton, indexed):
+    _, repository = tiny_repository
+    db, expected = indexed
     with tinymodel.serving(repository, stop_timeout=0) as second:
         with Client([second.url, tiny_triton.url], db) as client:
             assert client.search_text("a red circle", k=3) == expected
@@ -64,6 +71,35 @@ def test_the_client_takes_several_servers_and_goes_on_when_one_is_down(tiny_repo
     with pytest.raises(ConnectionError) as none:
         Client([down, other], db)
     assert f"cannot reach Triton at {down}: " in str(none.value) and f"cannot reach Triton at {other}: " in str(none.value)
+
+
+def test_the_async_client_takes_several_servers_and_goes_on_when_one_is_down(tiny_repository, tiny_triton, indexed):
+    import asyncio
+
+    from xmodal.client import AsyncClient
+
+    _, repository = tiny_repository
+    db, expected = indexed
+    down = closed_port()
+
+    async def searches(second) -> tuple:
+        async with AsyncClient([down, second.url, tiny_triton.url], db) as client:
+            before = await client.search_text("a red circle", k=3)
+            second.stop(0)  # killed
+            after = await client.search_text("a red circle", k=3)
+            return before, after, list(client._servers)
+
+    with tinymodel.serving(repository, stop_timeout=0) as second:
+        before, after, servers = asyncio.run(searches(second))
+    assert before == after == expected
+    assert servers == [tiny_triton.url, second.url, down]  # those that did not answer set aside, in turn
+
+    async def nowhere():
+        async with AsyncClient([down, closed_port()], db):
+            pass
+
+    with pytest.raises(ConnectionError, match=f"cannot reach Triton at {down}: .*; cannot reach Triton at "):
+        asyncio.run(nowhere())
 
 
 def test_a_triton_server_killed_mid_run_loses_no_row(tiny_repository, tiny_triton, ray_local, tmp_path):

@@ -114,3 +114,13 @@ def unavailable(url: str, what: str, exc: BaseException, retry: Retry) -> Connec
     """The ConnectionError raised when a transient failure outlasted every attempt."""
     tries = f"{retry.attempts} attempts" if retry.attempts > 1 else "1 attempt"
     return ConnectionError(f"Triton at {url} did not answer {what} ({tries}): {describe(exc)}")
+
+
+def none_answered(failed: list[tuple[str, BaseException]], what: str, retry: Retry) -> ConnectionError:
+    """The ConnectionError raised when every server of a list (`failed`: each with its last
+    transient failure) outlasted its attempts; one server's is ``unavailable``'s."""
+    if len(failed) == 1:
+        url, exc = failed[0]
+        return unavailable(url, what, exc, retry)
+    return ConnectionError(f"no Triton server answered {what}: " + "; ".join(
+        str(unavailable(url, what, exc, retry)) for url, exc in failed))

@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from xmodal.card import CARD_PARAMETER, ModelCard
 from xmodal.contract import EMBED_IMAGE, EMBED_TEXT, GLOBAL
-from xmodal.retry import DEFAULT_RETRY, Retry, is_transient, unavailable
+from xmodal.retry import DEFAULT_RETRY, Retry, is_transient, none_answered
 
 
 
@@ -195,11 +195,7 @@ class Embedder:
                     if url in self.servers:
                         self.servers.remove(url)
                         self.servers.append(url)
-        if len(failed) == 1:
-            url, exc = failed[0]
-            raise unavailable(url, what, exc, self.retry) from exc
-        raise ConnectionError(f"no Triton server answered {what}: " + "; ".join(
-            str(unavailable(url, what, exc, self.retry)) for url, exc in failed)) from failed[-1][1]
+        raise none_answered(failed, what, self.retry) from failed[-1][1]
 
     def embed(self, items: Sequence[bytes]) -> tuple[np.ndarray, list[str | None]]:
         """Vectors [N, D] of the first output (zero rows where an item failed) and per-item

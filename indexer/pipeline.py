@@ -345,6 +345,11 @@ class Embedding:
     def dims(self) -> dict[str, int]:
         return card_dims(self.card)
 
+    @property
+    def resource_names(self) -> list[str]:
+        """The resources a message about placing the actors names: CPU, GPU and any other they ask for."""
+        return ["CPU", "GPU", *sorted(set(self.resources) - {"CPU", "GPU"})]
+
     def apply(self, ds):
         import ray.data
 
@@ -374,7 +379,7 @@ class Embedding:
         reading = any(left.get("CPU", 0.0) >= READ_CPUS - 1e-9 for left in room)
         if placed == self.workers and reading:
             return
-        names = ["CPU", "GPU", *sorted(set(self.resources) - {"CPU", "GPU"})]
+        names = self.resource_names
         have = "; ".join(f"{node['NodeManagerAddress']} {node['NodeID'][:8]}: " + ", ".join(
             f"{name} {_amount(node['Resources'].get(name, 0))}" for name in names) for node in nodes)
         room_for = (f"room for {placed} of them" if placed < self.workers
@@ -390,7 +395,7 @@ class Embedding:
         import ray
 
         free, total = ray.available_resources(), ray.cluster_resources()
-        names = ["CPU", "GPU", *sorted(set(self.resources) - {"CPU", "GPU"})]
+        names = self.resource_names
         return (f"no batch embedded after {seconds:.0f} s: {self.workers} embedding actor(s) of "
                 f"{_resources(self.resources)} each asked for; the cluster has free now "
                 + ", ".join(f"{name} {_amount(free.get(name, 0))} of {_amount(total.get(name, 0))}"
@@ -553,17 +558,14 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
     embed = embedding(job)
     plan, card, dims, collection = read.plan, embed.card, embed.dims, job.collection
 
-    def say(message: str) -> None:
+    def say(message: str, level: int = logging.INFO) -> None:
+        """On stderr beside the bar, or to the log when the run shows no progress."""
         if job.progress:
             print(message, file=sys.stderr, flush=True)
         else:
-            logger.info(message)
+            logger.log(level, message)
 
-    def warn(message: str) -> None:
-        if job.progress:
-            print(message, file=sys.stderr, flush=True)
-        else:
-            logger.warning(message)
+    warn = functools.partial(say, level=logging.WARNING)
 
     shard_size = plan.shard_size
     shard_of = lambda number: number // shard_size  # noqa: E731 - items are numbered in input order

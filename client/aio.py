@@ -281,7 +281,8 @@ class AsyncClient:
         if rerank:
             if self._reranker is None:
                 self._reranker = await self._run(open_reranker, self.triton_urls, self.card, self.milvus_uri,
-                                                 self.collection, timeout=self.timeout, retry=self.retry)
+                                                 self.collection, timeout=self.timeout, retry=self.retry,
+                                                 token=self.token, consistency_level=self.consistency_level)
             texts = [query] if isinstance(query, str) else list(query)
             results = [await self._run(self._reranker.rerank, text, hits, k) for text, hits in zip(texts, results)]
         return results[0] if isinstance(query, str) else results

@@ -43,11 +43,11 @@ def rerank_depth(card: ModelCard, k: int, rerank_top: int | None) -> int:
 
 
 def open_reranker(url: str | Sequence[str], card: ModelCard, milvus_uri: str, collection: str, *, timeout: float,
-                  retry: Retry) -> "Reranker":
+                  retry: Retry, token: str | None = None, consistency_level: str = "Bounded") -> "Reranker":
     """A Reranker on the side store of ``collection`` (SideStoreError naming the command that fills it)."""
-    from xmodal.sidestore import side_store_path
+    from xmodal.sidestore import open_side_store
 
-    sides = SideStore(side_store_path(milvus_uri, collection), card.reranker)
+    sides = open_side_store(milvus_uri, collection, card.reranker, token=token, consistency_level=consistency_level)
     try:
         return Reranker(url, card, sides, timeout=timeout, retry=retry, own_sides=True)
     except BaseException:

@@ -98,6 +98,7 @@ class Client:
         self.collection = collection
         self.caption_collection = caption_collection
         self.timeout = timeout
+        self.token = token
         self.consistency_level = consistency_level
         self.retry = retry
         self._searcher = self._image = self._text = self._reranker = None
@@ -212,7 +213,8 @@ class Client:
     def _open_reranker(self) -> Reranker:
         if self._reranker is None:
             self._reranker = open_reranker(self.triton_urls, self.card, self.milvus_uri, self.collection,
-                                           timeout=self.timeout, retry=self.retry)
+                                           timeout=self.timeout, retry=self.retry, token=self.token,
+                                           consistency_level=self.consistency_level)
         return self._reranker
 
     def search_image(self, image: ImageLike | Sequence[ImageLike], k: int = 5, *, filter: str | None = None,

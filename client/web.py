@@ -17,7 +17,7 @@ the first caption, or for an image indexed without captions its file's name); er
 503 (Triton or Milvus unreachable).
 
 ``/image/<id>`` looks the row up in Milvus by primary key and serves the path stored in that
-row: nothing in the URL is ever used as a path, so no URL can reach another file (an id that
+row (or the file at its URI, for images kept in a shared filesystem): nothing in the URL is ever used as a path, so no URL can reach another file (an id that
 is not a plain key, ``../../etc/passwd`` say, is a 404 before Milvus is asked).
 
 The server binds to 127.0.0.1 by default and then answers only requests whose Host header
@@ -46,6 +46,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from xmodal import contract, settings, store
 from xmodal.client.hits import Hit
 from xmodal.client.webpage import APP_CSS, APP_JS, INDEX_HTML
+from xmodal.files import is_uri, read_location
 
 DEFAULT_PORT = 8080
 DEFAULT_K = 12
@@ -199,11 +200,19 @@ class SearchApp:
         if not ROW_ID.fullmatch(row_id):  # "../../etc/passwd", "a/b", "": no such row, by construction
             raise HTTPError(404, "no such image")
         row = self.client.searcher.get(self.collection, row_id, fields=["id", "image"])
-        path = Path(str(row.get("image") or "")) if row else None
-        if path is None or not path.is_absolute() or not path.is_file():
-            raise HTTPError(404, "no such image")
-        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return Response(200, path.read_bytes(), content_type,
+        location = str(row.get("image") or "") if row else ""
+        if is_uri(location):  # kept in a shared filesystem (xmodal index --image-store)
+            try:
+                data = read_location(location)
+            except (OSError, ValueError):
+                raise HTTPError(404, "no such image") from None
+        else:
+            path = Path(location)
+            if not location or not path.is_absolute() or not path.is_file():
+                raise HTTPError(404, "no such image")
+            data = path.read_bytes()
+        content_type = mimetypes.guess_type(location.rsplit("/", 1)[-1])[0] or "application/octet-stream"
+        return Response(200, data, content_type,
                         {"Cache-Control": "private, max-age=300", "Content-Security-Policy": IMAGE_CSP})
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from xmodal import contract, settings
+from xmodal.files import filesystem, is_uri
 from xmodal.indexer import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH, formats, sources
 from xmodal.indexer.sources import CAPTION, IMAGE
 
@@ -127,6 +128,9 @@ class IndexJob:
     writers: int | None = None  # None: by the database (1 for milvus-lite, 2 for a server)
     index_type: str | None = None
     index_params: dict[str, Any] | None = None
+    # where the images a source holds as bytes (Parquet, WebDataset) are written: a directory or a
+    # filesystem URI (s3://, gs://, file://...) every client reads; None: beside the collection
+    image_store: str | os.PathLike[str] | None = None
     # how to run
     batch_size: int = DEFAULT_BATCH_SIZE
     embed_workers: int = 1
@@ -181,6 +185,8 @@ class IndexJob:
         if store.is_local_uri(self.milvus_uri) and writers > 1:
             raise ValueError(f"milvus-lite ({self.milvus_uri}) is a database one process holds: it takes one "
                              f"writer, not {writers}; use a Milvus server URI for parallel writers")
+        if self.image_store is not None and is_uri(self.image_store):
+            filesystem(str(self.image_store))  # ValueError naming a URI pyarrow does not know
         if (self.triton_url is None) == (self.model_repository is None):
             raise ValueError("give either triton_url (embed with a Triton server) or model_repository "
                              "(embed in-process with ONNX Runtime, no server), not both or neither")

@@ -1,19 +1,20 @@
-"""What ``xmodal index stats`` and ``xmodal index delete`` do: look at a collection with the
-files kept beside it, and remove all of them."""
+"""What ``xmodal index stats``, ``letters`` and ``delete`` do: look at a collection with the
+records kept of it, and remove all of them."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any
 
 from xmodal import contract, settings, store
 from xmodal.indexer import state
+from xmodal.sidestore import drop_side_store
 
 
 def collection_stats(milvus_uri: str, collection: str, *, token: str | None = None) -> dict[str, Any]:
     """Rows, the model recorded with the collection, its vector index, dead letters and the
-    progress file's state. ValueError when the collection does not exist. `token` (else
+    progress record's state. ValueError when the collection does not exist. `token` (else
     $XMODAL_MILVUS_TOKEN) for a Milvus server."""
+    milvus_uri = str(milvus_uri or settings.default_milvus_uri())
     client = store.connect(milvus_uri, token=settings.milvus_token(token))
     try:
         model = store.collection_model(client, collection)  # raises, listing what exists, when missing
@@ -24,23 +25,33 @@ def collection_stats(milvus_uri: str, collection: str, *, token: str | None = No
             index = client.describe_index(collection, contract.GLOBAL) or {}
         except Exception:  # noqa: BLE001 - a collection without an index describes none
             index = {}
+        books = state.run_records(milvus_uri, collection, client)
+        try:
+            progress = books.read_progress()
+        except ValueError as exc:
+            progress = {"error": str(exc)}
+        letters = books.count_letters()
     finally:
         client.close()
-    deadletters = state.deadletter_path(milvus_uri, collection)
-    progress_file = state.progress_path(milvus_uri, collection)
-    try:
-        progress = state.read_progress(progress_file)
-    except ValueError as exc:
-        progress = {"error": str(exc)}
     index_params = {k: v for k, v in index.items()
                     if k not in ("index_type", "metric_type", "field_name", "index_name", "total_rows",
                                  "indexed_rows", "pending_index_rows", "state")}
     return {
         "collection": collection, "milvus_uri": milvus_uri, "rows": rows, "model": model, "vector_fields": vectors,
         "index": {"type": index.get("index_type"), "metric": index.get("metric_type"), "params": index_params},
-        "dead_letters": state.count_deadletters(deadletters), "deadletter_path": str(deadletters),
-        "progress_path": str(progress_file), "progress": progress,
+        "dead_letters": letters, "deadletter_path": books.letters_where,
+        "progress_path": books.progress_where, "progress": progress,
     }
+
+
+def dead_letters(milvus_uri: str, collection: str, *, token: str | None = None) -> list[dict[str, Any]]:
+    """The dead letters of `collection`'s last run, wherever the store keeps them."""
+    milvus_uri = str(milvus_uri or settings.default_milvus_uri())
+    client = store.connect(milvus_uri, token=settings.milvus_token(token))
+    try:
+        return state.run_records(milvus_uri, collection, client).letters()
+    finally:
+        client.close()
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -61,7 +72,7 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 def describe_progress(progress: dict[str, Any] | None) -> str:
     if progress is None:
-        return "no progress file (not indexed by this version, or deleted)"
+        return "no progress record (not indexed by this version, or deleted)"
     if "error" in progress:
         return progress["error"]
     shards = progress.get("shards", 0)
@@ -79,26 +90,25 @@ def delete_collection(milvus_uri: str, collection: str, *, token: str | None = N
     Files without a collection are removed too (what a run left before its collection went).
     ValueError when there is nothing at all by that name.
     """
+    milvus_uri = str(milvus_uri or settings.default_milvus_uri())
     removed = []
     client = store.connect(milvus_uri, token=settings.milvus_token(token))
     try:
-        exists = client.has_collection(collection) and collection != store.MODELS_COLLECTION
+        exists = client.has_collection(collection) and not store.is_metadata_collection(collection)
         message = None if exists else store.missing_collection_message(client, collection)
         if exists:
             store.drop_collection(client, collection)  # and its model record (milvus-lite keeps it apart)
             removed.append(f"collection {collection!r}")
+        removed += state.run_records(milvus_uri, collection, client).remove()
+        removed += drop_side_store(client, milvus_uri, collection)
     finally:
         client.close()
-    from xmodal.sidestore import side_store_path
-
-    sides = side_store_path(milvus_uri, collection)
     from xmodal.indexer.folder_files import files_path
 
-    for path in (state.progress_path(milvus_uri, collection), state.deadletter_path(milvus_uri, collection),
-                 sides, Path(f"{sides}-wal"), Path(f"{sides}-shm"), files_path(milvus_uri, collection)):
-        if Path(path).exists():
-            path.unlink()
-            removed.append(str(path))
+    folder_record = files_path(milvus_uri, collection)
+    if folder_record.exists():
+        folder_record.unlink()
+        removed.append(str(folder_record))
     images = state.image_store_path(milvus_uri, collection)
     if images.is_dir():
         shutil.rmtree(images)

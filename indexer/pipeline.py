@@ -9,8 +9,9 @@ corpus. `Embedding`: the model's card and the actor pool that embeds (Triton cli
 Runtime in-process). `Sink`: with milvus-lite (a database one process locks: its server is a
 child of the process that opened it) the driver is the only writer; with a Milvus server a pool
 of writer actors upserts (``write.py``). ``upsert`` on content-hash keys makes re-runs
-idempotent. The progress file records the finished shards, so a killed run started again skips
-them (docs/indexing.md).
+idempotent. The progress record (``state.py``: a file beside milvus-lite, a row of a server's
+``xmodal_books``) holds the finished shards, so a killed run started again, from any machine,
+skips them (docs/indexing.md).
 """
 from __future__ import annotations
 
@@ -510,8 +511,9 @@ def build_reader(job: IndexJob) -> Reader:
     scan_seconds = time.perf_counter() - started
     prepare = KINDS[job.kind].prepare
     if prepare is not None:
-        # where the images a source holds as bytes are written: beside the collection, by content
-        prepare = functools.partial(prepare, image_store=str(state.image_store_path(job.milvus_uri, job.collection)))
+        # where the images a source holds as bytes are written, by content: where the job says, else beside the collection
+        prepare = functools.partial(prepare, image_store=str(job.image_store or state.image_store_path(job.milvus_uri,
+                                                                                                     job.collection)))
     return Reader(plan, scan_seconds, job.batch_size, prepare, folder, changes)
 
 
@@ -597,6 +599,11 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
             if plan.items and not ray_started:
                 ray_started = start_ray(job.ray_address)
         folder_counts = _sync_folder(read, job, client, collection, say)
+        if (job.kind == sources.IMAGE and not write.local and job.image_store is None
+                and read.plan.spec.format in formats.BYTE_FORMATS):
+            say(f"the images held in the {read.plan.spec.format} input are written to "
+                f"{state.image_store_path(write.uri, collection)} on this machine: clients on other machines "
+                "cannot show them (--image-store names a location they reach)")
         if not plan.items:  # nothing selected: the files of earlier runs stay as they are
             return _finish(IndexReport(collection=collection, model=card.name, fingerprint=card.fingerprint,
                                        items_read=0, rows_written=0, dead_letters=0,
@@ -604,16 +611,16 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
                                        scan_seconds=round(read.scan_seconds, 6), **_walk_skipped(plan),
                                        **folder_counts),
                            job.progress)
+        books = state.run_records(write.uri, collection, client)
         run_progress, fresh_start = state.continue_or_start(
-            state.progress_path(write.uri, collection),
+            books,
             {**read.identity(), "model": card.name, "fingerprint": card.fingerprint, "shard_size": shard_size},
             shards, collection_created=created,
             restart=job.restart)
         if fresh_start:
-            say(f"{run_progress.path}: {fresh_start}")
+            say(f"{books.progress_where}: {fresh_start}")
         finished_before = frozenset(run_progress.finished)
-        dead = state.DeadLetters(
-            state.deadletter_path(write.uri, collection),
+        dead = books.dead_letters(
             keep_items=(lambda n: n is not None and shard_of(n) in finished_before) if finished_before else None)
         todo = [shard for shard in plan.shards if shard.number not in finished_before]
         items_todo = sum(shard.items for shard in todo)
@@ -715,10 +722,10 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
     report = IndexReport(
         collection=collection, model=card.name, fingerprint=card.fingerprint, items_read=plan.items,
         rows_written=writer.rows, dead_letters=dead.count, seconds=time.perf_counter() - started,
-        deadletter_path=str(dead.path) if dead.count else None, duplicates=duplicates,
+        deadletter_path=dead.where if dead.count else None, duplicates=duplicates,
         paths_merged=writer.paths_merged, shards=shards,
         shards_skipped=len(finished_before), items_skipped=plan.items - items_todo,
-        progress_path=str(run_progress.path), fresh_start=fresh_start, scan_seconds=round(read.scan_seconds, 6),
+        progress_path=books.progress_where, fresh_start=fresh_start, scan_seconds=round(read.scan_seconds, 6),
         **folder_counts,
         startup_seconds=round(first_batch_at - started, 6) if first_batch_at else 0.0, startup_items=first_batch_items,
         stage_seconds={k: round(v, 6) for k, v in stage_seconds.items()}, stage_items=stage_items,

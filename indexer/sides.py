@@ -16,12 +16,12 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from xmodal import contract, settings, store
 from xmodal import triton
-from xmodal.sidestore import SideStore, side_store_path
+from xmodal.files import read_location
+from xmodal.sidestore import drop_side_store, open_side_store
 
 PAGE_ROWS = 1000
 MAX_REPORTED_FAILURES = 20
@@ -74,16 +74,16 @@ def index_sides(*, triton_url: str, milvus_uri: str | None = None, collection: s
                                   f"is not ready")
     finally:
         client.close()
-    path = side_store_path(milvus_uri, collection)
-    if restart:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
     names = list(card.reranker.side)
     shapes = card.reranker.shapes
-    milvus = store.connect(milvus_uri, token=settings.milvus_token(token))
+    token = settings.milvus_token(token)
+    milvus = store.connect(milvus_uri, token=token)
+    if restart:
+        drop_side_store(milvus, milvus_uri, collection)
     embedder = triton.Embedder(triton_url, contract.EMBED_IMAGE_SIDE, contract.IMAGE_INPUT, timeout=max(timeout, 60.0), outputs=names,
                                batch_limit=batch_size)
-    sides = SideStore(path, card.reranker, create=True)
+    sides = open_side_store(milvus_uri, collection, card.reranker, create=True, token=token)
+    path = sides.path
     bar = None
     computed = present = failed = 0
     failures: list[dict[str, str]] = []
@@ -110,7 +110,7 @@ def index_sides(*, triton_url: str, milvus_uri: str | None = None, collection: s
                     kept, data = [], []
                     for row in chunk:
                         try:
-                            data.append(Path(row["image"]).read_bytes())
+                            data.append(read_location(row["image"]))
                             kept.append(row)
                         except OSError as exc:
                             failed += 1

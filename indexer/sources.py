@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -440,7 +440,7 @@ def read_images(batch: dict[str, np.ndarray], image_store: str | None = None) ->
     sizes, widths, heights = (np.zeros(n, dtype=np.int64) for _ in range(3))
     mtimes = np.array(batch["mtime"], dtype=np.int64) if "mtime" in batch else np.zeros(n, dtype=np.int64)
     in_source = batch["in_source"] if "in_source" in batch else np.zeros(n, dtype=bool)
-    stored = ImageStore(Path(image_store)) if image_store is not None else None
+    stored = ImageStore(image_store) if image_store is not None else None
     for i, path in enumerate(paths):
         if errors[i]:
             continue

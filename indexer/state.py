@@ -1,8 +1,13 @@
-"""The files an indexing run keeps beside its collection: the progress file that lets a
-killed run resume, and the dead-letter file of the items that could not be indexed.
+"""The records an indexing run keeps of its collection: the progress that lets a killed run
+resume, and the dead letters of the items that could not be indexed.
 
-Both sit beside a milvus-lite database (``<db>.<collection>.progress.json``,
-``<db>.<collection>.deadletter.jsonl``) or, for a Milvus server, in the data directory.
+Where they live follows the store, so that whoever can reach the collection can read them:
+
+- milvus-lite (a database file one machine holds): files beside the database,
+  ``<db>.<collection>.progress.json`` and ``<db>.<collection>.deadletter.jsonl`` (``FileRecords``);
+- a Milvus server: rows of the server's metadata collection ``xmodal_books``, keyed
+  ``progress/<collection>`` and ``letter/<collection>/<item>`` (``MilvusRecords``), so a run from
+  another machine resumes this one's progress and any machine reads the letters.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from xmodal import store
 from xmodal.sidestore import beside_collection
 from xmodal.files import write_atomic
 
@@ -52,18 +58,15 @@ class Progress:
     make its second upsert write the same rows.
     """
 
-    path: Path
+    records: "FileRecords | MilvusRecords"
     identity: dict[str, Any]
     shards: int
     finished: set[int] = field(default_factory=set)
     complete: bool = False
 
     def save(self) -> None:
-        record = {"format": PROGRESS_FORMAT, **self.identity, "shards": self.shards,
-                  "finished": sorted(self.finished), "complete": self.complete, "updated": _now()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # atomic: a kill while writing must leave the previous state, never half a file
-        write_atomic(self.path, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
+        self.records.save_progress({"format": PROGRESS_FORMAT, **self.identity, "shards": self.shards,
+                                    "finished": sorted(self.finished), "complete": self.complete, "updated": _now()})
 
 
 def read_progress(path: Path) -> dict[str, Any] | None:
@@ -72,12 +75,16 @@ def read_progress(path: Path) -> dict[str, Any] | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    return _progress_record(text, f"progress file {path}")
+
+
+def _progress_record(text: str, where: str) -> dict[str, Any]:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"progress file {path} is not JSON ({exc})") from None
+        raise ValueError(f"{where} is not JSON ({exc})") from None
     if not isinstance(record, dict) or record.get("format") != PROGRESS_FORMAT:
-        raise ValueError(f"progress file {path} is not an xmodal progress file of format {PROGRESS_FORMAT}")
+        raise ValueError(f"{where} is not an xmodal progress record of format {PROGRESS_FORMAT}")
     return record
 
 
@@ -86,13 +93,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:16] + "…" + text[-16:]
 
 
-def continue_or_start(path: Path, identity: dict[str, Any], shards: int, *, collection_created: bool,
-                      restart: bool) -> tuple[Progress, str | None]:
-    """The progress to continue from, and why an existing progress file was set aside (None
+def continue_or_start(records: "FileRecords | MilvusRecords", identity: dict[str, Any], shards: int, *,
+                      collection_created: bool, restart: bool) -> tuple[Progress, str | None]:
+    """The progress to continue from, and why an existing progress record was set aside (None
     when there was none or the run continues it)."""
-    fresh = Progress(path, identity, shards)
+    fresh = Progress(records, identity, shards)
     try:
-        stored = read_progress(path)
+        stored = records.read_progress()
     except ValueError as exc:
         return fresh, f"{exc}; starting afresh"
     if stored is None:
@@ -109,7 +116,7 @@ def continue_or_start(path: Path, identity: dict[str, Any], shards: int, *, coll
     if stored.get("complete"):
         return fresh, "the last run over this input finished; indexing all of it again"
     finished = {int(s) for s in stored.get("finished", []) if 0 <= int(s) < shards}
-    return Progress(path, identity, shards, finished), None
+    return Progress(records, identity, shards, finished), None
 
 
 def _dumps(record: dict[str, Any]) -> str:
@@ -134,6 +141,7 @@ class DeadLetters:
     def __init__(self, path: Path, *, keep_items: Any = None):
         """`keep_items`: None for a fresh file, else a predicate on item numbers to keep."""
         self.path = path
+        self.where = str(path)
         self.count = 0
         self._handle = None
         if keep_items is None:
@@ -187,3 +195,175 @@ def count_deadletters(path: Path) -> int:
             return sum(1 for line in lines if line.strip())
     except FileNotFoundError:
         return 0
+
+
+def read_letters(path: Path) -> list[dict[str, Any]]:
+    try:
+        with path.open(encoding="utf-8") as lines:
+            return [json.loads(line) for line in lines if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+class FileRecords:
+    """The progress file and the dead-letter file beside a milvus-lite database."""
+
+    def __init__(self, milvus_uri: str, collection: str):
+        self.progress_file = progress_path(milvus_uri, collection)
+        self.letters_file = deadletter_path(milvus_uri, collection)
+        self.progress_where = str(self.progress_file)
+        self.letters_where = str(self.letters_file)
+
+    def read_progress(self) -> dict[str, Any] | None:
+        return read_progress(self.progress_file)
+
+    def save_progress(self, record: dict[str, Any]) -> None:
+        self.progress_file.parent.mkdir(parents=True, exist_ok=True)
+        # atomic: a kill while writing must leave the previous state, never half a file
+        write_atomic(self.progress_file, (json.dumps(record, indent=1) + "\n").encode("utf-8"))
+
+    def dead_letters(self, keep_items: Any = None) -> DeadLetters:
+        return DeadLetters(self.letters_file, keep_items=keep_items)
+
+    def letters(self) -> list[dict[str, Any]]:
+        return read_letters(self.letters_file)
+
+    def count_letters(self) -> int:
+        return count_deadletters(self.letters_file)
+
+    def remove(self) -> list[str]:
+        removed = []
+        for path in (self.progress_file, self.letters_file):
+            if path.exists():
+                path.unlink()
+                removed.append(str(path))
+        return removed
+
+
+def _ranges(numbers: list[int]) -> list[list[int]]:
+    """Sorted numbers as [first, last] runs: a long run's finished shards in a few bytes."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return runs
+
+
+class MilvusRecords:
+    """The progress and the dead letters of `collection` as rows of a Milvus server's ``xmodal_books``.
+
+    Reads are ``Strong``: a run resumed at once after a kill sees every row the killed one wrote.
+    A letter's key is its item's number, so writing it again (a shard redone) replaces it.
+    """
+
+    def __init__(self, client, milvus_uri: str, collection: str):
+        self.client = client
+        self.collection = collection
+        self.progress_key = f"progress/{collection}"
+        self.letter_prefix = f"letter/{collection}/"
+        self.progress_where = f"{store.BOOKS_COLLECTION}[{self.progress_key}] in {milvus_uri}"
+        self.letters_where = f"{store.BOOKS_COLLECTION}[{self.letter_prefix}*] in {milvus_uri}"
+        self._ready = False
+
+    def _books(self, *, create: bool) -> bool:
+        if not self._ready:
+            if not create and not self.client.has_collection(store.BOOKS_COLLECTION):
+                return False
+            store.ensure_record_collection(self.client, store.BOOKS_COLLECTION,
+                                           description="xmodal: the progress and dead letters of each collection",
+                                           key_max_length=store.BOOKS_KEY_MAX_LENGTH,
+                                           record_max_length=store.BOOKS_RECORD_MAX_LENGTH)
+            self._ready = True
+        return True
+
+    def _query(self, expression: str, fields: list[str]) -> list[dict[str, Any]]:
+        if not self._books(create=False):
+            return []
+        rows, last = [], ""
+        while True:  # in pages by key: a query returns at most 16,384 rows
+            page = self.client.query(store.BOOKS_COLLECTION, filter=f"{expression} and {store.RECORD_KEY} > {json.dumps(last)}",
+                                     output_fields=fields, limit=PAGE_ROWS, consistency_level="Strong")
+            rows += page
+            if len(page) < PAGE_ROWS:
+                return rows
+            last = max(row[store.RECORD_KEY] for row in page)
+
+    def read_progress(self) -> dict[str, Any] | None:
+        rows = self._query(f"{store.RECORD_KEY} == {json.dumps(self.progress_key)}", [store.RECORD_TEXT])
+        if not rows:
+            return None
+        record = _progress_record(rows[0][store.RECORD_TEXT], self.progress_where)
+        record["finished"] = [n for first, last in record.pop("finished_runs", []) for n in range(first, last + 1)]
+        return record
+
+    def save_progress(self, record: dict[str, Any]) -> None:
+        stored = {key: value for key, value in record.items() if key != "finished"}
+        stored["finished_runs"] = _ranges(record["finished"])
+        self._books(create=True)
+        self.client.upsert(store.BOOKS_COLLECTION, store.record_rows({self.progress_key: json.dumps(stored)}))
+
+    def _letter_rows(self) -> list[dict[str, Any]]:
+        return self._query(f"{store.RECORD_KEY} like {json.dumps(self.letter_prefix + '%')}",
+                           [store.RECORD_KEY, store.RECORD_TEXT])
+
+    def letters(self) -> list[dict[str, Any]]:
+        return sorted((json.loads(row[store.RECORD_TEXT]) for row in self._letter_rows()),
+                      key=lambda letter: letter.get("item", -1))
+
+    def count_letters(self) -> int:
+        return len(self._query(f"{store.RECORD_KEY} like {json.dumps(self.letter_prefix + '%')}", [store.RECORD_KEY]))
+
+    def dead_letters(self, keep_items: Any = None) -> "MilvusDeadLetters":
+        return MilvusDeadLetters(self, keep_items)
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), PAGE_ROWS):
+            self.client.delete(store.BOOKS_COLLECTION, ids=keys[start:start + PAGE_ROWS])
+
+    def remove(self) -> list[str]:
+        keys = [row[store.RECORD_KEY] for row in self._letter_rows()]
+        had_progress = self.read_progress() is not None
+        self.delete(keys + ([self.progress_key] if had_progress else []))
+        return ([self.progress_where] if had_progress else []) + ([self.letters_where] if keys else [])
+
+
+PAGE_ROWS = 5000
+
+
+class MilvusDeadLetters:
+    """DeadLetters' contract (fresh, or kept for the finished shards, then appended) on ``MilvusRecords``."""
+
+    def __init__(self, records: MilvusRecords, keep_items: Any = None):
+        self.records = records
+        self.where = records.letters_where
+        letters = {row[store.RECORD_KEY]: row for row in records._letter_rows()}
+        drop = [key for key in letters
+                if keep_items is None or not keep_items(_item_number(letters[key][store.RECORD_TEXT]))]
+        records.delete(drop)
+        self.count = len(letters) - len(drop)
+
+    def write(self, record: dict[str, Any]) -> None:
+        text = _dumps({**record, "at": _now()})
+        if len(text.encode("utf-8")) > store.BOOKS_RECORD_MAX_LENGTH:  # a letter of a very long caption
+            text = _dumps({**{key: value[:1000] + "…" if isinstance(value, str) else value
+                              for key, value in record.items()}, "at": _now()})
+        self.records._books(create=True)
+        # acknowledged before the call returns: a shard is recorded as finished only with its letters kept
+        self.records.client.upsert(store.BOOKS_COLLECTION,
+                                   store.record_rows({f"{self.records.letter_prefix}{record['item']}": text}))
+        self.count += 1
+
+    def close(self) -> None:
+        pass
+
+
+def run_records(milvus_uri: str, collection: str, client=None) -> FileRecords | MilvusRecords:
+    """Where `collection`'s run records live: files beside a milvus-lite database, else the
+    server's ``xmodal_books`` (through `client`, an open client of that server)."""
+    if store.is_local_uri(milvus_uri):
+        return FileRecords(milvus_uri, collection)
+    if client is None:
+        raise ValueError("the run records of a Milvus server are read through a client of it")
+    return MilvusRecords(client, milvus_uri, collection)

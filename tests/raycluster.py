@@ -5,7 +5,8 @@ that no other Ray on the machine takes it for the current cluster.
 
     python tests/raycluster.py CPUS [CPUS ...]
 
-starts a head node of the first CPU count and a node for each further one, prints the
+starts a head node of the first CPU count and a node for each further one, each node with
+one ``triton`` resource (as docs/scale-out.md gives every node that serves Triton), prints the
 cluster's address as its first line, then obeys lines on stdin: ``remove-node-of NAME``
 removes a node (never the head) on which a live actor whose class name contains NAME runs, and
 answers ``removed <node id>`` (``none`` where no such actor runs off the head); ``hold CPUS``
@@ -28,8 +29,8 @@ def main(cpus: list[float]) -> None:
     from ray._private import state
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus[0]})
-    nodes = {node.node_id: node for node in (cluster.add_node(num_cpus=n) for n in cpus[1:])}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus[0], "resources": {"triton": 1}})
+    nodes = {node.node_id: node for node in (cluster.add_node(num_cpus=n, resources={"triton": 1}) for n in cpus[1:])}
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)  # to read the actors' nodes
     print(cluster.address, flush=True)

@@ -19,7 +19,6 @@ import pytest
 
 import tinymodel
 from test_indexer import ids, letters_of
-from xmodal.indexer import deadletter_path, progress_path
 
 pytestmark = pytest.mark.slow
 
@@ -90,11 +89,15 @@ def two_nodes():
     cluster.stop()
 
 
-def test_two_nodes_of_one_cpu_each_embed_rows(two_nodes, repository, tmp_path):
+@pytest.mark.parametrize("resources", [[], ["--worker-resources", '{"CPU": 0.5, "triton": 1}']],
+                         ids=["default", "an-actor-per-triton"])
+def test_two_nodes_of_one_cpu_each_embed_rows(two_nodes, repository, tmp_path, resources):
     """The issue's stall: two nodes of one CPU and --workers 2 (half a CPU an actor) waited for
-    ever, a reading task asking for a whole CPU. Now the actors spread and both nodes embed."""
+    ever, a reading task asking for a whole CPU. Now the actors spread and both nodes embed; so
+    they do when each asks for the one `triton` resource of a node (docs/scale-out.md's recipe)."""
     manifest = tinymodel.many_images(tmp_path, 200, bad_every=50)
-    run = subprocess.run(index_command(two_nodes, repository, manifest, tmp_path / "x.db", "spread", "--workers", "2"),
+    run = subprocess.run(index_command(two_nodes, repository, manifest, tmp_path / "x.db", "spread", "--workers", "2",
+                                       *resources),
                          env=two_nodes.env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
@@ -153,12 +156,12 @@ def test_a_node_lost_mid_run_loses_no_row_and_writes_none_twice(repository, tmp_
         command = index_command(cluster, repository, manifest, db, "survived", "--workers", "2", "--embed-threads", "1",
                                 "--write-batch", "20")
         run = subprocess.Popen(command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        progress_file = progress_path(str(db), "survived")
+        books = tinymodel.RunBooks(db, "survived")
         deadline = time.monotonic() + 180
-        while not tinymodel.finished_shards(progress_file) and run.poll() is None and time.monotonic() < deadline:
+        while not books.finished_shards() and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         removed = cluster.ask("remove-node-of LocalEmbedder")
-        at_removal = tinymodel.finished_shards(progress_file)
+        at_removal = books.finished_shards()
         out, err = run.communicate(timeout=300)
         assert removed.startswith("removed "), "no embedding actor off the head to remove"
         assert 1 <= at_removal < 100, f"removed after {at_removal} of 100 shards: not mid-run"
@@ -169,14 +172,14 @@ def test_a_node_lost_mid_run_loses_no_row_and_writes_none_twice(repository, tmp_
         assert reference.returncode == 0, reference.stderr
     finally:
         cluster.stop()
-    assert json.loads(progress_file.read_text())["complete"]
+    assert tinymodel.run_progress(db, "survived")["complete"]
     expected = json.loads(reference.stdout)
     assert (expected["rows_written"], expected["dead_letters"]) == (2000 - 80, 80)
     assert (report["rows_written"], report["dead_letters"]) == (2000 - 80, 80)
     survived = ids(db, "survived")
     assert len(survived) == len(set(survived)) == 2000 - 80 and set(survived) == set(ids(db, "reference"))
-    assert letters_of(deadletter_path(str(db), "survived")) == letters_of(deadletter_path(str(db), "reference"))
-    assert len(open(deadletter_path(str(db), "survived")).readlines()) == 80  # none twice
+    assert letters_of(db, "survived") == letters_of(db, "reference")
+    assert len(letters_of(db, "survived")) == 80  # none twice
     lost = removed.split()[1][:8]
     assert any(node.endswith(lost) for node in report["items_per_node"]), report["items_per_node"]  # it embedded some first
 

@@ -367,7 +367,7 @@ def test_a_sync_killed_part_way_and_run_again_ends_as_an_uninterrupted_one(tiny_
                "--batch-size", "4", "--json", "--address", ray.get_runtime_context().gcs_address]
     progress = progress_path(str(db), "xmodal_images")
     progress.unlink()  # the first run's: the kill waits for the sync's first finished shard
-    at_kill = tinymodel.kill_part_way(command, progress, tmp_path / "killed.log")
+    at_kill = tinymodel.kill_part_way(command, db, "xmodal_images", tmp_path / "killed.log")
     assert 1 <= len(at_kill["finished"]) < at_kill["shards"] and not at_kill["complete"], (
         "the sync was not killed part-way:\n" + (tmp_path / "killed.log").read_text())
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=150)

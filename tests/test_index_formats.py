@@ -260,7 +260,7 @@ def test_a_killed_webdataset_run_resumes_to_the_rows_of_an_uninterrupted_one(rep
                "--shard-size", "6", "--write-batch", "6", "--batch-size", "3", "--json",
                "--address", ray.get_runtime_context().gcs_address]
     progress_file = progress_path(str(db), "resumed")
-    at_kill = tinymodel.kill_part_way(command, progress_file, tmp_path / "killed.log")
+    at_kill = tinymodel.kill_part_way(command, db, "resumed", tmp_path / "killed.log")
     assert 1 <= len(at_kill["finished"]) < at_kill["shards"] == 16 and not at_kill["complete"], (
         "the run was not killed part-way:\n" + (tmp_path / "killed.log").read_text())
     assert at_kill["input"]["format"] == "webdataset"

@@ -7,8 +7,10 @@ writes, the model recorded in the collection's properties, a real ANN index.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -112,5 +114,77 @@ def test_a_write_the_server_refuses_is_named_not_a_ray_stack_trace(repository, r
     message = str(refused.value)
     assert message.startswith(f"Milvus at {server} refused a write to 'served': ") and "never_created" in message
     assert "Traceback" not in message and refused.value.__cause__ is None
-    progress = json.loads(pipeline.progress_path(server, "served").read_text())
+    progress = tinymodel.run_progress(server, "served")
     assert progress["finished"] == [] and not progress["complete"]
+
+
+# ---- two machines, one server ------------------------------------------------------------
+
+
+def test_a_second_machine_resumes_the_first_ones_run_and_reads_everything_from_the_server(
+        repository, tiny_triton, ray_local, tmp_path, server, monkeypatch):
+    """Two data directories stand for two machines that share only the Milvus URI, the Triton URL
+    and a filesystem URI for the images: the second resumes the first's killed run, and reads the
+    hits, their images and the dead letters; neither machine's data directory holds anything."""
+    import ray
+
+    from xmodal.client import Client
+    from xmodal.files import read_location
+    from xmodal.indexer.sources import content_id
+
+    images = {}
+    samples = []
+    for i in range(60):
+        image = (b"not an image %d" % i if i % 12 == 11 else
+                 tinymodel.write_png(tmp_path / "pngs" / f"{i}.png", (i * 4, 255 - i * 4, (i * 7) % 256)).read_bytes())
+        images[f"{i:04d}"] = image
+        samples.append((f"{i:04d}", {"png": image, "txt": f"item {i}".encode()}))
+    shards = tmp_path / "shards"  # the input, at the same path on both machines (a shared mount)
+    shards.mkdir()
+    for n in range(2):
+        tinymodel.write_shard(shards / f"part-{n}.tar", samples[30 * n:30 * (n + 1)])
+    image_store = (tmp_path / "shared" / "images").as_uri()  # file:///...: any pyarrow filesystem URI
+    command = [sys.executable, "-m", "xmodal.cli", "index", "--input", str(shards), "--local",
+               "--model-repository", str(repository), "--milvus-uri", server, "--collection", "shared",
+               "--image-store", image_store, "--shard-size", "4", "--write-batch", "4", "--batch-size", "2",
+               "--json", "--address", ray.get_runtime_context().gcs_address]
+    machine = {name: dict(os.environ, XMODAL_DATA=str(tmp_path / name)) for name in ("a", "b")}
+
+    with tinymodel.RunBooks(server, "shared") as books:
+        run = subprocess.Popen(command, env=machine["a"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not books.finished_shards() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run.kill()
+        _, err = run.communicate()
+        at_kill = books.progress()
+    assert at_kill and 1 <= len(at_kill["finished"]) < at_kill["shards"] == 15 and not at_kill["complete"], err.decode()
+
+    rerun = subprocess.run(command, env=machine["b"], capture_output=True, text=True, timeout=150)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    assert report["shards_skipped"] == len(at_kill["finished"]) and report["fresh_start"] is None
+    assert report["items_skipped"] == 4 * len(at_kill["finished"]) and report["dead_letters"] == 5
+    assert tinymodel.run_progress(server, "shared")["complete"]
+
+    reference = IndexJob(input=shards, model_repository=repository, milvus_uri=server, collection="reference",
+                         image_store=image_store, split=None, batch_size=2, shard_size=4, progress=False).run()
+    assert (reference.rows_written, reference.dead_letters) == (55, 5)
+    rows, expected = server_rows(server, "shared"), server_rows(server, "reference")
+    assert len(rows) == 55 and rows == expected  # none lost, none twice, each image at the same URI
+    for key, row in rows.items():
+        assert row["image"].startswith(image_store + "/") and content_id(read_location(row["image"])) == key
+
+    letters = subprocess.run([sys.executable, "-m", "xmodal.cli", "index", "letters", "--milvus-uri", server,
+                              "--collection", "shared"], env=machine["b"], capture_output=True, text=True, timeout=60)
+    assert letters.returncode == 0, letters.stderr
+    got = sorted((letter["item"], letter["reason"]) for letter in map(json.loads, letters.stdout.splitlines()))
+    assert got == sorted((letter["item"], letter["reason"]) for letter in tinymodel.run_letters(server, "reference"))
+    assert [item for item, _ in got] == [11, 23, 35, 47, 59]
+
+    monkeypatch.setenv("XMODAL_DATA", machine["b"]["XMODAL_DATA"])
+    with Client(tiny_triton.url, server, "shared", caption_collection=None, consistency_level="Strong") as client:
+        hits = client.search_image(images["0005"], k=55)
+    assert len(hits) == 55 and all(content_id(read_location(hit.image)) == hit.id for hit in hits)
+    kept = [path for name in ("a", "b") for path in (tmp_path / name).rglob("*") if path.is_file()]
+    assert kept == [], "a machine's data directory holds what the server should"

@@ -133,7 +133,8 @@ class FakeClient:
 def test_the_writer_keeps_only_the_shards_in_flight(tmp_path):
     from xmodal.indexer import state
 
-    progress = state.Progress(tmp_path / "p.json", {}, 3)
+    records = state.FileRecords(str(tmp_path / "x.db"), "c")
+    progress = state.Progress(records, {}, 3)
     client = FakeClient()
     writer = _Writer(client, "c", progress, batch_rows=3, flush=True)
     assert not writer.add(0, "a", {"id": "a", "n": 1})
@@ -147,7 +148,7 @@ def test_the_writer_keeps_only_the_shards_in_flight(tmp_path):
     writer.shard_done(1)
     writer.write()
     assert progress.finished == {0, 1} and writer.shard_keys == {}
-    assert json.loads(progress.path.read_text())["finished"] == [0, 1]
+    assert json.loads(records.progress_file.read_text())["finished"] == [0, 1]
 
 
 def test_image_rows_of_the_same_bytes_merge_into_one_that_keeps_every_path():

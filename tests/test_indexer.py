@@ -18,7 +18,7 @@ import pytest
 import tinymodel
 from xmodal import cli, contract, store
 from xmodal.client import Client
-from xmodal.indexer import IndexJob, deadletter_path, progress_path
+from xmodal.indexer import IndexJob
 from xmodal.indexer.embed import TritonEmbedder
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -54,7 +54,7 @@ def test_every_image_once_and_reruns_are_idempotent(stack, ray_local, tmp_path, 
     assert (report.items_read, report.rows_written, report.dead_letters) == (len(images) + 1, len(images), 0)
     assert report.duplicates == 1
     assert report.fingerprint == stack["card"].fingerprint and report.items_per_second > 0
-    assert report.deadletter_path is None and not deadletter_path(str(db), "xmodal_images").exists()
+    assert report.deadletter_path is None and tinymodel.run_letters(db, "xmodal_images") == []
     assert count(db, "xmodal_images") == len(images)
 
     again = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), batch_size=3, progress=False).run()
@@ -107,7 +107,7 @@ def test_bad_inputs_go_to_the_dead_letter_file(stack, ray_local, tmp_path, db):
     bad = len(names) + 1
     assert (report.items_read, report.rows_written, report.dead_letters) == (len(images) + bad, len(images), bad)
     assert count(db, "xmodal_images") == len(images)
-    letters = [json.loads(line) for line in open(report.deadletter_path, encoding="utf-8")]
+    letters = tinymodel.run_letters(db, "xmodal_images")
     assert len(letters) == bad
     reasons = {(Path(letter["path"]).name, letter["item"]): letter["reason"] for letter in letters}
     by_name = {name: reason for (name, _), reason in reasons.items()}
@@ -132,7 +132,7 @@ def test_bad_captions_go_to_the_dead_letter_file(stack, ray_local, tmp_path, db)
     assert (report.items_read, report.dead_letters) == (2 * len(images) + 4, 3)
     assert report.rows_written == count(db, "xmodal_captions") == 2 * len(images) + 1
     # one JSON object a line, the text that is not UTF-8 kept as its \\u escape
-    letters = [json.loads(line) for line in open(report.deadletter_path, encoding="utf-8")]
+    letters = tinymodel.run_letters(db, "xmodal_captions")
     assert "a \udcff cat" in [letter["caption"] for letter in letters]
     reasons = sorted(letter["reason"] for letter in letters)
     assert reasons == ["caption is 9000 bytes of UTF-8; the collection holds at most 8192",
@@ -200,8 +200,9 @@ def ids(db, collection) -> list[str]:
         client.close()
 
 
-def letters_of(path: Path) -> set[tuple]:
-    return {(letter["item"], letter["path"], letter["reason"]) for letter in map(json.loads, open(path))}
+def letters_of(db, collection: str) -> list[tuple]:
+    """The dead letters of `collection` as (item, path, reason), sorted: a letter written twice is there twice."""
+    return sorted((letter["item"], letter["path"], letter["reason"]) for letter in tinymodel.run_letters(db, collection))
 
 
 def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(stack, ray_local, tmp_path, db):
@@ -212,8 +213,7 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(stack, ray_loc
                "--triton-url", stack["url"], "--milvus-uri", str(db), "--collection", "resumed",
                "--shard-size", "8", "--write-batch", "8", "--batch-size", "4", "--json",
                "--address", ray.get_runtime_context().gcs_address]
-    progress_file = progress_path(str(db), "resumed")
-    at_kill = tinymodel.kill_part_way(command, progress_file, tmp_path / "killed.log")
+    at_kill = tinymodel.kill_part_way(command, db, "resumed", tmp_path / "killed.log")
     assert 1 <= len(at_kill["finished"]) < at_kill["shards"] == 30 and not at_kill["complete"], (
         "the run was not killed part-way:\n" + (tmp_path / "killed.log").read_text())
 
@@ -223,7 +223,7 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(stack, ray_loc
     assert report["shards_skipped"] == len(at_kill["finished"]) and report["fresh_start"] is None
     assert report["items_skipped"] == 8 * len(at_kill["finished"])
     assert "resuming: " in rerun.stderr
-    assert json.loads(progress_file.read_text())["complete"]
+    assert tinymodel.run_progress(db, "resumed")["complete"]
 
     reference = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), collection="reference",
                          split=None, batch_size=4, progress=False).run()
@@ -232,8 +232,8 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(stack, ray_loc
     assert len(resumed_ids) == len(set(resumed_ids)) == count(db, "resumed") == 240 - 9
     assert set(resumed_ids) == set(ids(db, "reference"))
     assert report["dead_letters"] == 9
-    assert letters_of(deadletter_path(str(db), "resumed")) == letters_of(deadletter_path(str(db), "reference"))
-    assert len(open(deadletter_path(str(db), "resumed")).readlines()) == 9  # none twice
+    assert letters_of(db, "resumed") == letters_of(db, "reference")
+    assert len(letters_of(db, "resumed")) == 9  # none twice
 
 
 def processes_named(fragment: str) -> list[int]:
@@ -267,19 +267,20 @@ def test_an_embedding_worker_killed_mid_run_is_replaced_and_the_run_completes(st
                "--triton-url", stack["url"], "--milvus-uri", str(db), "--collection", "survived",
                "--shard-size", "8", "--write-batch", "8", "--batch-size", "4", "--json",
                "--address", ray.get_runtime_context().gcs_address]
-    progress_file = progress_path(str(db), "survived")
+    books = tinymodel.RunBooks(db, "survived")
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not tinymodel.finished_shards(progress_file) and run.poll() is None and time.monotonic() < deadline:
+    while not books.finished_shards() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     actors = live_actors_of(run.pid, "TritonEmbedder")
     assert run.poll() is None and len(actors) == 1, "no embedding actor to kill part-way"
     os.kill(actors[0], signal.SIGKILL)
-    assert tinymodel.finished_shards(progress_file) < 20  # of 20: killed part-way
+    assert books.finished_shards() < 20  # of 20: killed part-way
     out, err = run.communicate(timeout=150)
     assert run.returncode == 0, err
     report = json.loads(out)  # the report alone: Ray's notes of the dead worker went to stderr
-    assert json.loads(progress_file.read_text())["complete"]
+    assert books.progress()["complete"]
+    books.close()
     assert (report["rows_written"], report["dead_letters"], report["fresh_start"]) == (160 - 6, 6, None)
     survived = ids(db, "survived")
     assert len(survived) == len(set(survived)) == count(db, "survived") == 160 - 6
@@ -291,19 +292,20 @@ def test_another_input_starts_afresh_and_says_why(stack, ray_local, tmp_path, db
     first = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), limit=4, shard_size=2,
                      progress=False).run()
     assert (first.shards, first.fresh_start) == (2, None)
-    progress_file = progress_path(str(db), "xmodal_images")
-    recorded = json.loads(progress_file.read_text())
+    books = tinymodel.RunBooks(db, "xmodal_images")
+    recorded = books.progress()
     assert recorded["complete"] and recorded["finished"] == [0, 1] and recorded["items"] == 4
 
     # the same input, as a killed run would have left it: the rerun skips the finished shard
     recorded.update(complete=False, finished=[1])
-    progress_file.write_text(json.dumps(recorded))
+    books.records.save_progress(recorded)
     resumed = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), limit=4, shard_size=2,
                        progress=False).run()
     assert (resumed.shards_skipped, resumed.items_skipped, resumed.rows_written) == (1, 2, 2)
     assert resumed.items_processed == 2 and resumed.stage_items["embed"] == 2
 
-    progress_file.write_text(json.dumps(recorded))
+    books.records.save_progress(recorded)
+    books.close()
     other = IndexJob(manifest=manifest, triton_url=stack["url"], milvus_uri=str(db), shard_size=2, progress=False).run()
     assert other.shards_skipped == 0 and other.rows_written == len(images)
     assert "other input" in other.fresh_start and "items 4 -> 6" in other.fresh_start
@@ -342,8 +344,7 @@ def test_report_stats_and_delete(stack, ray_local, tmp_path, db, capsys):
     assert "add --yes" in capsys.readouterr().err
     assert cli.main(["index", "delete", "--yes", *uri]) == 0
     assert "removed collection 'xmodal_images'" in capsys.readouterr().out
-    assert not progress_path(str(db), "xmodal_images").exists()
-    assert not deadletter_path(str(db), "xmodal_images").exists()
+    assert tinymodel.run_progress(db, "xmodal_images") is None and tinymodel.run_letters(db, "xmodal_images") == []
     assert cli.main(["index", "stats", *uri]) == 1
     assert "does not exist" in capsys.readouterr().err
     client = store.connect(db)  # the model record went with the collection

@@ -22,7 +22,7 @@ from xmodal.indexer.sides import index_sides
 from xmodal.indexer.sources import content_id
 from xmodal.preprocessing import preprocess_image_bytes
 from xmodal.server import TritonServer, free_port
-from xmodal.sidestore import SideStore, SideStoreError, side_store_path
+from xmodal.sidestore import MilvusSideStore, SideStore, SideStoreError, side_store_path
 from xmodal.manifest import read_manifest
 from xmodal.training.run import load_run
 from xmodal.training.train import tokenize, train
@@ -264,3 +264,46 @@ def test_the_cli_fills_the_sides_and_reranks(served) -> None:
                              capture_output=True, text=True, timeout=180)
     assert refused.returncode != 0 and "give a text query" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_on_a_milvus_server_the_sides_are_the_servers_for_every_machine(served, milvus_server, tmp_path,
+                                                                          monkeypatch) -> None:
+    """Indexed and given their sides from one machine, re-ranked from another that has only the
+    Triton URL and the Milvus URI: the sides are a collection of the server, not a file."""
+    from conftest import empty_server
+    from xmodal import store
+    from xmodal.indexer.manage import delete_collection
+
+    url = served["server"].url
+    empty_server(milvus_server)
+    try:
+        monkeypatch.setenv("XMODAL_DATA", str(tmp_path / "a"))
+        IndexJob(manifest=served["manifest"], triton_url=url, milvus_uri=milvus_server, split=None,
+                 progress=False).run()
+        report = index_sides(triton_url=url, milvus_uri=milvus_server, progress=False)
+        assert report.path == f"collection 'xmodal_images__sides' in {milvus_server}"
+        assert report.computed == report.rows == served["sides"].rows and report.failed == 0
+        again = index_sides(triton_url=url, milvus_uri=milvus_server, progress=False)
+        assert (again.computed, again.present) == (0, report.rows)
+
+        monkeypatch.setenv("XMODAL_DATA", str(tmp_path / "b"))
+        with Client(url, milvus_server, caption_collection=None, consistency_level="Strong") as remote, \
+                Client(url, served["milvus_uri"], caption_collection=None) as local:
+            got = remote.search_text(QUERY, k=5, rerank=True, rerank_top=12)
+            assert remote._reranker.last_missing == 0
+            want = local.search_text(QUERY, k=5, rerank=True, rerank_top=12)
+        assert [h.id for h in got] == [h.id for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-4)
+        assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
+
+        client = store.connect(milvus_server)
+        try:
+            assert store.list_collections(client) == ["xmodal_images"]  # the sides' collection is not listed
+            with pytest.raises(SideStoreError, match="holds the sides of re-ranker"):
+                MilvusSideStore(client, milvus_server, "xmodal_images",
+                                dataclasses.replace(served["exported"].card.reranker, fingerprint="0" * 16))
+        finally:
+            client.close()
+        assert "collection 'xmodal_images__sides'" in delete_collection(milvus_server, "xmodal_images")
+    finally:
+        empty_server(milvus_server)

@@ -395,9 +395,10 @@ def test_a_record_outliving_its_collection_is_not_believed(client):
         store.check_collection_model(client, "images", card("aaaa000000000000", "first"))
 
 
-def test_the_metadata_collection_name_is_reserved(client):
-    with pytest.raises(ValueError, match="'xmodal_models' is the collection where xmodal records"):
-        store.ensure_collection(client, store.MODELS_COLLECTION, card())
+def test_the_metadata_collection_names_are_reserved(client):
+    for name in (store.MODELS_COLLECTION, store.BOOKS_COLLECTION, "images" + store.SIDES_SUFFIX):
+        with pytest.raises(ValueError, match=f"'{name}' is a name xmodal keeps for its own records"):
+            store.ensure_collection(client, name, card())
     store.ensure_collection(client, "images", card())
     with pytest.raises(ValueError, match="does not exist"):
         store.collection_model(client, store.MODELS_COLLECTION)

@@ -15,7 +15,7 @@ import tinymodel
 from test_indexer import ids, letters_of
 from xmodal import contract, triton
 from xmodal.client import Client
-from xmodal.indexer import IndexJob, deadletter_path, progress_path
+from xmodal.indexer import IndexJob
 
 pytestmark = pytest.mark.slow
 
@@ -115,13 +115,13 @@ def test_a_triton_server_killed_mid_run_loses_no_row(tiny_repository, tiny_trito
                    "--triton-url", f"{second.url},{tiny_triton.url}", "--milvus-uri", str(db),
                    "--collection", "survived", "--workers", "2", "--batch-size", "4", "--shard-size", "20",
                    "--write-batch", "20", "--json", "--address", ray.get_runtime_context().gcs_address]
-        progress_file = progress_path(str(db), "survived")
+        books = tinymodel.RunBooks(db, "survived")
         run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 180
-        while not tinymodel.finished_shards(progress_file) and run.poll() is None and time.monotonic() < deadline:
+        while not books.finished_shards() and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         second.stop(0)
-        at_kill = tinymodel.finished_shards(progress_file)
+        at_kill = books.finished_shards()
         out, err = run.communicate(timeout=300)
     assert 1 <= at_kill < 60, f"killed after {at_kill} of 60 shards: not mid-run"
     assert run.returncode == 0, err[-3000:]
@@ -132,7 +132,7 @@ def test_a_triton_server_killed_mid_run_loses_no_row(tiny_repository, tiny_trito
     assert (report["rows_written"], report["dead_letters"]) == (1200 - 48, 48)
     survived = ids(db, "survived")
     assert len(survived) == len(set(survived)) == 1200 - 48 and set(survived) == set(ids(db, "reference"))
-    assert letters_of(deadletter_path(str(db), "survived")) == letters_of(deadletter_path(str(db), "reference"))
+    assert letters_of(db, "survived") == letters_of(db, "reference")
 
 
 def test_servers_of_different_models_are_refused(tiny_repository, tiny_triton, tmp_path):

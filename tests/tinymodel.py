@@ -261,23 +261,60 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None
                 archive.addfile(info, io.BytesIO(data))
 
 
-def finished_shards(path: Path) -> int:
-    try:
-        return len(json.loads(path.read_text())["finished"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
+class RunBooks:
+    """The progress and dead letters the indexer keeps of `collection` in `uri` (files beside a
+    milvus-lite database, rows of a server's xmodal_books), read as another process would."""
+
+    def __init__(self, uri, collection: str):
+        from xmodal import store
+        from xmodal.indexer import state
+
+        self.client = None if store.is_local_uri(str(uri)) else store.connect(str(uri))
+        self.records = state.run_records(str(uri), collection, self.client)
+
+    def progress(self) -> dict | None:
+        try:
+            return self.records.read_progress()
+        except ValueError:
+            return None
+
+    def finished_shards(self) -> int:
+        return len((self.progress() or {}).get("finished", []))
+
+    def letters(self) -> list[dict]:
+        return self.records.letters()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    def __enter__(self) -> "RunBooks":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
-def kill_part_way(command: list[str], progress_file: Path, log_path: Path) -> dict:
-    """Run `command`, SIGKILL it once its progress file records a finished shard; the progress then."""
-    with open(log_path, "wb") as log:
+def run_progress(uri, collection: str) -> dict | None:
+    with RunBooks(uri, collection) as books:
+        return books.progress()
+
+
+def run_letters(uri, collection: str) -> list[dict]:
+    with RunBooks(uri, collection) as books:
+        return books.letters()
+
+
+def kill_part_way(command: list[str], uri, collection: str, log_path: Path) -> dict:
+    """Run `command`, SIGKILL it once its progress records a finished shard; the progress then."""
+    with open(log_path, "wb") as log, RunBooks(uri, collection) as books:
         run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
-        while not finished_shards(progress_file) and run.poll() is None and time.monotonic() < deadline:
+        while not books.finished_shards() and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         run.send_signal(signal.SIGKILL)
         run.wait()
-    return json.loads(progress_file.read_text())
+        return books.progress()
 
 
 def many_images(directory: Path, count_: int, bad_every: int) -> Path:

@@ -146,6 +146,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         embed_resources=args.worker_resources,
         writers=args.writers, shard_size=args.shard_size, index_type=args.index_type, index_params=args.index_params,
         write_batch=args.write_batch, restart=args.restart, sync=args.sync, ray_address=args.address,
+        image_store=args.image_store,
     )
     report = job.run()
     sides = None
@@ -227,9 +228,17 @@ def cmd_index_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_letters(args: argparse.Namespace) -> int:
+    from xmodal.indexer.manage import dead_letters
+
+    for letter in dead_letters(args.milvus_uri, args.collection, token=args.milvus_token):
+        print(json.dumps(letter, ensure_ascii=False))
+    return 0
+
+
 def cmd_index_delete(args: argparse.Namespace) -> int:
     if not args.yes:
-        raise ValueError(f"this drops collection {args.collection!r} with its progress and dead-letter files; "
+        raise ValueError(f"this drops collection {args.collection!r} with its progress and dead letters; "
                          "add --yes to do it")
     from xmodal.indexer.manage import delete_collection
 
@@ -434,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--sync", action="store_true",
                        help="a folder indexed before: also remove the files gone from it (their paths, and rows left "
                             "with none); new and changed files are indexed, unchanged ones skipped, either way")
+    index.add_argument("--image-store", default=None,
+                       help="where the images a Parquet or WebDataset input holds are written, by content: a "
+                            "directory, or a filesystem URI every client reads (s3://bucket/prefix, gs://, file://); "
+                            "default: beside the collection, on this machine")
     index.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
     index.add_argument("--address", help="join an existing Ray cluster (default: a local one)")
     index.add_argument("--index-type", default=None,
@@ -444,13 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: the type's defaults in docs/indexing.md)")
     index.set_defaults(func=cmd_index)
     # Optional sub-commands: plain `xmodal index` still runs the indexer.
-    index_commands = index.add_subparsers(dest="index_command", metavar="{stats,delete,sides}")
+    index_commands = index.add_subparsers(dest="index_command", metavar="{stats,letters,delete,sides}")
     stats = index_commands.add_parser("stats", help="rows, model, index, dead letters and progress of a collection")
+    letters = index_commands.add_parser("letters", help="the dead letters of a collection's last run, a JSON "
+                                        "object a line (from a Milvus server, on any machine that reaches it)")
     delete = index_commands.add_parser("delete", help="drop a collection and its progress, dead-letter and side files")
     sides = index_commands.add_parser(
         "sides", help="the served re-ranker's side of every indexed image that has none (xmodal index runs it "
         "for a model with a re-ranker)")
-    for sub in (stats, delete, sides):
+    for sub in (stats, letters, delete, sides):
         sub.add_argument("--milvus-uri", default=None)
         sub.add_argument("--milvus-token", default=None, help=milvus_token_help)
         sub.add_argument("--collection", default=settings.IMAGE_COLLECTION)
@@ -461,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     sides.set_defaults(func=cmd_index_sides)
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
     stats.set_defaults(func=cmd_index_stats)
+    letters.set_defaults(func=cmd_index_letters)
     delete.add_argument("--yes", action="store_true", help="really drop it")
     delete.set_defaults(func=cmd_index_delete)
 

@@ -42,7 +42,7 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
-from xmodal.files import SkipLog, write_atomic
+from xmodal.files import SkipLog, filesystem, is_uri, write_atomic, write_location
 from xmodal.manifest import ManifestRow, json_object, write_manifest
 
 FORMATS = ("csv", "jsonl", "karpathy", "parquet", "webdataset")
@@ -167,14 +167,19 @@ def sniff_extension(data: bytes) -> str | None:
 
 
 class ImageStore:
-    """Image bytes written once under ``images/``, named by content: ``<sha256[:2]>/<sha256[:32]>.<ext>``."""
+    """Image bytes written once under a root, named by content: ``<sha256[:2]>/<sha256[:32]>.<ext>``.
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    The root is a directory, or a filesystem URI (``xmodal.files``: s3://, gs://, file://, ...)
+    whose files are then named by URI."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = root if is_uri(root) else Path(root)
+        if isinstance(self.root, str):
+            filesystem(self.root)  # a URI pyarrow does not know: said now, not at the first image
         self.written = 0
 
-    def put(self, data: bytes, name_hint: str | None) -> tuple[str, Path] | None:
-        """``(content key, path)``, or None when the bytes are not a recognisable image.
+    def put(self, data: bytes, name_hint: str | None) -> tuple[str, Path | str] | None:
+        """``(content key, path or URI)``, or None when the bytes are not a recognisable image.
 
         The file keeps the original extension where the name had an image one, else the sniffed type's.
         """
@@ -184,6 +189,10 @@ class ImageStore:
         ext = name_hint.rsplit(".", 1)[1].lower() if name_hint and "." in name_hint else ""
         ext = ext if ext in IMAGE_EXTENSIONS else sniffed
         key = hashlib.sha256(data).hexdigest()[:HASH_HEX]
+        if isinstance(self.root, str):
+            location = f"{self.root.rstrip('/')}/{key[:2]}/{key}.{ext}"
+            self.written += write_location(location, data)
+            return key, location
         path = self.root / key[:2] / f"{key}.{ext}"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,8 @@
 
 A pair scorer re-ranks the first stage's top N with tensors computed once per image at index time
 (``export/reranker.py``: ``image_<key>``, e.g. CRAN's 16 patch vectors, their mask and the
-relation vector, 2,192 floats an image). They are kept in SQLite beside the collection
-(``<db>.<collection>.sides.sqlite`` beside a milvus-lite database, else in the data directory),
-not in Milvus, because:
+relation vector, 2,192 floats an image). Beside a milvus-lite database they are kept in SQLite
+(``<db>.<collection>.sides.sqlite``, ``SideStore``), not in the database, because:
 
 - they are read only by primary key, N rows a query, after the vector search: a B-tree lookup,
   no index or search over them;
@@ -15,7 +14,12 @@ not in Milvus, because:
   do not re-rank, never load the sides, and dropping the sides (or computing them again for a new
   re-ranker) leaves the collection and its index untouched.
 
-The store records the re-ranker's fingerprint and side shapes, and refuses a re-ranker with
+On a Milvus server, which clients on other machines reach and a file on one machine's disk would
+not, they are a collection of their own, ``<collection>__sides`` (``MilvusSideStore``): the side
+as one vector field of the concatenated tensors (a FLAT index only to load it; it is never
+searched), read by primary key. The first-stage collection stays as it is, for the reasons above.
+
+Either store records the re-ranker's fingerprint and side shapes, and refuses a re-ranker with
 another (sides from one scorer are meaningless to another). Each side is stored as float32 bytes,
 the tensors of one image concatenated in the card's order. Writes are transactions of many rows;
 readers see whole rows. SQLite's WAL mode lets one writer and many readers share the file.
@@ -50,6 +54,41 @@ def side_store_path(milvus_uri: str, collection: str) -> Path:
     return beside_collection(milvus_uri, collection, SUFFIX)
 
 
+def open_side_store(milvus_uri: str, collection: str, reranker: RerankerSpec, *, create: bool = False,
+                    token: str | None = None, consistency_level: str = "Bounded") -> "SideStore | MilvusSideStore":
+    """The side store of `collection`: SQLite beside a milvus-lite database, a collection of a server."""
+    from xmodal import store
+
+    if store.is_local_uri(milvus_uri):
+        return SideStore(side_store_path(milvus_uri, collection), reranker, create=create)
+    client = store.connect(milvus_uri, token=token)
+    try:
+        return MilvusSideStore(client, milvus_uri, collection, reranker, create=create, own_client=True,
+                               consistency_level=consistency_level)
+    except BaseException:
+        client.close()
+        raise
+
+
+def drop_side_store(client, milvus_uri: str, collection: str) -> list[str]:
+    """Remove `collection`'s side store (its files, or its collection on a server); what was removed."""
+    from xmodal import store
+
+    if not store.is_local_uri(milvus_uri):
+        name = collection + store.SIDES_SUFFIX
+        if not client.has_collection(name):
+            return []
+        client.drop_collection(name)
+        return [f"collection {name!r}"]
+    path = side_store_path(milvus_uri, collection)
+    removed = []
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if file.exists():
+            file.unlink()
+            removed.append(str(file))
+    return removed
+
+
 class SideStoreError(ValueError):
     """The store does not fit the re-ranker asked of it, or is not a side store."""
 
@@ -64,8 +103,7 @@ class SideStore:
         self.path = Path(path)
         self.fingerprint = reranker.fingerprint
         self.shapes = reranker.shapes
-        self.sizes = {name: int(np.prod(shape)) for name, shape in self.shapes.items()}
-        self.width = sum(self.sizes.values())
+        self.width = sum(int(np.prod(shape)) for shape in self.shapes.values())
         if not create and not self.path.is_file():
             raise SideStoreError(f"no re-ranker side store at {self.path}: index the collection's sides first "
                                  "(xmodal index sides)")
@@ -100,7 +138,7 @@ class SideStore:
 
     def put(self, ids: Sequence[str], side: Mapping[str, np.ndarray]) -> None:
         """Store (or replace) the sides of ``ids``; ``side[name]`` is ``[len(ids), *shape]``."""
-        rows = self._pack(len(ids), side)
+        rows = pack_sides(self.shapes, len(ids), side)
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO sides (id, side) VALUES (?, ?)",
                                  zip(ids, (row.tobytes() for row in rows)))
@@ -112,7 +150,7 @@ class SideStore:
         present = [i for i in ids if i in found]
         flat = (np.frombuffer(b"".join(found[i] for i in present), dtype=np.float32).reshape(len(present), self.width)
                 if present else np.zeros((0, self.width), np.float32))
-        return self._unpack(flat), [i for i in ids if i not in found]
+        return unpack_sides(self.shapes, flat), [i for i in ids if i not in found]
 
     def missing(self, ids: Iterable[str]) -> list[str]:
         ids = list(ids)
@@ -139,20 +177,105 @@ class SideStore:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _pack(self, count: int, side: Mapping[str, np.ndarray]) -> np.ndarray:
-        if set(side) != set(self.shapes):
-            raise ValueError(f"side tensors {sorted(side)} are not the re-ranker's {sorted(self.shapes)}")
-        parts = []
-        for name, shape in self.shapes.items():
-            value = np.asarray(side[name], dtype=np.float32)
-            if value.shape != (count, *shape):
-                raise ValueError(f"side tensor {name!r} has shape {list(value.shape)}, expected {[count, *shape]}")
-            parts.append(value.reshape(count, -1))
-        return np.ascontiguousarray(np.concatenate(parts, axis=1))
 
-    def _unpack(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        out, start = {}, 0
-        for name, shape in self.shapes.items():
-            out[name] = flat[:, start:start + self.sizes[name]].reshape(len(flat), *shape)
-            start += self.sizes[name]
-        return out
+
+def pack_sides(shapes: Mapping[str, Sequence[int]], count: int, side: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``[count, width]`` float32: the tensors of each image concatenated in the card's order."""
+    if set(side) != set(shapes):
+        raise ValueError(f"side tensors {sorted(side)} are not the re-ranker's {sorted(shapes)}")
+    parts = []
+    for name, shape in shapes.items():
+        value = np.asarray(side[name], dtype=np.float32)
+        if value.shape != (count, *shape):
+            raise ValueError(f"side tensor {name!r} has shape {list(value.shape)}, expected {[count, *shape]}")
+        parts.append(value.reshape(count, -1))
+    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+
+def unpack_sides(shapes: Mapping[str, Sequence[int]], flat: np.ndarray) -> dict[str, np.ndarray]:
+    out, start = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        out[name] = flat[:, start:start + size].reshape(len(flat), *shape)
+        start += size
+    return out
+
+_SIDE_PROPERTIES = ("format", "fingerprint", "kind", "shapes")
+
+
+class MilvusSideStore:
+    """``SideStore``'s contract on a Milvus server: the collection ``<collection>__sides`` (id, side)."""
+
+    def __init__(self, client, milvus_uri: str, collection: str, reranker: RerankerSpec, *, create: bool = False,
+                 own_client: bool = False, consistency_level: str = "Bounded"):
+        from pymilvus import DataType
+
+        from xmodal import contract, store
+
+        self.client = client
+        self.name = collection + store.SIDES_SUFFIX
+        self.path = f"collection {self.name!r} in {milvus_uri}"
+        self.fingerprint = reranker.fingerprint
+        self.shapes = reranker.shapes
+        self.width = sum(int(np.prod(shape)) for shape in self.shapes.values())
+        self.consistency_level = consistency_level
+        self._own_client = own_client
+        mine = {"format": str(FORMAT), "fingerprint": self.fingerprint, "kind": reranker.kind,
+                "shapes": json.dumps({name: list(shape) for name, shape in self.shapes.items()})}
+        if not client.has_collection(self.name):
+            if not create:
+                raise SideStoreError(f"no re-ranker side store {self.path}: index the collection's sides first "
+                                     "(xmodal index sides)")
+            schema = client.create_schema(auto_id=False, enable_dynamic_field=False,
+                                          description=f"xmodal: the re-ranker sides of {collection}")
+            schema.add_field("id", DataType.VARCHAR, max_length=contract.ID_MAX_LENGTH, is_primary=True)
+            schema.add_field("side", DataType.FLOAT_VECTOR, dim=self.width)
+            index = client.prepare_index_params()
+            index.add_index("side", index_type="FLAT", metric_type="L2")
+            client.create_collection(self.name, schema=schema, index_params=index,
+                                     properties={f"xmodal.sides.{key}": value for key, value in mine.items()})
+        kept = client.describe_collection(self.name).get("properties") or {}
+        stored = {key: kept.get(f"xmodal.sides.{key}") for key in _SIDE_PROPERTIES}
+        if stored["fingerprint"] != self.fingerprint or stored["shapes"] != mine["shapes"]:
+            raise SideStoreError(
+                f"{self.path} holds the sides of re-ranker {stored['kind']} {stored['fingerprint']}, not of "
+                f"{mine['kind']} {self.fingerprint}: index the sides again into a new store "
+                "(xmodal index sides --restart)")
+        store.ensure_loaded(client, self.name)
+
+    def put(self, ids: Sequence[str], side: Mapping[str, np.ndarray]) -> None:
+        rows = pack_sides(self.shapes, len(ids), side)
+        self.client.upsert(self.name, [{"id": i, "side": row.tolist()} for i, row in zip(ids, rows)])
+
+    def _rows(self, ids: Iterable[str], fields: list[str], consistency_level: str) -> Iterable[dict]:
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            yield from self.client.query(self.name, filter=f"id in {json.dumps(chunk)}", output_fields=fields,
+                                         consistency_level=consistency_level)
+
+    def get(self, ids: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+        found = {row["id"]: row["side"] for row in self._rows(ids, ["id", "side"], self.consistency_level)}
+        present = [i for i in ids if i in found]
+        flat = (np.asarray([found[i] for i in present], dtype=np.float32).reshape(len(present), self.width)
+                if present else np.zeros((0, self.width), np.float32))
+        return unpack_sides(self.shapes, flat), [i for i in ids if i not in found]
+
+    def missing(self, ids: Iterable[str]) -> list[str]:
+        ids = list(ids)
+        have = {row["id"] for row in self._rows(ids, ["id"], "Strong")}
+        return [i for i in ids if i not in have]
+
+    def __len__(self) -> int:
+        return int(self.client.query(self.name, filter="", output_fields=["count(*)"],
+                                     consistency_level="Strong")[0]["count(*)"])
+
+    def close(self) -> None:
+        if self._own_client:
+            self.client.close()
+
+    def __enter__(self) -> "MilvusSideStore":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

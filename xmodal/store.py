@@ -15,8 +15,10 @@ The model that filled a collection travels with it in two places, read in this o
    returns ``properties {}``, ``alter_collection_properties`` is UNIMPLEMENTED).
 
 ``drop_collection`` drops a collection and its record; ``ensure_collection`` overwrites the
-record of a collection it creates. The metadata collection is hidden from the collection
-lists xmodal prints, and no data collection may take its name.
+record of a collection it creates. The metadata collections (``xmodal_models``, the indexing
+runs' books ``xmodal_books``, and each collection's re-ranker sides ``<collection>__sides`` on a
+server) are hidden from the collection lists xmodal prints, and no data collection may take
+their names.
 """
 from __future__ import annotations
 
@@ -73,16 +75,29 @@ LITE_MAX_FLOATS_PER_CALL = 5000 * 256
 
 # The metadata collection that records each collection's model where properties are not kept.
 MODELS_COLLECTION = "xmodal_models"
-_MODELS_NAME_FIELD = "collection"
-_MODELS_RECORD_FIELD = "record"
-_MODELS_VECTOR_FIELD = "unused_vector"  # every Milvus collection needs a vector field
+# The fields of a metadata collection (``ensure_record_collection``).
+RECORD_KEY = "collection"  # the key: the collection's name in xmodal_models, which came first
+RECORD_TEXT = "record"
+RECORD_VECTOR = "unused_vector"  # every Milvus collection needs a vector field
 _MODELS_RECORD_MAX_LENGTH = 8192
 _MODELS_NAME_MAX_LENGTH = 256  # Milvus collection names are at most 255 characters
+# The metadata collection of the indexing runs against a server (``xmodal.indexer.state``):
+# each collection's progress and dead letters, keyed by ``<what>/<collection>[/<item>]``.
+BOOKS_COLLECTION = "xmodal_books"
+BOOKS_KEY_MAX_LENGTH = 512
+BOOKS_RECORD_MAX_LENGTH = 65535  # Milvus's longest VARCHAR
+# A collection's re-ranker sides on a server (``xmodal.sidestore``): ``<collection>__sides``.
+SIDES_SUFFIX = "__sides"
 
 # Clients that `connect` opened on a milvus-lite database (see `is_lite_client`).
 _lite_clients: weakref.WeakSet = weakref.WeakSet()
 # The unix socket milvus-lite's server manager starts: "unix:/tmp/tmpXXXX_<name>.db.sock".
 _LITE_ADDRESS = re.compile(r"^unix:.*\.db\.sock$")
+
+
+def is_metadata_collection(name: str) -> bool:
+    """A collection xmodal keeps for itself: never listed, created or dropped as data."""
+    return name in (MODELS_COLLECTION, BOOKS_COLLECTION) or name.endswith(SIDES_SUFFIX)
 
 
 def is_local_uri(uri: str | Path) -> bool:
@@ -258,9 +273,9 @@ def create_collection(client: MilvusClient, name: str, card: ModelCard, kind: Co
     per level of `card`, and record the card's model and the kind with it.
 
     `index_type` None: ``default_index`` (IVF_FLAT on milvus-lite, HNSW on a server)."""
-    if name == MODELS_COLLECTION:
-        raise ValueError(f"{MODELS_COLLECTION!r} is the collection where xmodal records each collection's "
-                         "model: choose another collection name")
+    if is_metadata_collection(name):
+        raise ValueError(f"{name!r} is a name xmodal keeps for its own records ({MODELS_COLLECTION}, "
+                         f"{BOOKS_COLLECTION}, *{SIDES_SUFFIX}): choose another collection name")
     _check_levels_fit(client, name, card)
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     for field in kind.fields:
@@ -298,7 +313,7 @@ def collection_model(client: MilvusClient, name: str) -> dict[str, str]:
     collection (milvus-lite). Values missing from both (a collection not made by xmodal)
     are absent from the dict.
     """
-    if name == MODELS_COLLECTION or not client.has_collection(name):
+    if is_metadata_collection(name) or not client.has_collection(name):
         raise ValueError(missing_collection_message(client, name))
     described = client.describe_collection(name)
     properties = described.get("properties") or {}
@@ -325,17 +340,28 @@ def _described_vector_fields(described: dict[str, Any]) -> dict[str, int]:
     return {f["name"]: int(f["params"]["dim"]) for f in described["fields"] if f["type"] == DataType.FLOAT_VECTOR}
 
 
-def _ensure_models_collection(client: MilvusClient) -> None:
-    if not client.has_collection(MODELS_COLLECTION):
-        schema = client.create_schema(auto_id=False, enable_dynamic_field=False,
-                                      description="xmodal: the model of each collection")
-        _varchar(schema, _MODELS_NAME_FIELD, _MODELS_NAME_MAX_LENGTH, is_primary=True)
-        _varchar(schema, _MODELS_RECORD_FIELD, _MODELS_RECORD_MAX_LENGTH)
-        schema.add_field(_MODELS_VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=2)
+def ensure_record_collection(client: MilvusClient, name: str, *, description: str, key_max_length: int,
+                             record_max_length: int) -> None:
+    """A metadata collection of text records by text key (``RECORD_KEY``, ``RECORD_TEXT``), loaded."""
+    if not client.has_collection(name):
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
+        _varchar(schema, RECORD_KEY, key_max_length, is_primary=True)
+        _varchar(schema, RECORD_TEXT, record_max_length)
+        schema.add_field(RECORD_VECTOR, DataType.FLOAT_VECTOR, dim=2)
         index = client.prepare_index_params()
-        index.add_index(_MODELS_VECTOR_FIELD, index_type="FLAT", metric_type="L2")
-        client.create_collection(MODELS_COLLECTION, schema=schema, index_params=index)
-    ensure_loaded(client, MODELS_COLLECTION)
+        index.add_index(RECORD_VECTOR, index_type="FLAT", metric_type="L2")
+        client.create_collection(name, schema=schema, index_params=index)
+    ensure_loaded(client, name)
+
+
+def record_rows(records: dict[str, str]) -> list[dict[str, Any]]:
+    """Rows of a metadata collection for `records` (key -> text)."""
+    return [{RECORD_KEY: key, RECORD_TEXT: text, RECORD_VECTOR: [0.0, 0.0]} for key, text in records.items()]
+
+
+def _ensure_models_collection(client: MilvusClient) -> None:
+    ensure_record_collection(client, MODELS_COLLECTION, description="xmodal: the model of each collection",
+                             key_max_length=_MODELS_NAME_MAX_LENGTH, record_max_length=_MODELS_RECORD_MAX_LENGTH)
 
 
 def _record_model(client: MilvusClient, name: str, properties: dict[str, str], fields: dict[str, int]) -> None:
@@ -343,8 +369,7 @@ def _record_model(client: MilvusClient, name: str, properties: dict[str, str], f
     the metadata collection, replacing any earlier one; flushed at once."""
     _ensure_models_collection(client)
     record = {**properties, "vector_fields": fields}
-    client.upsert(MODELS_COLLECTION, [{_MODELS_NAME_FIELD: name, _MODELS_RECORD_FIELD: json.dumps(record),
-                                       _MODELS_VECTOR_FIELD: [0.0, 0.0]}])
+    client.upsert(MODELS_COLLECTION, record_rows({name: json.dumps(record)}))
     client.flush(MODELS_COLLECTION)
 
 
@@ -354,11 +379,11 @@ def _recorded_model(client: MilvusClient, name: str, described: dict[str, Any]) 
     if not client.has_collection(MODELS_COLLECTION):
         return None
     ensure_loaded(client, MODELS_COLLECTION)
-    rows = client.get(MODELS_COLLECTION, ids=[name], output_fields=[_MODELS_RECORD_FIELD])
+    rows = client.get(MODELS_COLLECTION, ids=[name], output_fields=[RECORD_TEXT])
     if not rows:
         return None
     try:
-        record = json.loads(rows[0][_MODELS_RECORD_FIELD])
+        record = json.loads(rows[0][RECORD_TEXT])
     except (TypeError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("vector_fields") != _described_vector_fields(described):
@@ -376,8 +401,8 @@ def _forget_model(client: MilvusClient, name: str) -> None:
 def drop_collection(client: MilvusClient, name: str) -> bool:
     """Drop collection `name` and its model record; False when there was no such collection
     (a record left without one is removed all the same)."""
-    if name == MODELS_COLLECTION:
-        raise ValueError(f"{MODELS_COLLECTION!r} holds xmodal's model records; drop the data collections instead")
+    if is_metadata_collection(name):
+        raise ValueError(f"{name!r} holds xmodal's own records; drop the data collections instead")
     exists = client.has_collection(name)
     if exists:
         client.drop_collection(name)
@@ -386,8 +411,8 @@ def drop_collection(client: MilvusClient, name: str) -> bool:
 
 
 def list_collections(client: MilvusClient) -> list[str]:
-    """The data collections, sorted (the metadata collection left out)."""
-    return sorted(c for c in client.list_collections() if c != MODELS_COLLECTION)
+    """The data collections, sorted (the metadata collections left out)."""
+    return sorted(c for c in client.list_collections() if not is_metadata_collection(c))
 
 
 def describe_model(model: dict[str, str] | ModelCard) -> str:

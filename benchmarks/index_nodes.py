@@ -128,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
                     "measured": round(steady, 3), "both_nodes_embedded": spread_over_nodes,
                     "met": steady >= TARGET and spread_over_nodes},
     }
-    return save_verdict(out, summary, f"2 nodes vs 1: x{steady:.3f} steady, x{whole:.3f} whole runs")
+    status = save_verdict(out, summary, f"2 nodes vs 1: x{steady:.3f} steady, x{whole:.3f} whole runs")
+    if not args.quick and args.out is None:
+        import render_docs
+
+        render_docs.render(["index-nodes"])  # docs/scale-out.md's figures, from the JSON just saved
+    return status
 
 
 if __name__ == "__main__":

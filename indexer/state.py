@@ -251,6 +251,9 @@ def _ranges(numbers: list[int]) -> list[list[int]]:
     return runs
 
 
+PAGE_ROWS = 5000  # keys of xmodal_books one delete call removes
+
+
 class MilvusRecords:
     """The progress and the dead letters of `collection` as rows of a Milvus server's ``xmodal_books``.
 
@@ -281,14 +284,11 @@ class MilvusRecords:
     def _query(self, expression: str, fields: list[str]) -> list[dict[str, Any]]:
         if not self._books(create=False):
             return []
-        rows, last = [], ""
-        while True:  # in pages by key: a query returns at most 16,384 rows
-            page = self.client.query(store.BOOKS_COLLECTION, filter=f"{expression} and {store.RECORD_KEY} > {json.dumps(last)}",
-                                     output_fields=fields, limit=PAGE_ROWS, consistency_level="Strong")
-            rows += page
-            if len(page) < PAGE_ROWS:
-                return rows
-            last = max(row[store.RECORD_KEY] for row in page)
+        # One query without a limit: Milvus returns every match (17,000 letters tested). Not
+        # query_iterator: pymilvus caches a collection's schema across clients, and an iterator
+        # over xmodal_books dropped and made again in this process read the old one (no rows).
+        return self.client.query(store.BOOKS_COLLECTION, filter=expression, output_fields=fields,
+                                 consistency_level="Strong")
 
     def read_progress(self) -> dict[str, Any] | None:
         rows = self._query(f"{store.RECORD_KEY} == {json.dumps(self.progress_key)}", [store.RECORD_TEXT])
@@ -327,9 +327,6 @@ class MilvusRecords:
         had_progress = self.read_progress() is not None
         self.delete(keys + ([self.progress_key] if had_progress else []))
         return ([self.progress_where] if had_progress else []) + ([self.letters_where] if keys else [])
-
-
-PAGE_ROWS = 5000
 
 
 class MilvusDeadLetters:

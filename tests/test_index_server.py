@@ -188,3 +188,29 @@ def test_a_second_machine_resumes_the_first_ones_run_and_reads_everything_from_t
     assert len(hits) == 55 and all(content_id(read_location(hit.image)) == hit.id for hit in hits)
     kept = [path for name in ("a", "b") for path in (tmp_path / name).rglob("*") if path.is_file()]
     assert kept == [], "a machine's data directory holds what the server should"
+
+
+def test_the_servers_books_hold_more_letters_than_one_query_returns(server):
+    """Letters are read past 16,384 rows (one query's limit, when it has one), and a resumed run
+    keeps exactly those of its finished shards."""
+    from xmodal.indexer import state
+
+    client = store.connect(server)
+    try:
+        records = state.run_records(server, "many", client)
+        assert records.letters() == [] and records.read_progress() is None  # no books yet: none made by reading
+        assert not client.has_collection(store.BOOKS_COLLECTION)
+        letters = {f"letter/many/{item}": json.dumps({"item": item, "reason": "bad"}) for item in range(17000)}
+        records.save_progress({"format": state.PROGRESS_FORMAT, "finished": [0, 1, 2, 5, 6, 9], "shards": 10})
+        for start in range(0, 17000, 4000):
+            chunk = dict(list(letters.items())[start:start + 4000])
+            client.upsert(store.BOOKS_COLLECTION, store.record_rows(chunk))
+        assert [letter["item"] for letter in records.letters()] == list(range(17000))
+        assert records.read_progress()["finished"] == [0, 1, 2, 5, 6, 9]
+        kept = records.dead_letters(keep_items=lambda item: item is not None and item % 2 == 0)
+        kept.write({"item": 17001, "reason": "later"})
+        assert kept.count == 8501 and records.count_letters() == 8501
+        assert records.remove() == [records.progress_where, records.letters_where]
+        assert records.letters() == [] and records.read_progress() is None
+    finally:
+        client.close()

@@ -263,11 +263,11 @@ class MilvusRecords:
 
     def __init__(self, client, milvus_uri: str, collection: str):
         self.client = client
-        self.collection = collection
         self.progress_key = f"progress/{collection}"
         self.letter_prefix = f"letter/{collection}/"
         self.progress_where = f"{store.BOOKS_COLLECTION}[{self.progress_key}] in {milvus_uri}"
         self.letters_where = f"{store.BOOKS_COLLECTION}[{self.letter_prefix}*] in {milvus_uri}"
+        self.letters_filter = f"{store.RECORD_KEY} like {json.dumps(self.letter_prefix + '%')}"
         self._ready = False
 
     def _books(self, *, create: bool) -> bool:
@@ -305,15 +305,14 @@ class MilvusRecords:
         self.client.upsert(store.BOOKS_COLLECTION, store.record_rows({self.progress_key: json.dumps(stored)}))
 
     def _letter_rows(self) -> list[dict[str, Any]]:
-        return self._query(f"{store.RECORD_KEY} like {json.dumps(self.letter_prefix + '%')}",
-                           [store.RECORD_KEY, store.RECORD_TEXT])
+        return self._query(self.letters_filter, [store.RECORD_KEY, store.RECORD_TEXT])
 
     def letters(self) -> list[dict[str, Any]]:
         return sorted((json.loads(row[store.RECORD_TEXT]) for row in self._letter_rows()),
                       key=lambda letter: letter.get("item", -1))
 
     def count_letters(self) -> int:
-        return len(self._query(f"{store.RECORD_KEY} like {json.dumps(self.letter_prefix + '%')}", [store.RECORD_KEY]))
+        return len(self._query(self.letters_filter, [store.RECORD_KEY]))
 
     def dead_letters(self, keep_items: Any = None) -> "MilvusDeadLetters":
         return MilvusDeadLetters(self, keep_items)

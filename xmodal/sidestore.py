@@ -103,10 +103,9 @@ class SideStore:
         self.path = Path(path)
         self.fingerprint = reranker.fingerprint
         self.shapes = reranker.shapes
-        self.width = sum(int(np.prod(shape)) for shape in self.shapes.values())
+        self.width = side_width(self.shapes)
         if not create and not self.path.is_file():
-            raise SideStoreError(f"no re-ranker side store at {self.path}: index the collection's sides first "
-                                 "(xmodal index sides)")
+            raise no_side_store(f"at {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # check_same_thread off: a client shares one store between its threads; sqlite3 serialises.
         self._db = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False)
@@ -125,16 +124,11 @@ class SideStore:
 
     def _check_or_record(self, reranker: RerankerSpec) -> None:
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
-        mine = {"format": str(FORMAT), "fingerprint": self.fingerprint, "kind": reranker.kind,
-                "shapes": json.dumps({name: list(shape) for name, shape in self.shapes.items()})}
+        mine = side_record(reranker)
         if not meta:
             self._db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", mine.items())
             return
-        if meta.get("fingerprint") != self.fingerprint or meta.get("shapes") != mine["shapes"]:
-            raise SideStoreError(
-                f"{self.path} holds the sides of re-ranker {meta.get('kind')} {meta.get('fingerprint')}, not of "
-                f"{mine['kind']} {self.fingerprint}: index the sides again into a new store "
-                "(xmodal index sides --restart)")
+        check_side_record(str(self.path), meta, mine)
 
     def put(self, ids: Sequence[str], side: Mapping[str, np.ndarray]) -> None:
         """Store (or replace) the sides of ``ids``; ``side[name]`` is ``[len(ids), *shape]``."""
@@ -159,9 +153,7 @@ class SideStore:
 
     def _select(self, columns: str, ids: Iterable[str]) -> Iterable[tuple]:
         """Rows of ``ids`` (each once), in chunks below SQLite's bound-parameter limit."""
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start:start + 500]
+        for chunk in in_chunks(ids):
             yield from self._db.execute(
                 f"SELECT {columns} FROM sides WHERE id IN ({','.join('?' * len(chunk))})", chunk)
 
@@ -200,7 +192,35 @@ def unpack_sides(shapes: Mapping[str, Sequence[int]], flat: np.ndarray) -> dict[
         start += size
     return out
 
-_SIDE_PROPERTIES = ("format", "fingerprint", "kind", "shapes")
+def side_width(shapes: Mapping[str, Sequence[int]]) -> int:
+    """Floats in one image's side: its tensors concatenated."""
+    return sum(int(np.prod(shape)) for shape in shapes.values())
+
+
+def side_record(reranker: RerankerSpec) -> dict[str, str]:
+    """What a store records of the re-ranker its sides are for."""
+    return {"format": str(FORMAT), "fingerprint": reranker.fingerprint, "kind": reranker.kind,
+            "shapes": json.dumps({name: list(shape) for name, shape in reranker.shapes.items()})}
+
+
+def check_side_record(where: str, stored: Mapping[str, str | None], mine: Mapping[str, str]) -> None:
+    """SideStoreError when the store at `where` holds the sides of another re-ranker than `mine`."""
+    if stored.get("fingerprint") != mine["fingerprint"] or stored.get("shapes") != mine["shapes"]:
+        raise SideStoreError(
+            f"{where} holds the sides of re-ranker {stored.get('kind')} {stored.get('fingerprint')}, not of "
+            f"{mine['kind']} {mine['fingerprint']}: index the sides again into a new store "
+            "(xmodal index sides --restart)")
+
+
+def no_side_store(where: str) -> SideStoreError:
+    return SideStoreError(f"no re-ranker side store {where}: index the collection's sides first (xmodal index sides)")
+
+
+def in_chunks(ids: Iterable[str], size: int = 500) -> Iterable[list[str]]:
+    """`ids` once each, in chunks a query takes (below SQLite's bound-parameter limit)."""
+    unique = list(dict.fromkeys(ids))
+    for start in range(0, len(unique), size):
+        yield unique[start:start + size]
 
 
 class MilvusSideStore:
@@ -217,15 +237,13 @@ class MilvusSideStore:
         self.path = f"collection {self.name!r} in {milvus_uri}"
         self.fingerprint = reranker.fingerprint
         self.shapes = reranker.shapes
-        self.width = sum(int(np.prod(shape)) for shape in self.shapes.values())
+        self.width = side_width(self.shapes)
         self.consistency_level = consistency_level
         self._own_client = own_client
-        mine = {"format": str(FORMAT), "fingerprint": self.fingerprint, "kind": reranker.kind,
-                "shapes": json.dumps({name: list(shape) for name, shape in self.shapes.items()})}
+        mine = side_record(reranker)
         if not client.has_collection(self.name):
             if not create:
-                raise SideStoreError(f"no re-ranker side store {self.path}: index the collection's sides first "
-                                     "(xmodal index sides)")
+                raise no_side_store(self.path)
             schema = client.create_schema(auto_id=False, enable_dynamic_field=False,
                                           description=f"xmodal: the re-ranker sides of {collection}")
             schema.add_field("id", DataType.VARCHAR, max_length=contract.ID_MAX_LENGTH, is_primary=True)
@@ -235,12 +253,7 @@ class MilvusSideStore:
             client.create_collection(self.name, schema=schema, index_params=index,
                                      properties={f"xmodal.sides.{key}": value for key, value in mine.items()})
         kept = client.describe_collection(self.name).get("properties") or {}
-        stored = {key: kept.get(f"xmodal.sides.{key}") for key in _SIDE_PROPERTIES}
-        if stored["fingerprint"] != self.fingerprint or stored["shapes"] != mine["shapes"]:
-            raise SideStoreError(
-                f"{self.path} holds the sides of re-ranker {stored['kind']} {stored['fingerprint']}, not of "
-                f"{mine['kind']} {self.fingerprint}: index the sides again into a new store "
-                "(xmodal index sides --restart)")
+        check_side_record(self.path, {key: kept.get(f"xmodal.sides.{key}") for key in mine}, mine)
         store.ensure_loaded(client, self.name)
 
     def put(self, ids: Sequence[str], side: Mapping[str, np.ndarray]) -> None:
@@ -248,9 +261,7 @@ class MilvusSideStore:
         self.client.upsert(self.name, [{"id": i, "side": row.tolist()} for i, row in zip(ids, rows)])
 
     def _rows(self, ids: Iterable[str], fields: list[str], consistency_level: str) -> Iterable[dict]:
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start:start + 500]
+        for chunk in in_chunks(ids):
             yield from self.client.query(self.name, filter=f"id in {json.dumps(chunk)}", output_fields=fields,
                                          consistency_level=consistency_level)
 

@@ -11,13 +11,13 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test clean browser
 
-# The web page test drives Debian's chromium; without it that one test skips and says why.
+# The web page test drives Debian's chromium; without it that test fails and says why.
 browser:
 	@if [ -x /usr/bin/chromium ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian's chromium for the browser test"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; \
-	else echo "note: /usr/bin/chromium is missing and cannot be installed here: the browser test will be skipped"; fi
+	else echo "note: /usr/bin/chromium is missing and cannot be installed here: the browser test will fail"; fi
 
 $(STAMP): pyproject.toml
 	@version=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') || exit 1; \

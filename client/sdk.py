@@ -62,21 +62,19 @@ class Client:
     levels, negative or non-numeric weights, and all-zero weights raise ``ValueError``.
 
     ``consistency_level``: "Bounded" by default, chosen deliberately; what a search sees
-    right after an insert (measured by benchmarks/query.py, docs/query-benchmark.md):
+    right after an insert (measured by benchmarks/query.py, docs/query-benchmark.md,
+    "Visibility"):
 
-    - milvus-lite 2.5.1 (the pinned store) ignores the level: every level cost the same
-      (≈1.7 ms at 100,000 rows, ≈7–8 ms at 1,000,000), and a row inserted just before was
-      seen by the next search in the smaller runs, ≈25 ms after the insert (by the second
-      search) in the 1,000,000-row run: visible within tens of milliseconds, not
-      guaranteed to the very next search. (3.2.2, the store before it, ignored the level
-      too, but walked every row in Python on each search: ≈70 ms at 100,000 rows.)
-    - a Milvus server: "Strong" makes every search wait for the newest writes (≈200 ms
-      measured, DESIGN.md); "Bounded" may miss writes of the last few seconds, which suits
-      an index that a separate batch job fills. Pass "Strong" to read your own writes there.
+    - milvus-lite 2.5.1 (the pinned store) ignores the level: every level costs the same,
+      and a row inserted just before is seen soon after, but not guaranteed to the very
+      next search.
+    - a Milvus server: "Strong" makes every search wait for the newest writes; "Bounded"
+      may miss writes of the last few seconds, which suits an index that a separate batch
+      job fills. Pass "Strong" to read your own writes there.
 
     The index type of each collection's vector fields is read once, when the collection is
-    opened; searches do not describe the index again (a round trip per search saved;
-    milvus-lite 3.2.2 counted its rows for each describe_index, ≈70 ms at 100,000 rows).
+    opened; searches do not describe the index again (a round trip per search saved, and on
+    a store that counts its rows to describe an index, that count).
     """
 
     def __init__(

@@ -18,7 +18,11 @@ the first caption, or for an image indexed without captions its file's name); er
 
 ``/image/<id>`` looks the row up in Milvus by primary key and serves the path stored in that
 row (or the file at its URI, for images kept in a shared filesystem): nothing in the URL is ever used as a path, so no URL can reach another file (an id that
-is not a plain key, ``../../etc/passwd`` say, is a 404 before Milvus is asked).
+is not a plain key, ``../../etc/passwd`` say, is a 404 before Milvus is asked). Nor can a row:
+whoever can write to a shared collection chooses its paths, so a row's file is served only when it
+lies under one of the roots the collection records (``store.collection_image_roots``: the
+directories its indexing runs read images from, and their image store), symlinks followed; any
+other is a 404 like a missing file, its path said on the server's stderr, never to the browser.
 
 The server binds to 127.0.0.1 by default and then answers only requests whose Host header
 names the loopback (a guard against DNS rebinding). Requests run on a fixed pool of threads,
@@ -46,7 +50,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from xmodal import contract, settings, store
 from xmodal.client.hits import Hit
 from xmodal.client.webpage import APP_CSS, APP_JS, INDEX_HTML
-from xmodal.files import is_uri, read_location
+from xmodal.files import ImageRoots, is_uri, read_location
 
 DEFAULT_PORT = 8080
 DEFAULT_K = 12
@@ -104,6 +108,8 @@ class SearchApp:
         self.max_upload_bytes = max_upload_bytes
         self._styles: list[str] | None = None
         self._styles_lock = threading.Lock()
+        self._image_roots: ImageRoots | None = None
+        self._image_roots_lock = threading.Lock()
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -195,22 +201,44 @@ class SearchApp:
                 self._styles = self.client.searcher.distinct(self.collection, "style")
             return self._styles
 
+    def image_roots(self, *, again: bool = False) -> ImageRoots:
+        """The roots the collection records, read once (`again`: read anew, for a root an
+        indexing run recorded since)."""
+        with self._image_roots_lock:
+            if self._image_roots is None or again:
+                self._image_roots = ImageRoots(self.client.searcher.image_roots(self.collection))
+                if not self._image_roots:
+                    print(f"xmodal web: collection {self.collection!r} records no image roots (it was indexed "
+                          "before xmodal recorded them): its images are not served until `xmodal index` runs "
+                          "on its input again", file=sys.stderr, flush=True)
+            return self._image_roots
+
+    def image_place(self, row_id: str, location: str) -> Path | str | None:
+        """Where to read a row's image: its path resolved, or its URI, when it lies under a root
+        of the collection; else None."""
+        if not location or not (is_uri(location) or Path(location).is_absolute()):
+            return None  # a relative path would be read from wherever the server runs
+        place = self.image_roots().place(location)
+        if place is None:
+            place = self.image_roots(again=True).place(location)
+        if place is None:
+            print(f"xmodal web: row {row_id} names {location!r}, outside the roots collection "
+                  f"{self.collection!r} records: not served", file=sys.stderr, flush=True)
+        return place
+
     def image(self, raw_id: str) -> Response:
         row_id = unquote(raw_id)
         if not ROW_ID.fullmatch(row_id):  # "../../etc/passwd", "a/b", "": no such row, by construction
             raise HTTPError(404, "no such image")
         row = self.client.searcher.get(self.collection, row_id, fields=["id", "image"])
         location = str(row.get("image") or "") if row else ""
-        if is_uri(location):  # kept in a shared filesystem (xmodal index --image-store)
-            try:
-                data = read_location(location)
-            except (OSError, ValueError):
-                raise HTTPError(404, "no such image") from None
-        else:
-            path = Path(location)
-            if not location or not path.is_absolute() or not path.is_file():
-                raise HTTPError(404, "no such image")
-            data = path.read_bytes()
+        place = self.image_place(row_id, location)
+        if place is None or (isinstance(place, Path) and not place.is_file()):  # a FIFO would hang the read
+            raise HTTPError(404, "no such image")
+        try:  # a path as resolved by the check, or a URI (xmodal index --image-store: a shared filesystem)
+            data = read_location(place)
+        except (OSError, ValueError):
+            raise HTTPError(404, "no such image") from None
         content_type = mimetypes.guess_type(location.rsplit("/", 1)[-1])[0] or "application/octet-stream"
         return Response(200, data, content_type,
                         {"Cache-Control": "private, max-age=300", "Content-Security-Policy": IMAGE_CSP})

@@ -40,6 +40,7 @@ from xmodal.export.variants import QuantizationRejected  # noqa: F401 - re-expor
 from xmodal.training.evaluate import RERANK_TOP_N
 from xmodal.training.models import ServedTower, embedding_dims
 from xmodal.training.run import EVAL_FILE, TOKENIZER_FILE, load_run
+from xmodal.training.splits import EVALUATED, split_rows
 from xmodal.training.tokenizer import PAD_ID, max_length, vocab_hash
 
 OPSET = 17
@@ -95,13 +96,16 @@ class ExportedModel:
         cpu: INT8 when it passed its gate (both encoders, else the text encoder alone), else the
         optimised FP32. gpu: the plain FP32
         export with TensorRT (TensorRT builds its own FP16 engine and takes only standard
-        operators), else FP16 (FP32 portable when FP16 was not made).
+        operators), else FP16 when its parity with PyTorch was checked for both encoders
+        (``notes["verified"] is True``), else FP32 portable.
         """
         if precision is None:
             if target == "cpu":
                 precision = next((p for p in ("int8", "int8-text") if p in self.variants), "fp32")
             elif target == "gpu":
-                precision = "fp32-portable" if tensorrt or "fp16" not in self.variants else "fp16"
+                fp16 = self.variants.get("fp16")
+                verified = fp16 is not None and fp16.notes.get("verified") is True
+                precision = "fp16" if verified and not tensorrt else "fp32-portable"
             else:
                 raise ValueError(f"target must be 'cpu' or 'gpu', not {target!r}")
         if precision not in self.variants:
@@ -167,9 +171,9 @@ def export_run(
 ) -> ExportedModel:
     """Export a training run's encoders, assert parity with PyTorch, write the card beside them.
 
-    ``quantize="int8"`` also writes the INT8 variant, accepted only when its held-out R@10
-    (both directions, the test split of ``manifests`` restricted to the run's test styles)
-    is at most ``max_int8_recall_drop`` points below the FP32 model's; the numbers go into
+    ``quantize="int8"`` also writes the INT8 variant, accepted only when its R@10 (both
+    directions, on the run's validation set from ``manifests``, or its test set when the data
+    has no validation rows: training/splits.py) is at most ``max_int8_recall_drop`` points below the FP32 model's; the numbers go into
     the card as ``evaluation.int8_gate`` either way. A refused INT8 model raises
     :class:`QuantizationRejected` after the FP32 export and its card are complete.
     ``quantize="int8-text"`` quantises the text encoder alone (the image encoder stays FP32),
@@ -236,7 +240,7 @@ def export_run(
 
     gate = None
     if quantize is not None:
-        gate, int8_variant = _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer,
+        gate, int8_variant = _int8_variant(towers, raw, served, out_dir, manifests, tokenizer,
                                            config, max_int8_recall_drop, text_only=quantize == "int8-text")
         if int8_variant is not None:
             found[quantize] = int8_variant
@@ -254,6 +258,9 @@ def export_run(
     shutil.copyfile(run_dir / TOKENIZER_FILE, tokenizer_path)
     card_evaluation: dict[str, Any] = {
         "held_out": _without_curves(evaluation.get("test", {})),
+        # The run's other evaluated sets (training/splits.py), by name, and what each held.
+        **{name: _without_curves(evaluation[name]) for name in EVALUATED if name != "test" and name in evaluation},
+        **({"evaluated": evaluation["evaluated"]} if "evaluated" in evaluation else {}),
         "onnx_parity_max_abs_diff": parity,
         "onnx": {**onnx_info, "precision": "fp32"},
     }
@@ -326,8 +333,8 @@ def _fp16_variant(towers, raw: dict[str, Path], out_dir: Path) -> tuple[Variant 
                 path.unlink(missing_ok=True)
             info["dropped"] = f"{encoder}: FP16 differs from PyTorch FP32 by {diff:.2e} > {FP16_TOLERANCE:.0e}"
             return None, info
-    info["verified"] = ("on the CPU provider: " + ", ".join(sorted(info["parity_max_abs_diff"]))
-                        if info["parity_max_abs_diff"] else "not run here (no CPU kernels); check on a GPU")
+    # True only when the parity check ran for every encoder: a GPU repository serves FP16 only then.
+    info["verified"] = not info["not_run_on_cpu"]
     if not info["not_run_on_cpu"]:
         del info["not_run_on_cpu"]
     variant = Variant("fp16", paths[IMAGE_ENCODER], paths[TEXT_ENCODER],
@@ -335,17 +342,19 @@ def _fp16_variant(towers, raw: dict[str, Path], out_dir: Path) -> tuple[Variant 
     return variant, info
 
 
-def _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer, config, max_drop, text_only=False):
+def _int8_variant(towers, raw, served, out_dir, manifests, tokenizer, config, max_drop, text_only=False):
     """Quantise (both encoders, or the text encoder alone), optimise, run the held-out set through
     FP32 and INT8: (gate record, variant or None)."""
     from xmodal.manifest import read_manifest
 
     manifests = [manifests] if isinstance(manifests, (str, Path)) else list(manifests)
-    styles = evaluation.get("test_styles") or None
-    rows = [row for m in manifests for row in read_manifest(m, split="test", styles=styles)]
+    # The run's own splits: the gate is a choice, made on the validation set when the data has one.
+    splits = split_rows((row for m in manifests for row in read_manifest(m)),
+                        validation_style=config.get("validation_style"), unseen_concepts=config.get("unseen_concepts", 0.0))
+    held_out, rows = splits.held_out()
     if not rows:
-        raise ValueError(f"no held-out rows (split 'test'{f', styles {styles}' if styles else ''}) in "
-                         f"{', '.join(map(str, manifests))}: the INT8 gate has nothing to measure on")
+        raise ValueError(f"no validation or test rows in {', '.join(map(str, manifests))}: "
+                         "the INT8 gate has nothing to measure on")
     quantized = [TEXT_ENCODER] if text_only else list(towers)
     paths = {IMAGE_ENCODER: out_dir / IMAGE_INT8_ONNX, TEXT_ENCODER: out_dir / TEXT_INT8_ONNX}
     if text_only:
@@ -363,6 +372,7 @@ def _int8_variant(towers, raw, served, out_dir, manifests, evaluation, tokenizer
          "int8": (paths[IMAGE_ENCODER], paths[TEXT_ENCODER])},
         rows, tokenizer, config)
     gate = variants.int8_gate(recall["fp32"], recall["int8"], max_drop=max_drop)
+    gate["split"] = held_out
     gate["images"] = images
     gate["styles"] = sorted({row.style for row in rows})
     gate["quantized"] = quantized

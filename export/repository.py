@@ -37,12 +37,12 @@ Warm-up. Every non-ensemble model warms up before it is ready: the image encoder
 image batch, the text encoder on one short sequence of ``[UNK]`` ids, the preprocessing
 models on a small PNG and a short text (files under ``<model>/warmup/``).
 
-Targets. ``cpu`` gives each encoder one KIND_CPU instance unless a count is given: left to
-itself Triton makes two, and on 2 cores the sweep in ``benchmarks/serving.py`` measured one
-instance 20–27% faster (geometric mean over text and image, single items and batches of 32,
-16 clients; docs/serving-benchmark.md). ONNX Runtime already spreads one call over the
-cores, so a second instance only competes for them. The preprocessing models keep
-Triton's default (one) unless a count is given. ``gpu`` gives the encoders
+Targets. ``cpu`` gives each encoder one KIND_CPU instance unless a count is given (left to
+itself Triton makes two): ONNX Runtime already spreads one call over the cores, so a second
+instance competes with the first for them. The instance sweep of ``benchmarks/serving.py``
+serves other counts of encoder and preprocessing instances beside this default; what it
+found and recommends is in docs/serving.md (rendered from its JSON). The preprocessing
+models keep Triton's default (one) unless a count is given. ``gpu`` gives the encoders
 ``instance_group [{ kind: KIND_GPU count: N }]`` and, with ``tensorrt=True``, the TensorRT
 execution accelerator at FP16; the preprocessing models run on CPU instances there.
 
@@ -195,12 +195,12 @@ def _check_encoder(path: Path, role: str, input_name: str, embeddings: list[str]
 
 
 
-# Measured best on the CPU target (see the module docstring).
+# The CPU target's encoder instances (see the module docstring; docs/serving.md shows the sweep).
 CPU_ENCODER_INSTANCES = 1
-# Every ONNX Runtime model's idle threads sleep instead of spinning, so they leave the 2 cores to
-# the preprocessing stubs and Triton between (and during their) requests. Text: two runs of 1,500
-# single queries (default MiniLM model, INT8) gave p99 6.61 / 4.57 ms spinning, 4.53 / 4.24 ms
-# not. Images: the instance sweep of benchmarks/serving.py compares "1/1" with "1/1 + spin".
+# Every ONNX Runtime model's idle threads sleep instead of spinning, so they leave the cores to
+# the preprocessing stubs and Triton between (and during their) requests: spinning threads
+# raised the tail latency of single text queries. The instance sweep of benchmarks/serving.py
+# compares "1/1" with "1/1 + spin" (docs/serving.md, rendered from its JSON).
 # Read by xmodal's local onnxruntime backend; NVIDIA's ignores it.
 CPU_ENCODER_PARAMETERS = {"allow_spinning": "0"}
 
@@ -344,7 +344,7 @@ def write_model_repository(
     KIND_CPU); ``tensorrt`` (gpu only) adds the TensorRT accelerator at FP16;
     ``max_queue_delay_microseconds`` is the encoders' dynamic-batching delay. ``allow_spinning``
     (cpu only) sets whether every encoder's idle ONNX Runtime threads spin (True) or sleep (False);
-    None keeps the measured defaults (:data:`CPU_ENCODER_PARAMETERS`). A card with a
+    None keeps the defaults (:data:`CPU_ENCODER_PARAMETERS`: sleeping). A card with a
     ``reranker`` adds its models, from the files the card names in ``reranker_dir`` (default: the
     image encoder's directory, where ``export_run`` writes them).
     """

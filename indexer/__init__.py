@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 # Items per shard: the unit of resumption (a killed run redoes at most the shards in flight).
 DEFAULT_SHARD_SIZE = 1000
-# Items per Ray batch and per embedding request (capped by the model's max_batch_size): 64 gave
-# 2 local workers 1.80-1.81x one in steady state, 32 gave 1.63-1.76x (docs/indexing.md).
+# Items per Ray batch and per embedding request (capped by the model's max_batch_size): 64
+# scaled better from 1 local worker to 2 than 32, the earlier default (docs/indexing.md,
+# "Benchmark"; benchmarks/indexing.py --batch-size measures another).
 DEFAULT_BATCH_SIZE = 64
 # Rows per upsert: large enough that Milvus's per-call cost vanishes, small enough to hold.
 DEFAULT_WRITE_BATCH = 5000

@@ -15,6 +15,12 @@ and style, and started again at any row's position, which is how a read task fin
 | karpathy | index in its ``images`` list | its rows, parsed by the driver and carried by the read task |
 | folder | its image file (``readers.walk_folder``'s sorted walk) | the image files it holds, which the read task stats and reads again |
 
+An image path must lie under the input's corpus root (a manifest's directory, the image root or
+the file's directory, the folder), symlinks followed, or under a directory the run allows
+(``allowed_image_roots``): a manifest line naming another file stops the run, as a malformed one
+does; a row of another format doing so is a dead letter. ``image_roots`` are those directories,
+which the collection records for the web page.
+
 The Karpathy JSON is one JSON document: the driver parses it whole (its size is fixed by the
 dataset: Flickr30k's is ~31k images) and each read task carries its shard's rows. Every other
 format is streamed: the driver's scan holds a row (a Parquet record batch) at a time, and never
@@ -30,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmodal import readers
-from xmodal.manifest import parse_row
+from xmodal import readers, settings
+from xmodal.manifest import manifest_roots, parse_row
 
 MANIFEST = "manifest"
 FOLDER = readers.FOLDER
@@ -94,6 +100,8 @@ class InputSpec:
     image_column: str | None = None
     caption_column: str | None = None
     style: str = ""  # the style of a raw format's rows
+    # directories outside the corpus root whose images the input may name (absolute)
+    allowed_image_roots: tuple[str, ...] = ()
 
     def identity(self) -> dict[str, Any]:
         """What the progress file records of the input, besides its items (a manifest's as before)."""
@@ -103,12 +111,17 @@ class InputSpec:
             identity["input"] = {"format": self.format, "image_root": self.image_root,
                                  "image_column": self.image_column, "caption_column": self.caption_column,
                                  "style": self.style}
+        if self.allowed_image_roots:  # absent otherwise: the progress of earlier runs still matches
+            identity["allowed_image_roots"] = list(self.allowed_image_roots)
         return identity
 
 
 def input_spec(source: Source, *, kind: str, split: Any = SPLIT_DEFAULT,
-               styles: Collection[str] | str | None = None) -> InputSpec:
-    """The spec of `source`: its format found, its paths absolute, its split and style settled."""
+               styles: Collection[str] | str | None = None,
+               allowed_image_roots: Sequence[str | os.PathLike[str]] = ()) -> InputSpec:
+    """The spec of `source`: its format found, its paths absolute, its split and style settled;
+    `allowed_image_roots`: directories outside its corpus root its rows may name images in
+    (with ``$XMODAL_ALLOWED_IMAGE_ROOTS``, read here, in the driver: the read tasks take the spec's)."""
     path = Path(source.path).expanduser()
     fmt = readers.detect_format(path) if source.format == "auto" else source.format
     if fmt not in FORMATS:
@@ -129,7 +142,9 @@ def input_spec(source: Source, *, kind: str, split: Any = SPLIT_DEFAULT,
         tuple(sorted(styles)) if styles is not None else None, fmt,
         str(Path(source.image_root).expanduser().resolve()) if source.image_root is not None else None,
         source.image_column, source.caption_column,
-        "" if fmt == MANIFEST else source.name or readers.default_style(path))
+        "" if fmt == MANIFEST else source.name or readers.default_style(path),
+        tuple(dict.fromkeys(str(Path(root).expanduser().resolve())
+                            for root in settings.allowed_image_roots(allowed_image_roots))))
 
 
 @dataclass
@@ -148,9 +163,25 @@ def input_files(spec: InputSpec) -> InputFiles:
     if spec.format == MANIFEST:
         return InputFiles([spec.path])
     if spec.format == FOLDER:
-        walk = readers.walk_folder(Path(spec.path))
+        walk = readers.walk_folder(Path(spec.path), spec.allowed_image_roots)
         return InputFiles([str(image) for image in walk.images], walk.hidden, walk.not_images, walk.outside_links)
     return InputFiles([str(file) for file in readers.source_files(Path(spec.path), spec.format)])
+
+
+def image_roots(spec: InputSpec, files: Sequence[str]) -> list[str]:
+    """The directories the input's image files lie under (``readers.corpus_root`` of each of its
+    `files`; a manifest's directory, the folder), and those allowed beside them: what the
+    collection records, so that the web page serves its images and no other file."""
+    if spec.format == MANIFEST:
+        roots = [str(Path(spec.path).parent)]
+    elif spec.format == FOLDER:
+        roots = [spec.path]
+    elif spec.format == "webdataset":  # its images are bytes, written to the image store
+        roots = []
+    else:
+        image_root = Path(spec.image_root) if spec.image_root else None
+        roots = [str(readers.corpus_root(Path(file), image_root).resolve()) for file in files]
+    return list(dict.fromkeys([*roots, *spec.allowed_image_roots]))
 
 
 @dataclass
@@ -220,7 +251,8 @@ def _file_rows(spec: InputSpec, file: Path, offset: int, number: int | None,
     positioned = readers.file_rows(spec.format, file, image_root=Path(spec.image_root) if spec.image_root else None,
                                    image_column=spec.image_column, caption_column=spec.caption_column,
                                    offset=offset, number=number, read_images=read_images,
-                                   require_captions=spec.kind == "caption")
+                                   require_captions=spec.kind == "caption",
+                                   allowed_image_roots=spec.allowed_image_roots)
     if spec.format in MERGED_FORMATS:
         positioned = _merge_consecutive(positioned)
     source_mtime = int(file.stat().st_mtime) if spec.format in BYTE_FORMATS else 0
@@ -288,6 +320,7 @@ def _manifest_rows(spec: InputSpec, file: Path, offset: int, first_line: int) ->
     """The project's manifest, line by line from a byte offset: strict (a line that is not a
     manifest row, or not UTF-8, stops the run naming file and line)."""
     manifest_dir = file.parent
+    roots = manifest_roots(manifest_dir, spec.allowed_image_roots)
     with open(file, "rb") as handle:
         handle.seek(offset)
         for line_number, raw in enumerate(handle, start=first_line):
@@ -298,7 +331,7 @@ def _manifest_rows(spec: InputSpec, file: Path, offset: int, first_line: int) ->
                 raise ValueError(f"manifest {file} is not UTF-8 text: line {line_number}: {exc}") from None
             if not line.strip():
                 continue
-            row = parse_row(line, manifest_dir, where=f"{file}:{line_number}")
+            row = parse_row(line, manifest_dir, roots, where=f"{file}:{line_number}")
             image = Path(row.image)
             relative = image.relative_to(manifest_dir).as_posix() if image.is_relative_to(manifest_dir) else str(image)
             yield start, line_number, Row(image=str(row.image), captions=row.captions, concept=row.concept,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xmodal import contract, settings
 from xmodal.files import filesystem, is_uri
-from xmodal.indexer import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH, formats, sources
+from xmodal.indexer import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, DEFAULT_WRITE_BATCH, formats, sources, state
 from xmodal.indexer.sources import CAPTION, IMAGE
 
 if TYPE_CHECKING:
@@ -70,7 +71,11 @@ class IndexJob:
     JSONL tables with an image folder, the Karpathy split JSON, Parquet with an image-bytes or
     image-path column, WebDataset tar shards (docs/indexing.md). `split`: a manifest's ``test``
     split unless given; every row of another format unless given (None: every row). `styles`
-    keeps those styles only; `limit` the first rows.
+    keeps those styles only; `limit` the first rows. An image path must lie under the input's
+    corpus root (a manifest's directory, the image root or the table's directory, the folder),
+    symlinks followed, or under one of `allowed_image_roots` (or ``$XMODAL_ALLOWED_IMAGE_ROOTS``);
+    the collection records those directories (and the image store), and the web page serves
+    no file outside them.
 
     Embedding: by the Triton server at `triton_url` (or several of the same model: a list, or
     URLs separated by commas; each actor asks those on its own node first and goes on to the
@@ -118,6 +123,8 @@ class IndexJob:
     split: str | None = formats.SPLIT_DEFAULT
     styles: Collection[str] | str | None = None
     limit: int | None = None
+    # directories outside the corpus root whose images the input may name, allowed on purpose
+    allowed_image_roots: Sequence[str | os.PathLike[str]] = ()
     # where to embed: one of the two
     triton_url: str | list[str] | None = None
     model_repository: str | os.PathLike[str] | None = None
@@ -155,6 +162,10 @@ class IndexJob:
         """The one input of the job, as a ``formats.Source``."""
         return formats.source_of(self.manifest, self.input)
 
+    def image_store_location(self) -> str:
+        """Where images the source holds as bytes are written: `image_store`, else beside the collection."""
+        return str(self.image_store or state.image_store_path(self.milvus_uri, self.collection))
+
     def writer_count(self) -> int:
         """`writers`, or when not given the database's: the driver alone for milvus-lite."""
         from xmodal import store
@@ -187,6 +198,11 @@ class IndexJob:
                              f"writer, not {writers}; use a Milvus server URI for parallel writers")
         if self.image_store is not None and is_uri(self.image_store):
             filesystem(str(self.image_store))  # ValueError naming a URI pyarrow does not know
+        if isinstance(self.allowed_image_roots, (str, os.PathLike)):
+            raise ValueError("allowed_image_roots takes a list of directories, not one path")
+        for root in self.allowed_image_roots:
+            if not Path(root).expanduser().is_dir():
+                raise ValueError(f"allowed_image_roots: {root} is not a directory")
         if (self.triton_url is None) == (self.model_repository is None):
             raise ValueError("give either triton_url (embed with a Triton server) or model_repository "
                              "(embed in-process with ONNX Runtime, no server), not both or neither")

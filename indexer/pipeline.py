@@ -500,21 +500,30 @@ def build_reader(job: IndexJob) -> Reader:
     source = job.source()
     folder = changes = only = None
     if job.kind == sources.IMAGE:
-        spec = formats.input_spec(source, kind=job.kind, split=job.split, styles=job.styles)
+        spec = formats.input_spec(source, kind=job.kind, split=job.split, styles=job.styles,
+                                  allowed_image_roots=job.allowed_image_roots)
         if spec.format == formats.FOLDER:  # only the files new or changed since the record of it
             folder = FolderFiles(files_path(job.milvus_uri, job.collection), spec.path)
-            changes = folder.compare({str(image): formats.file_stamp(image)
-                                      for image in readers.walk_folder(Path(spec.path)).images})
+            changes = folder.compare({str(image): formats.file_stamp(image) for image in
+                                      readers.walk_folder(Path(spec.path), spec.allowed_image_roots).images})
             only = None if job.restart else changes.to_index
     plan = sources.scan(source, kind=job.kind, split=job.split, styles=job.styles, limit=job.limit,
-                        shard_size=job.shard_size, only=only)
+                        shard_size=job.shard_size, only=only, allowed_image_roots=job.allowed_image_roots)
     scan_seconds = time.perf_counter() - started
     prepare = KINDS[job.kind].prepare
     if prepare is not None:
         # where the images a source holds as bytes are written, by content: where the job says, else beside the collection
-        prepare = functools.partial(prepare, image_store=str(job.image_store or state.image_store_path(job.milvus_uri,
-                                                                                                     job.collection)))
+        prepare = functools.partial(prepare, image_store=job.image_store_location())
     return Reader(plan, scan_seconds, job.batch_size, prepare, folder, changes)
+
+
+def _image_roots(job: IndexJob, plan: sources.InputPlan) -> list[str]:
+    """Where the rows of this run name images: under the input's roots, and for images a source
+    holds as bytes, the image store they are written to."""
+    roots = list(plan.image_roots)
+    if job.kind == sources.IMAGE and plan.spec.format in formats.BYTE_FORMATS:
+        roots.append(job.image_store_location())
+    return roots
 
 
 def build_embedding(job: IndexJob) -> Embedding:
@@ -598,6 +607,8 @@ def run(job: IndexJob, *, reader: Callable[[IndexJob], Reader] = build_reader,
             shards = len(plan.shards)
             if plan.items and not ray_started:
                 ray_started = start_ray(job.ray_address)
+        # before any row is written: the web page serves a row's image only from under these
+        store.record_image_roots(client, collection, _image_roots(job, read.plan))
         folder_counts = _sync_folder(read, job, client, collection, say)
         if (job.kind == sources.IMAGE and not write.local and job.image_store is None
                 and read.plan.spec.format in formats.BYTE_FORMATS):

@@ -107,6 +107,8 @@ class InputPlan:
     hidden_skipped: int = 0
     not_images_skipped: int = 0
     outside_links_skipped: int = 0
+    # the directories its images lie under (formats.image_roots): what the collection records
+    image_roots: tuple[str, ...] = ()
 
 
 def _units(kind: str, row: formats.Row) -> list[str | None]:
@@ -138,10 +140,12 @@ def _unit_key(row: formats.Row, caption: str | None) -> str:
 
 def scan(source: formats.Source | str | os.PathLike[str], *, kind: str, split: Any = formats.SPLIT_DEFAULT,
          styles: Collection[str] | str | None = None, limit: int | None = None,
-         shard_size: int = 1000, only: Collection[str] | None = None) -> InputPlan:
+         shard_size: int = 1000, only: Collection[str] | None = None,
+         allowed_image_roots: Sequence[str | os.PathLike[str]] = ()) -> InputPlan:
     """One streaming pass over the input: the items' number, their hash, and the shards.
 
     `only`: of a folder, the files to read (those new or changed since the collection's record of it).
+    `allowed_image_roots`: directories outside the input's corpus root its rows may name images in.
 
     `source`: a manifest path, or a ``formats.Source``. Raises ValueError (naming the file, and
     for a manifest the line) for an input that cannot be read as its format, before any work is
@@ -151,7 +155,7 @@ def scan(source: formats.Source | str | os.PathLike[str], *, kind: str, split: A
         raise ValueError(f"kind must be {IMAGE!r} or {CAPTION!r}, got {kind!r}")
     if not isinstance(source, formats.Source):
         source = formats.Source(source, format=formats.MANIFEST)
-    spec = formats.input_spec(source, kind=kind, split=split, styles=styles)
+    spec = formats.input_spec(source, kind=kind, split=split, styles=styles, allowed_image_roots=allowed_image_roots)
     found = formats.input_files(spec)
     files = found.files if only is None else [file for file in found.files if file in only]
     keep_rows = spec.format == "karpathy"  # one document, parsed here: the read tasks carry its rows
@@ -190,7 +194,8 @@ def scan(source: formats.Source | str | os.PathLike[str], *, kind: str, split: A
     if current is not None:
         close()
     return InputPlan(spec, limit, shard_size, number, total.hexdigest(), shards,
-                     found.hidden, found.not_images, found.outside_links)
+                     found.hidden, found.not_images, found.outside_links,
+                     tuple(formats.image_roots(spec, found.files)))
 
 
 def _safe_text(value: str) -> str:

@@ -21,6 +21,8 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 import tinymodel  # noqa: E402
 
+pytest_plugins = ["skip_policy", "pytester"]
+
 
 @pytest.fixture(scope="session")
 def npm_cache():

@@ -82,7 +82,7 @@ def test_efficientnet_classifies_a_photograph(effnet: EfficientNetLite0Backbone)
     with torch.no_grad():
         probs = effnet.classify(pixels).softmax(dim=-1)[0]
     top5 = probs.topk(5).indices.tolist()
-    assert top5[0] == 652, top5  # measured: 652 military uniform p=0.44, then 457 bow tie, 834 suit
+    assert top5[0] == 652, top5  # 652 military uniform (what she wears); her bow tie (457) or suit (834) follows
     assert 457 in top5 or 834 in top5
 
 
@@ -102,14 +102,11 @@ def emoji_images(concepts: list[str], npm_cache: Path) -> dict[tuple[str, str], 
         if all(path.is_file() for path in paths.values()):
             return {key: decode_image(path.read_bytes()) for key, path in paths.items()}
 
-    from xmodal.training.emoji import STYLE_SOURCES, DataFetchError, list_tar_files, npm_pack, read_tar_files, style_files
+    from xmodal.training.emoji import STYLE_SOURCES, list_tar_files, npm_pack, read_tar_files, style_files
 
     images = {}
     for source in (s for s in STYLE_SOURCES if s.style in EMOJI_STYLES):
-        try:
-            tarball = npm_pack(source.package, npm_cache)
-        except DataFetchError as exc:
-            pytest.skip(f"no emoji corpus on disk and none fetchable: {exc}")
+        tarball = npm_pack(source.package, npm_cache)
         members = style_files(list_tar_files(tarball), source)
         files = read_tar_files(tarball, [members[c] for c in concepts])
         images.update({(source.style, c): decode_image(files[members[c]]) for c in concepts})
@@ -120,11 +117,11 @@ def emoji_images(concepts: list[str], npm_cache: Path) -> dict[tuple[str, str], 
 def test_efficientnet_features_recognise_emoji_across_styles(effnet: EfficientNetLite0Backbone, npm_cache: Path) -> None:
     """The frozen features must carry emoji identity across drawing styles (Google ↔ Twitter).
 
-    ImageNet *classification* of flat emoji art is poor (out of distribution; measured top-1
-    at 224 px for Google-style banana/pizza/strawberry/pineapple/mushroom: 584 hair slide,
-    714 pick, 584, 443 bib, 419 band aid — only 1 of 5 right in the top 5), so what is checked
-    is what retrieval uses: each Google emoji's nearest Twitter emoji among 16 concepts is its
-    own (chance 1/16; measured 16/16 and 14/16 the other way at 128 px).
+    ImageNet *classification* of flat emoji art is poor (out of distribution: the ImageNet
+    classes of Google-style banana, pizza, strawberry, pineapple and mushroom are mostly
+    missing from their top 5 at 224 px), so what is checked is what retrieval uses: each
+    Google emoji's nearest Twitter emoji among 16 concepts is its own (chance 1/16), at
+    128 px, both ways, for most of the concepts (the assertion's bound).
     """
     concepts = list(EMOJI_IMAGENET) + EMOJI_MORE
     images = emoji_images(concepts, npm_cache)

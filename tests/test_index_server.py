@@ -214,3 +214,25 @@ def test_the_servers_books_hold_more_letters_than_one_query_returns(server):
         assert records.letters() == [] and records.read_progress() is None
     finally:
         client.close()
+
+
+def test_books_another_machine_created_but_has_not_indexed_yet_still_open(server):
+    """Two machines' runs start at once: one has created xmodal_books and not yet built its index
+    (a collection without an index cannot load); the other's reads and writes still work."""
+    from pymilvus import DataType
+
+    from xmodal.indexer import state
+
+    client = store.connect(server)
+    try:
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(store.RECORD_KEY, DataType.VARCHAR, max_length=512, is_primary=True)
+        schema.add_field(store.RECORD_TEXT, DataType.VARCHAR, max_length=65535)
+        schema.add_field(store.RECORD_VECTOR, DataType.FLOAT_VECTOR, dim=2)
+        client.create_collection(store.BOOKS_COLLECTION, schema=schema)  # no index, not loaded
+        assert not client.list_indexes(store.BOOKS_COLLECTION)
+        records = state.run_records(server, "raced", client)
+        records.save_progress({"format": state.PROGRESS_FORMAT, "finished": [0], "shards": 2})
+        assert records.read_progress()["finished"] == [0]
+    finally:
+        client.close()

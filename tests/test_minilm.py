@@ -71,7 +71,7 @@ def test_sentence_similarities_are_upstreams(minilm: MiniLMBackbone, tokenizer: 
              "A man is riding a horse.", "A man is riding a white horse on an enclosed ground."]
     e = encode(minilm, tokenizer, texts)
     cos = (e @ e.T).numpy()
-    # measured: 0.7553 (paraphrase), 0.0476 (unrelated), 0.7369 (paraphrase), 0.2474 (eating vs riding)
+    # paraphrases well above the bound, unrelated sentences near 0, eating vs riding in between
     assert cos[0, 1] > 0.70
     assert cos[0, 2] < 0.10
     assert cos[3, 4] > 0.70
@@ -80,7 +80,7 @@ def test_sentence_similarities_are_upstreams(minilm: MiniLMBackbone, tokenizer: 
 
 def test_hello_world_matches_the_published_reference(minilm: MiniLMBackbone, tokenizer: Tokenizer) -> None:
     """The first 5 dims of the normalised, mean-pooled "hello world" as fastembed's test suite pins them
-    for sentence-transformers/all-MiniLM-L6-v2 (measured here within 6e-6 of its 5-digit values).
+    for sentence-transformers/all-MiniLM-L6-v2, to the tolerance its 5-digit values allow.
 
     Older fastembed releases pooled the [CLS] token instead and pinned [0.0259, 0.0058, 0.0114,
     0.0380, -0.0233]; the normalised [CLS] state here matches that too, a second, independent check.
@@ -282,14 +282,16 @@ def tiny_run(emoji_manifest, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_export(tiny_run) -> dict:
-    """export_run with the INT8 gate on the run's held-out split. A refusal is a legitimate outcome:
-    the FP32 files and the card (recording the gate) are complete either way."""
+    """export_run with the MiniLM text encoder quantised (`--quantize int8-text`; the image tower
+    here is a barely trained small CNN) and the INT8 gate on the run's held-out split. A refusal fails the gate's test
+    alone: the FP32 files and the card the other tests read are complete either way."""
     from xmodal.card import ModelCard
     from xmodal.export.onnx import QuantizationRejected, export_run
 
     out = tiny_run["dir"] / "onnx"
     try:
-        exported, refused = export_run(tiny_run["run"], out, manifests=[tiny_run["manifest"]], quantize="int8"), None
+        exported, refused = export_run(tiny_run["run"], out, manifests=[tiny_run["manifest"]],
+                                       quantize="int8-text"), None
     except QuantizationRejected as exc:
         exported, refused = None, exc
     return {"out": out, "exported": exported, "refused": refused, "card": ModelCard.load(out)}
@@ -327,85 +329,44 @@ def test_frozen_minilm_run_trains_evaluates_and_exports(tiny_run, tiny_export, m
     assert served.shape == (1, 256) and np.linalg.norm(served) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_minilm_int8_goes_through_the_recall_gate(tiny_run, tiny_export) -> None:
-    """Both R@10 numbers are in the card and the verdict is the <= 1 point rule applied to them.
-
-    Measured here: FP32 and INT8 both 83.33 (image -> text) and 91.67 (text -> image) on the 12
-    held-out OpenMoji images: accepted. With 12 images one rank is 8.3 points, so the rule is
-    checked again below on the recorded numbers with a gate tight enough to refuse.
-    """
+def test_minilm_int8_text_goes_through_the_recall_gate(tiny_run, tiny_export) -> None:
+    """`--quantize int8-text`: the MiniLM text encoder quantised per channel (the query side; the
+    image encoder stays FP32) keeps its recall: the gate accepts it, with both R@10 numbers in
+    the card, and the INT8 vectors stay close to FP32's. (The refusal path is
+    tests/test_export.py's, on a model that INT8 does break.)"""
     from xmodal.export import variants
-    from xmodal.export.onnx import IMAGE_INT8_ONNX, TEXT_INT8_ONNX, TEXT_ONNX, QuantizationRejected
+    from xmodal.export.onnx import IMAGE_INT8_ONNX, IMAGE_ONNX, TEXT_INT8_ONNX, TEXT_ONNX
     from xmodal.manifest import read_manifest
 
     out, gate = tiny_export["out"], tiny_export["card"].evaluation["int8_gate"]
-    assert gate["metric"] == "R@10" and gate["max_drop_points"] == 1.0
+    assert gate["metric"] == "R@10" and gate["max_drop_points"] == 1.0 and gate["quantized"] == ["text_encoder"]
     assert gate["styles"] == ["openmoji"] and gate["images"] == tiny_run["report"]["test_images"] == 12
     for direction in variants.DIRECTIONS:
-        assert 0.0 <= gate["fp32"][direction] <= 100.0 and 0.0 <= gate["int8"][direction] <= 100.0
         assert gate["drop"][direction] == pytest.approx(gate["fp32"][direction] - gate["int8"][direction], abs=1e-3)
-    accepted = all(gate["drop"][d] <= 1.0 for d in variants.DIRECTIONS)
-    assert gate["accepted"] is accepted
-    # The FP32 numbers are the run's own held-out evaluation (R@10 over the same images and labels).
-    for direction in variants.DIRECTIONS:
+        # The FP32 numbers are the run's own held-out evaluation (R@10 over the same images and labels).
         assert gate["fp32"][direction] == pytest.approx(tiny_run["report"]["test"]["global"][direction]["R@10"])
+    assert gate["accepted"] is True and all(gate["drop"][d] <= 1.0 for d in variants.DIRECTIONS)
+    assert tiny_export["refused"] is None
 
-    if accepted:
-        exported = tiny_export["exported"]
-        assert tiny_export["refused"] is None and exported is not None
-        int8 = exported.choose("cpu")
-        assert int8.precision == "int8" and int8.text_onnx == out / TEXT_INT8_ONNX
-        assert int8.card.fingerprint == int8.fingerprint != tiny_export["card"].fingerprint
-        ops = variants.op_types(int8.text_onnx)
-        assert any("Integer" in op or "Quant" in op for op in ops), ops
-        # The embedding table and the 6 layers' MatMuls hold the bytes: INT8 is about a quarter of FP32.
-        assert (out / TEXT_INT8_ONNX).stat().st_size < 0.35 * (out / TEXT_ONNX).stat().st_size
-        # And the vectors stay close to FP32's (measured: cosine >= 0.969, mean 0.982).
-        from xmodal.training.train import tokenize
+    chosen = tiny_export["exported"].choose("cpu")
+    assert chosen.precision == "int8-text"
+    assert chosen.image_onnx == out / IMAGE_ONNX and chosen.text_onnx == out / TEXT_INT8_ONNX
+    assert not (out / IMAGE_INT8_ONNX).exists()  # the image encoder is not quantised
+    assert set(chosen.notes["latency_ms"]) == {"text_encoder"}
+    assert chosen.card.fingerprint == chosen.fingerprint != tiny_export["card"].fingerprint
+    ops = variants.op_types(chosen.text_onnx)
+    assert any("Integer" in op or "Quant" in op for op in ops), ops
+    # The embedding table and the 6 layers' MatMuls hold the bytes: INT8 is about a quarter of FP32.
+    assert (out / TEXT_INT8_ONNX).stat().st_size < 0.35 * (out / TEXT_ONNX).stat().st_size
+    # And the vectors stay close to FP32's.
+    from xmodal.training.train import tokenize
 
-        labels = sorted({row.captions[0] for row in read_manifest(tiny_run["manifest"])})
-        ids = tokenize(Tokenizer.from_file(str(out / "tokenizer.json")), labels).numpy()
-        fp32_vectors, int8_vectors = (
-            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["global"], {"input_ids": ids})[0]
-            for path in (out / TEXT_ONNX, out / TEXT_INT8_ONNX))
-        assert float((fp32_vectors * int8_vectors).sum(axis=1).min()) > 0.9
-    else:  # a legitimate outcome on 12 images: the refusal path
-        assert isinstance(tiny_export["refused"], QuantizationRejected)
-        assert "INT8 refused" in str(tiny_export["refused"])
-        assert not (out / IMAGE_INT8_ONNX).exists() and not (out / TEXT_INT8_ONNX).exists()
-
-    # The same rule on the recorded numbers: a gate that allows less than the measured drop refuses.
-    tighter = min(gate["drop"].values()) - 0.5
-    refused = variants.int8_gate(gate["fp32"], gate["int8"], max_drop=tighter)
-    assert refused["accepted"] is False
-    with pytest.raises(QuantizationRejected, match=r"INT8 refused.*image to text R@10 FP32 .* -> INT8 .*text to image"):
-        variants.require_int8_gate(refused)
-
-
-def test_minilm_int8_text_quantizes_the_text_encoder_alone(tiny_run, tmp_path) -> None:
-    """`--quantize int8-text`: the query side INT8 (a MiniLM query costs 2-3x less), the image encoder FP32."""
-    from xmodal.card import ModelCard
-    from xmodal.export import variants
-    from xmodal.export.onnx import IMAGE_INT8_ONNX, IMAGE_ONNX, TEXT_INT8_ONNX, QuantizationRejected, export_run
-
-    out = tmp_path / "onnx"
-    try:
-        exported, refused = export_run(tiny_run["run"], out, manifests=[tiny_run["manifest"]], quantize="int8-text",
-                                       fp16=False), None
-    except QuantizationRejected as exc:
-        exported, refused = None, exc
-    gate = ModelCard.load(out).evaluation["int8_gate"]
-    assert gate["quantized"] == ["text_encoder"]
-    assert gate["accepted"] is all(gate["drop"][d] <= 1.0 for d in variants.DIRECTIONS)
-    assert not (out / IMAGE_INT8_ONNX).exists()  # the image encoder is never quantised
-    if gate["accepted"]:
-        chosen = exported.choose("cpu")
-        assert chosen.precision == "int8-text"
-        assert chosen.image_onnx == out / IMAGE_ONNX and chosen.text_onnx == out / TEXT_INT8_ONNX
-        assert set(chosen.notes["latency_ms"]) == {"text_encoder"}
-        assert chosen.card.fingerprint == chosen.fingerprint != ModelCard.load(out).fingerprint
-    else:
-        assert "INT8 refused (text_encoder)" in str(refused) and not (out / TEXT_INT8_ONNX).exists()
+    labels = sorted({row.captions[0] for row in read_manifest(tiny_run["manifest"])})
+    ids = tokenize(Tokenizer.from_file(str(out / "tokenizer.json")), labels).numpy()
+    fp32_vectors, int8_vectors = (
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["global"], {"input_ids": ids})[0]
+        for path in (out / TEXT_ONNX, out / TEXT_INT8_ONNX))
+    assert float((fp32_vectors * int8_vectors).sum(axis=1).min()) > 0.9
 
 
 # --- served by the real tritonserver ---------------------------------------------------------
@@ -440,7 +401,8 @@ def minilm_server(tiny_export):
 
 @pytest.fixture(scope="module")
 def minilm_client(minilm_server):
-    httpclient = pytest.importorskip("tritonclient.http")
+    import tritonclient.http as httpclient
+
     client = httpclient.InferenceServerClient(minilm_server.url)
     yield client
     client.close()  # before the server stops: Triton waits for open connections

@@ -89,7 +89,7 @@ def test_csv_merges_rows_per_image_and_records_a_missing_image(image_dir: Path, 
     manifest = import_corpus(source, out, progress=False)
 
     assert manifest == out / "manifest.jsonl"
-    rows = read_manifest(manifest)
+    rows = read_manifest(manifest, allowed_image_roots=[image_dir.parent])  # the images stay beside the CSV
     assert [r.id for r in rows] == ["captions/images/red.png", "captions/images/green.png", "captions/images/blue.png"]
     red = rows[0]
     assert red.captions == ["a red square", "something red"]
@@ -101,7 +101,7 @@ def test_csv_merges_rows_per_image_and_records_a_missing_image(image_dir: Path, 
     assert miss["path"].endswith("images/missing.png") and "not found" in miss["reason"]
 
     again = import_corpus(source, tmp_path / "again", progress=False)
-    assert [r.split for r in read_manifest(again)] == [r.split for r in rows]
+    assert [r.split for r in read_manifest(again, allowed_image_roots=[image_dir])] == [r.split for r in rows]
 
 
 def test_csv_captions_column_split_and_image_root(image_dir: Path, tmp_path: Path) -> None:
@@ -112,13 +112,15 @@ def test_csv_captions_column_split_and_image_root(image_dir: Path, tmp_path: Pat
         'green.png,"[""green""]",test\n',
         encoding="utf-8",
     )
-    rows = read_manifest(import_corpus(source, tmp_path / "out", image_root=image_dir, style="colours", progress=False))
+    rows = read_manifest(import_corpus(source, tmp_path / "out", image_root=image_dir, style="colours", progress=False),
+                         allowed_image_roots=[image_dir])
     assert [(r.id, r.captions, r.split) for r in rows] == [
         ("colours/red.png", ["red", "crimson"], "train"),
         ("colours/green.png", ["green"], "test"),
     ]
     forced = read_manifest(
-        import_corpus(source, tmp_path / "forced", image_root=image_dir, split="test", progress=False)
+        import_corpus(source, tmp_path / "forced", image_root=image_dir, split="test", progress=False),
+        allowed_image_roots=[image_dir],
     )
     assert {r.split for r in forced} == {"test"}
 
@@ -147,7 +149,7 @@ def test_jsonl_reads_lists_and_names_bad_lines(image_dir: Path, tmp_path: Path) 
         + json.dumps({"image": "images/blue.png", "caption": "blue"}) + "\n",
         encoding="utf-8",
     )
-    rows = read_manifest(import_corpus(source, tmp_path / "out", progress=False))
+    rows = read_manifest(import_corpus(source, tmp_path / "out", progress=False), allowed_image_roots=[image_dir])
     assert [(r.id, r.captions, r.group) for r in rows] == [
         ("pairs/images/red.png", ["red", "scarlet"], "warm"),
         ("pairs/images/blue.png", ["blue"], None),
@@ -182,7 +184,8 @@ def test_karpathy_keeps_splits_and_filepaths(image_dir: Path, tmp_path: Path) ->
         {"filename": "gone.png", "split": "train", "sentences": [{"raw": "nothing"}]},
     ]}), encoding="utf-8")
 
-    rows = read_manifest(import_corpus(source, tmp_path / "out", image_root=image_dir, progress=False))
+    rows = read_manifest(import_corpus(source, tmp_path / "out", image_root=image_dir, progress=False),
+                         allowed_image_roots=[image_dir])
 
     assert [(r.id, r.split, r.captions) for r in rows] == [
         ("flickr30k/red.png", "train", ["A red square .", "Red."]),
@@ -248,7 +251,7 @@ def test_parquet_binary_and_path_columns_with_named_columns(image_dir: Path, tmp
     with pytest.raises(ValueError, match=r"paths\.parquet: no caption column"):
         import_corpus(paths, tmp_path / "b", progress=False)
     manifest = import_corpus(paths, tmp_path / "b", image_column="file", caption_column="alt", progress=False)
-    [row] = read_manifest(manifest)
+    [row] = read_manifest(manifest, allowed_image_roots=[image_dir])
     assert row.image == image_dir / "red.png"
     assert len(skipped(tmp_path / "b")) == 1
 

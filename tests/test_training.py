@@ -130,3 +130,51 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_with_what_to_do(tmp_path):
         _load_checkpoint(tmp_path, config)
     torch.save({"config": _config_fingerprint(config), "format": CHECKPOINT_FORMAT}, tmp_path / CHECKPOINT_FILE)
     assert _load_checkpoint(tmp_path, config)["format"] == CHECKPOINT_FORMAT
+
+
+def chance_recall_at(k: int, candidates: int) -> float:
+    """R@K in percent of a model that ranks the candidates at random, one right answer per query."""
+    return 100.0 * min(k, candidates) / candidates
+
+
+def mean_r1(figures) -> float:
+    """Mean R@1 of the two directions of one evaluated set's `global` output."""
+    return sum(figures["global"][d]["R@1"] for d in ("image_to_text", "text_to_image")) / 2
+
+
+def test_a_tiny_model_beats_chance_on_held_out_styles_and_shuffled_captions_do_not(tmp_path):
+    """The check that a broken loss or shuffled labels fail: a model trained on the shapes corpus
+    retrieves the validation and test styles' 40 concepts at R@1 at least 5x chance; the same
+    training on the captions shuffled among the trained images stays below that bar."""
+    import tinymodel
+
+    chance = chance_recall_at(1, len(tinymodel.SHAPE_COLOURS) * len(tinymodel.SHAPES))
+    settings = dict(recipe="infonce_small", progress=False, image_size=32, dim=16, head_hidden=32,
+                    batch_size=16, epochs=10, minutes=60.0, seed=0, validation_style=tinymodel.SHAPES_VALIDATION_STYLE)
+    learnt = train(tinymodel.write_shapes_manifest(tmp_path / "corpus"), tmp_path / "run", **settings)
+    shuffled = train(tinymodel.write_shapes_manifest(tmp_path / "shuffled", shuffle_trained_captions=True),
+                     tmp_path / "shuffled-run", **settings)
+    assert learnt["train_styles"] == ["alpha", "beta"]
+    for held_out in ("validation", "test"):
+        assert mean_r1(learnt[held_out]) >= 5 * chance, (held_out, learnt[held_out]["global"])
+        assert mean_r1(shuffled[held_out]) < 5 * chance, (held_out, shuffled[held_out]["global"])
+
+
+def test_unseen_concepts_are_never_trained_and_are_evaluated_apart(tmp_path):
+    import tinymodel
+    from xmodal.training.splits import is_unseen_concept
+
+    concepts = {f"{c}_{s}" for c in tinymodel.SHAPE_COLOURS for s in tinymodel.SHAPES}
+    unseen = {c for c in concepts if is_unseen_concept(c, 0.2)}
+    assert 0 < len(unseen) < len(concepts)
+    report = train(tinymodel.write_shapes_manifest(tmp_path / "corpus"), tmp_path / "run", recipe="infonce_small",
+                   progress=False, image_size=32, dim=16, head_hidden=32, batch_size=16, epochs=1, minutes=60.0,
+                   validation_style=tinymodel.SHAPES_VALIDATION_STYLE, unseen_concepts=0.2)
+    assert report["train_concepts"] == len(concepts) - len(unseen)
+    evaluated = report["evaluated"]
+    assert list(evaluated) == ["validation", "validation_unseen", "test", "test_unseen"]
+    for name, style in (("validation", "delta"), ("test", "gamma")):
+        assert evaluated[name] == {"styles": [style], "images": len(concepts) - len(unseen),
+                                   "concepts": len(concepts) - len(unseen)}
+        assert evaluated[f"{name}_unseen"] == {"styles": [style], "images": len(unseen), "concepts": len(unseen)}
+        assert report[f"{name}_unseen"]["global"]["rsum"] > 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import pytest
+from playwright.sync_api import sync_playwright
 
 import tinymodel
 from xmodal import contract, store
@@ -229,14 +230,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def test_page_in_headless_chromium(stack, tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's `chromium` package (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("Playwright's Python package is not installed (pip install playwright; "
-                    "it drives the system Chromium, no browser download)")
-
+    assert Path(CHROMIUM).exists(), (
+        f"no Chromium at {CHROMIUM}: `make test` installs Debian's `chromium` package (apt-get install chromium)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)

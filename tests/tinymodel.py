@@ -152,7 +152,7 @@ def build_hierarchical_repository(directory: Path, pairs: list[tuple[Path, str]]
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     target = torch.arange(len(pairs))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only contend (10x slower on a busy 2-core machine)
+    torch.set_num_threads(1)  # tiny tensors: threads only contend, and a busy machine makes that far slower
     try:
         for _ in range(steps):
             images, texts = model.image(pixels), model.text(ids)
@@ -241,6 +241,69 @@ def write_corpus(directory: Path, *, style: str = "tiny", split: str = "test",
     manifest = directory / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     return manifest, images
+
+
+# A corpus with enough concepts that chance recall is low (R@1 1/40, R@10 1/4 on the held-out
+# style) and a model must learn colour and shape to retrieve: every colour in every shape.
+SHAPE_COLOURS = dict(COLOURS, orange=(250, 140, 20), grey=(128, 128, 128))
+SHAPES = ("circle", "square", "triangle", "diamond", "bar")
+# style → (split, margin of the shape's box, outline width): the test style sits between the
+# trained ones in size and has an outline; "delta", marked for training, is the one a run holds
+# out as its validation style (validation_style="delta").
+SHAPE_STYLES = {"alpha": ("train", 3, 0), "beta": ("train", 8, 0), "delta": ("train", 6, 1), "gamma": ("test", 5, 2)}
+SHAPES_VALIDATION_STYLE = "delta"
+
+
+def draw_shape(path: Path, shape: str, colour: tuple[int, int, int], *, margin: int, outline: int,
+               size: int = 32) -> Path:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    low, high, mid = margin, size - 1 - margin, (size - 1) / 2
+    style = dict(fill=colour, outline=(0, 0, 0) if outline else None, width=outline)
+    if shape == "circle":
+        draw.ellipse((low, low, high, high), **style)
+    elif shape == "square":
+        draw.rectangle((low, low, high, high), **style)
+    elif shape == "bar":
+        draw.rectangle((low, mid - 3, high, mid + 3), **style)
+    else:
+        points = ([(mid, low), (high, high), (low, high)] if shape == "triangle"
+                  else [(mid, low), (high, mid), (mid, high), (low, mid)])
+        draw.polygon(points, fill=colour, outline=style["outline"], width=max(outline, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
+
+
+def write_shapes_manifest(directory: Path, *, shuffle_trained_captions: bool = False) -> Path:
+    """Every SHAPE_COLOURS colour in every SHAPES shape, drawn in each SHAPE_STYLES style.
+
+    ``shuffle_trained_captions`` permutes the captions of the trained styles' rows among them
+    (the held-out rows keep theirs): a model trained on it has nothing to learn, as with a
+    broken loss or shuffled labels."""
+    import random
+
+    records = []
+    for style, (split, margin, outline) in SHAPE_STYLES.items():
+        for colour_name, colour in SHAPE_COLOURS.items():
+            for shape in SHAPES:
+                concept = f"{colour_name}_{shape}"
+                draw_shape(directory / "images" / style / f"{concept}.png", shape, colour, margin=margin,
+                           outline=outline)
+                records.append({"id": f"{style}/{concept}", "concept": concept, "style": style, "split": split,
+                                "image": f"images/{style}/{concept}.png",
+                                "captions": [f"{colour_name} {shape}", f"a {colour_name} {shape}"]})
+    if shuffle_trained_captions:
+        trained = [r for r in records if r["split"] == "train"]
+        captions = [r["captions"] for r in trained]
+        random.Random(0).shuffle(captions)
+        for row, shuffled in zip(trained, captions):
+            row["captions"] = shuffled
+    manifest = directory / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return manifest
 
 
 def record(directory_relative_image: str, concept: str, *, style: str = "tiny", split: str = "test") -> dict:

@@ -168,7 +168,7 @@ class RecurrentAttention(nn.Module):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        # Projecting first makes the LSTM's recurrence dim → dim: 4× faster on CPU than over 512-d tokens.
+        # Projecting first makes the LSTM's recurrence dim → dim, far cheaper than over 512-d tokens.
         self.project = nn.Linear(in_dim, dim)
         self.lstm = nn.LSTM(dim, dim, batch_first=True)
         self.key = nn.Linear(dim, dim)

@@ -32,10 +32,12 @@ from xmodal.manifest import ManifestRow, read_manifest
 from xmodal.training.models import FRAGMENT_OUTPUTS, DualEncoder, needs_fragments, served_outputs
 from xmodal.training.objectives import EpochStart, LossContext, Step, build_objectives, term_key
 from xmodal.training.recipes import recipe_config, stage_at, stage_plan
+from xmodal.training.splits import split_rows
 from xmodal.training.run import CHECKPOINT_FILE, TOKENIZER_FILE, save_run
 from xmodal.training.tokenizer import PAD_ID, load_tokenizer, train_wordlevel_tokenizer
 
-FEATURE_BATCH = 16  # measured: EfficientNet-Lite0 at 128 px runs 2–2.5× faster per image at 16 than at 64 on 2 cores
+# Small batches: a frozen backbone's feature pass is faster per image at 16 than at 64 on a CPU.
+FEATURE_BATCH = 16
 CAPTION_BATCH = 256
 # Text backbones that start from pretrained weights: `text_freeze: auto` freezes them.
 PRETRAINED_TEXT_ENCODERS = {"minilm"}
@@ -349,7 +351,8 @@ class Training:
     model: DualEncoder
     tokenizer: Tokenizer
     trainee: Trainee
-    test_set: ImageSet | None
+    # The evaluated sets by name (training.splits.EVALUATED), those the data has.
+    evaluation_sets: dict[str, ImageSet]
     labels: torch.Tensor  # each training row's instance (concept) id
     categories: dict[str, torch.Tensor]  # each training row's id of each kind of category
     objectives: nn.ModuleDict
@@ -381,8 +384,9 @@ def setup(config: dict[str, Any], manifests: Sequence[str | Path], run_dir: Path
           progress: bool) -> Training:
     """Read the data, build the model, its objectives and optimisers, and restore the checkpoint if resuming."""
     torch.manual_seed(config["seed"])
-    train_rows = [row for m in manifests for row in read_manifest(m, split="train")]
-    test_rows = [row for m in manifests for row in read_manifest(m, split="test")]
+    splits = split_rows((row for m in manifests for row in read_manifest(m)),
+                        validation_style=config["validation_style"], unseen_concepts=config["unseen_concepts"])
+    train_rows = splits.train
     if not train_rows:
         raise ValueError(f"{', '.join(map(str, manifests))}: no rows in the train split")
 
@@ -406,10 +410,11 @@ def setup(config: dict[str, Any], manifests: Sequence[str | Path], run_dir: Path
     if image_frozen:
         model.image.backbone.requires_grad_(False)
         train_set = load_features(train_rows, config, model.image.backbone, "features train", device)
-        test_set = load_features(test_rows, config, model.image.backbone, "features test", device) if test_rows else None
+        evaluation_sets = {name: load_features(rows, config, model.image.backbone, f"features {name}", device)
+                           for name, rows in splits.evaluated().items()}
     else:
         train_set = load_pixels(train_rows, config, "decode train")
-        test_set = load_pixels(test_rows, config, "decode test") if test_rows else None
+        evaluation_sets = {name: load_pixels(rows, config, f"decode {name}") for name, rows in splits.evaluated().items()}
     captions: CaptionFeatures | CaptionStates | None = None
     train_captions = [c for row in train_set.rows for c in row.captions]
     if text_frozen and config["text_cache"] and not needs_fragments(config):
@@ -441,7 +446,7 @@ def setup(config: dict[str, Any], manifests: Sequence[str | Path], run_dir: Path
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, schedule["total_steps"]) / schedule["total_steps"]))
     )
-    training = Training(config, run_dir, device, model, tokenizer, trainee, test_set, labels, categories, objectives,
+    training = Training(config, run_dir, device, model, tokenizer, trainee, evaluation_sets, labels, categories, objectives,
                         optimizer, adversary_optimizer, scheduler, schedule, steps_per_epoch, image_frozen, text_frozen,
                         state={"epoch": 0, "step": 0, "elapsed": 0.0, "planned_epochs": None, "history": []})
     if checkpoint is not None:
@@ -538,21 +543,25 @@ def train(
     bar.close()
 
     report = training_report(training)
-    if training.test_set is not None:
-        report["test"] = evaluate_model(training.model, training.tokenizer, Trainee(training.model, training.test_set, device_),
-                                        run_dir=run_dir)
+    for name, images in training.evaluation_sets.items():
+        # The recall plot is the selection set's: the one a reader of the run compares runs on.
+        plot = run_dir if name == next(iter(training.evaluation_sets)) else None
+        report[name] = evaluate_model(training.model, training.tokenizer, Trainee(training.model, images, device_),
+                                      run_dir=plot)
     save_run(run_dir, training.model, training.tokenizer, report)
     if progress:
         print(f"trained {state['epoch']} epochs, {state['step']} steps in {state['elapsed']:.0f} s; final loss {report['final_loss']:.3f}")
-        if "test" in report:
-            print(f"held-out {report['test_styles']} ({report['test_images']} images):")
-            print(format_metrics(report["test"]["global"]))
+        for name in training.evaluation_sets:
+            held_out = report["evaluated"][name]
+            print(f"{name}: {held_out['styles']} ({held_out['images']} images, {held_out['concepts']} concepts):")
+            print(format_metrics(report[name]["global"]))
     return report
 
 
 def training_report(training: Training) -> dict[str, Any]:
     """What the run did (before its held-out evaluation is added): the run's `eval.json`."""
-    state, train_set, test_set, captions = training.state, training.trainee.images, training.test_set, training.trainee.captions
+    state, train_set, captions = training.state, training.trainee.images, training.trainee.captions
+    evaluated = training.evaluation_sets
     report: dict[str, Any] = {
         "recipe": training.config["recipe"],
         "config": {k: v for k, v in training.config.items() if not k.startswith("_")},
@@ -563,14 +572,18 @@ def training_report(training: Training) -> dict[str, Any]:
         "history": state["history"],
         "train_images": len(train_set.rows),
         "train_concepts": training.concepts,
-        "skipped_images": train_set.skipped + (test_set.skipped if test_set else []),
+        "skipped_images": train_set.skipped + [skip for images in evaluated.values() for skip in images.skipped],
         "train_styles": sorted({row.style for row in train_set.rows}),
         "text_backbone_frozen": training.text_frozen,
         "cached_captions": len(captions.index) if captions is not None else 0,
     }
-    if test_set is not None:
-        report["test_styles"] = sorted({row.style for row in test_set.rows})
-        report["test_images"] = len(test_set.rows)
+    # Each evaluated set: its styles, images and concepts (training.splits).
+    report["evaluated"] = {name: {"styles": sorted({row.style for row in images.rows}), "images": len(images.rows),
+                                  "concepts": len({row.concept for row in images.rows})}
+                           for name, images in evaluated.items()}
+    if "test" in evaluated:
+        report["test_styles"] = report["evaluated"]["test"]["styles"]
+        report["test_images"] = report["evaluated"]["test"]["images"]
     return report
 
 

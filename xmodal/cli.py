@@ -20,6 +20,10 @@ from xmodal.training.recipes import RECIPES
 INPUT_FORMATS = ("auto", "csv", "jsonl", "karpathy", "parquet", "webdataset")
 # `index --input` also takes a folder of images (captions optional: import needs them).
 INDEX_INPUT_FORMATS = (*INPUT_FORMATS, "folder")
+ALLOW_IMAGE_ROOT_HELP = ("also accept image paths under DIR (repeatable; $XMODAL_ALLOWED_IMAGE_ROOTS adds more, "
+                         "separated by ':', for every command). Without it an image must lie under the corpus "
+                         "root: the manifest's directory, --image-root or the source's directory, the folder; a "
+                         "path leading elsewhere (../, an absolute path, a symlink leading out) is refused")
 
 
 def default_manifest() -> Path:
@@ -57,7 +61,7 @@ def cmd_data_import(args: argparse.Namespace) -> int:
     manifest = import_corpus(
         Path(args.source), out, format=args.format, split=args.split, image_root=args.image_root,
         style=args.name, test_fraction=args.test_fraction, image_column=args.image_column,
-        caption_column=args.caption_column,
+        caption_column=args.caption_column, allowed_image_roots=args.allow_image_root or (),
     )
     print(f"manifest: {manifest}")
     return 0
@@ -146,7 +150,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         embed_resources=args.worker_resources,
         writers=args.writers, shard_size=args.shard_size, index_type=args.index_type, index_params=args.index_params,
         write_batch=args.write_batch, restart=args.restart, sync=args.sync, ray_address=args.address,
-        image_store=args.image_store,
+        image_store=args.image_store, allowed_image_roots=args.allow_image_root or (),
     )
     report = job.run()
     sides = None
@@ -350,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--name", help="the corpus name: its directory under the data dir and its style (default: the source's name)")
     corpus.add_argument("--out", type=Path, help="output directory (default <data>/<name>)")
     corpus.add_argument("--image-root", type=Path, help="where relative image paths start (default: beside the source)")
+    corpus.add_argument("--allow-image-root", type=Path, action="append", metavar="DIR", help=ALLOW_IMAGE_ROOT_HELP)
     corpus.add_argument("--split", help="put every row in this split instead of the source's own or a hashed one")
     corpus.add_argument("--test-fraction", type=float, default=0.1)
     corpus.add_argument("--image-column")
@@ -384,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", choices=["cpu", "gpu"], default="cpu", help="gpu: KIND_GPU instances and the FP16 model")
     export.add_argument("--tensorrt", action="store_true", help="with --target gpu: the TensorRT accelerator at FP16 on the plain FP32 model")
     export.add_argument("--precision", choices=["fp32", "fp32-portable", "int8", "int8-text", "fp16"], help="serve this variant instead of the target's default")
-    export.add_argument("--instances", type=int, help="encoder instances per device (default: 1 on cpu, measured fastest on 2 cores; one per GPU on gpu)")
+    export.add_argument("--instances", type=int, help="encoder instances per device (default: 1 on cpu, see docs/serving.md for the instance sweep; one per GPU on gpu)")
     export.add_argument("--max-queue-delay-us", type=int, help="the encoders' dynamic-batching queue delay in microseconds")
     export.set_defaults(func=cmd_export)
 
@@ -411,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "file, directory or glob)")
     index.add_argument("--format", default="auto", choices=INDEX_INPUT_FORMATS, help="with --input: its format (default: from its name)")
     index.add_argument("--image-root", type=Path, help="with --input: where relative image paths start (default: beside the source)")
+    index.add_argument("--allow-image-root", type=Path, action="append", metavar="DIR",
+                       help=ALLOW_IMAGE_ROOT_HELP + "; the collection records it, and `xmodal web` serves images "
+                       "only from under the directories a collection records")
     index.add_argument("--image-column", help="with --input: the Parquet image column (bytes, path or {bytes, path})")
     index.add_argument("--caption-column", help="with --input: the Parquet caption column")
     index.add_argument("--name", help="with --input: the corpus name, the rows' style (default: the source's name)")

@@ -22,9 +22,8 @@ from xmodal import settings
 DEMO_RECIPE = "dualpath"
 DEMO_TEXT_TOWER = {"text_encoder": "minilm", "text_freeze": "top2", "text_lr_scale": 0.1}
 DEMO_RUN = "dualpath-minilm_top2"  # the run's folder under <data>/runs, named as in benchmarks/recipes.py
-# The budget the choice was measured at, a fixed amount of work (≈25 min here with a neighbour
-# job, the top 2 MiniLM layers running every step), so a busy machine takes longer rather than
-# training a worse model; `xmodal demo --minutes M` sets a time budget instead.
+# The budget the choice was measured at, a fixed amount of work, so a busy machine takes longer
+# rather than training a worse model; `xmodal demo --minutes M` sets a time budget instead.
 DEMO_EPOCHS = 80
 DEMO_QUERIES = ["red apple", "smiling face with sunglasses", "rocket", "cat", "rainbow flag"]
 K = 10
@@ -89,8 +88,8 @@ def run_demo(*, minutes: float | None = None, limit: int | None = None) -> int:
         budget = {"minutes": minutes} if minutes else {"epochs": DEMO_EPOCHS, "minutes": 600.0}
         report = train([manifest, *extra], run_dir, recipe=DEMO_RECIPE, resume=False, **DEMO_TEXT_TOWER, **budget)
     with stage("export", timings):
-        # INT8 (per-channel, both encoders) when it keeps held-out R@10 within a point: it brings a
-        # MiniLM query to a 2-3 ms p50 here (benchmarks/serving.py --latency-only); else FP32.
+        # INT8 (per-channel, both encoders) when it keeps held-out R@10 within a point: it makes a
+        # MiniLM query faster (docs/serving-benchmark.md); else FP32.
         try:
             exported = export_run(run_dir, run_dir / "onnx", manifests=[manifest, *extra], quantize="int8")
         except QuantizationRejected as refused:

@@ -4,10 +4,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from xmodal import settings
+from xmodal.files import ImageRoots, write_atomic
 
 REQUIRED_TEXT_KEYS = ("id", "concept", "style", "split", "image")
 
@@ -49,15 +52,20 @@ def read_manifest(
     split: str | None = None,
     styles: Collection[str] | str | None = None,
     limit: int | None = None,
+    allowed_image_roots: Iterable[str | os.PathLike[str]] = (),
 ) -> list[ManifestRow]:
     """The rows of a JSONL manifest, in file order, filtered by split and style, at most ``limit``.
 
-    A malformed line raises ``ValueError("<file>:<line>: <what is wrong>")``.
+    A malformed line raises ``ValueError("<file>:<line>: <what is wrong>")``, and so does a
+    line whose image lies outside the manifest's directory (``../``, an absolute path, a
+    symlink leading out) and outside every directory of `allowed_image_roots` and
+    ``$XMODAL_ALLOWED_IMAGE_ROOTS`` (``settings.allowed_image_roots``).
     """
     path = Path(path)
     if isinstance(styles, str):
         styles = {styles}
     manifest_dir = path.resolve().parent
+    roots = manifest_roots(manifest_dir, settings.allowed_image_roots(allowed_image_roots))
     rows: list[ManifestRow] = []
     if limit is not None and limit <= 0:
         return rows
@@ -65,7 +73,7 @@ def read_manifest(
         for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            row = parse_row(line, manifest_dir, where=f"{path}:{line_number}")
+            row = parse_row(line, manifest_dir, roots, where=f"{path}:{line_number}")
             if split is not None and row.split != split:
                 continue
             if styles is not None and row.style not in styles:
@@ -74,6 +82,30 @@ def read_manifest(
             if limit is not None and len(rows) >= limit:
                 break
     return rows
+
+
+# Beside a manifest that `xmodal data import` wrote into the data directory: the directories
+# outside it that the import read the images from (the roots the user declared then).
+IMPORTED_ROOTS_FILE = "image_roots.json"
+
+
+def manifest_roots(manifest_dir: Path, allowed_image_roots: Iterable[str | os.PathLike[str]] = ()) -> ImageRoots:
+    """Where a manifest's images may lie: its own directory, the directories allowed on purpose,
+    and, for a manifest inside the data directory, those its import recorded. (A manifest
+    from elsewhere cannot widen its own roots.)"""
+    return ImageRoots([manifest_dir, *allowed_image_roots, *imported_roots(manifest_dir)])
+
+
+def imported_roots(manifest_dir: Path) -> list[str]:
+    record = manifest_dir / IMPORTED_ROOTS_FILE
+    if not record.is_file() or not manifest_dir.resolve().is_relative_to(settings.data_dir().resolve()):
+        return []
+    return [str(root) for root in json.loads(record.read_text(encoding="utf-8"))["roots"]]
+
+
+def record_imported_roots(manifest_dir: Path, roots: Sequence[str]) -> None:
+    """Record the directories outside `manifest_dir` an import read images from (``imported_roots``)."""
+    write_atomic(manifest_dir / IMPORTED_ROOTS_FILE, json.dumps({"roots": list(roots)}, indent=1).encode("utf-8"))
 
 
 def json_object(line: str, *, where: str) -> dict[str, Any]:
@@ -87,7 +119,9 @@ def json_object(line: str, *, where: str) -> dict[str, Any]:
     return record
 
 
-def parse_row(line: str, manifest_dir: Path, *, where: str) -> ManifestRow:
+def parse_row(line: str, manifest_dir: Path, roots: ImageRoots, *, where: str) -> ManifestRow:
+    """One manifest line as a row; ValueError naming `where` for a malformed one, or one whose
+    image lies outside `roots` (``manifest_roots``)."""
     record = json_object(line, where=where)
     for key in REQUIRED_TEXT_KEYS:
         if key not in record:
@@ -104,13 +138,17 @@ def parse_row(line: str, manifest_dir: Path, *, where: str) -> ManifestRow:
     for key in ("group", "subgroup"):
         if record.get(key) is not None and not isinstance(record[key], str):
             raise ValueError(f"{where}: {key!r} must be a string or null, got {record[key]!r}")
+    # normpath, not resolve(): keep the manifest's own layout rather than following symlinks per row
+    image = Path(os.path.normpath(manifest_dir / record["image"]))
+    refused = roots.refusal(image, where)
+    if refused:
+        raise ValueError(refused)
     return ManifestRow(
         id=record["id"],
         concept=record["concept"],
         style=record["style"],
         split=record["split"],
-        # normpath, not resolve(): keep the manifest's own layout rather than following symlinks per row
-        image=Path(os.path.normpath(manifest_dir / record["image"])),
+        image=image,
         captions=captions,
         group=record.get("group"),
         subgroup=record.get("subgroup"),

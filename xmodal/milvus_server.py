@@ -41,7 +41,7 @@ from xmodal.files import write_atomic
 DEFAULT_PORT = 19530
 STATE_FILE = "server.json"
 LOG_FILE = "supervisor.log"
-# Milvus 2.3 was measured ready in 8-55 s here; a loaded machine takes longer.
+# Milvus 2.3 is slow to become ready, and slower on a loaded machine: a generous bound.
 DEFAULT_START_TIMEOUT = 300.0
 STOP_TIMEOUT = 60.0
 # Milvus's own proxy port inside the namespace (the package's default).

@@ -19,6 +19,10 @@ split is kept (``restval`` → train); without one, the split is drawn from a ha
 re-import gives the same split. Malformed input raises ``ValueError("<file>:<line>: …")`` (Parquet:
 ``<file>: row <i>`` counted from 0; WebDataset: ``<shard>:<member>``); an image that cannot be found
 or bytes that are no image are recorded in ``out_dir/skipped.jsonl`` and left out.
+
+An image path must lie under the corpus root (the image root, else the source file's directory),
+symlinks followed, or under a directory allowed on purpose (``allowed_image_roots``): a row that
+names another file (``../``, an absolute path, a link leading out) is malformed.
 """
 from __future__ import annotations
 
@@ -42,8 +46,9 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
-from xmodal.files import SkipLog, filesystem, is_uri, write_atomic, write_location
-from xmodal.manifest import ManifestRow, json_object, write_manifest
+from xmodal import settings
+from xmodal.files import ImageRoots, SkipLog, filesystem, is_uri, write_atomic, write_location
+from xmodal.manifest import ManifestRow, json_object, record_imported_roots, write_manifest
 
 FORMATS = ("csv", "jsonl", "karpathy", "parquet", "webdataset")
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
@@ -715,12 +720,14 @@ def _extension(name: str) -> str:
     return name.rpartition(".")[2].lower() if "." in name else ""
 
 
-def walk_folder(root: Path) -> FolderWalk:
+def walk_folder(root: Path, allowed_image_roots: Sequence[str | os.PathLike[str]] = ()) -> FolderWalk:
     """Every image file under `root` (FOLDER_IMAGE_EXTENSIONS, any case), depth first with each
     directory's entries sorted by name: the same tree gives the same order, so its shards are
     reproducible. Symlinks inside the tree are read as files (a link to a directory is not
-    descended: its target is walked where it is), links leaving it are not followed."""
+    descended: its target is walked where it is), links leaving it are not followed, but for
+    links to files under `allowed_image_roots`."""
     root = root.resolve()
+    roots = ImageRoots([root, *allowed_image_roots])
     walk = FolderWalk()
 
     def visit(directory: Path) -> None:
@@ -736,8 +743,8 @@ def walk_folder(root: Path) -> FolderWalk:
                 continue
             path = Path(entry.path)
             if entry.is_symlink():
-                target = path.resolve()
-                if not target.exists() or not target.is_relative_to(root):
+                target = roots.place(path)
+                if target is None or not target.exists():
                     walk.outside_links += 1
                     continue
                 if target.is_dir():
@@ -813,30 +820,49 @@ def source_files(source: Path, format: str) -> list[Path]:
     return [source]
 
 
+def corpus_root(file: Path, image_root: Path | None) -> Path:
+    """Where a source file's relative image paths start, and its images must lie: `image_root`,
+    else the file's directory."""
+    return Path(image_root) if image_root is not None else file.parent
+
+
 def file_rows(format: str, file: Path, *, image_root: Path | None = None, image_column: str | None = None,
               caption_column: str | None = None, offset: int = 0, number: int | None = None,
-              read_images: bool = True, require_captions: bool = True) -> Iterator[Positioned]:
+              read_images: bool = True, require_captions: bool = True,
+              allowed_image_roots: Sequence[str | os.PathLike[str]] = ()) -> Iterator[Positioned]:
     """``(offset, number, row)`` for each row of one file of a source, from `offset` on (a byte
     offset for csv, jsonl and a tar stream, a row index for parquet and karpathy), `number` being
     that row's line (from 1) or sample number (from 0) for messages. Image paths are relative to
     `image_root`, else to the file's directory. A file that cannot be read as its format at all is a
-    ValueError naming it; a malformed row is a row with a ``problem``. Without `require_captions`
+    ValueError naming it; a malformed row is a row with a ``problem``, and so is a row whose image
+    lies outside that root and `allowed_image_roots`. Without `require_captions`
     (the indexer's images) a table, Parquet file or sample with no captions gives rows without
     any; a caption column named by `caption_column` must still be there."""
-    root = Path(image_root) if image_root is not None else file.parent
+    root = corpus_root(file, image_root)
     if format == "csv":
-        return csv_rows(file, root, offset=offset, line=number or 1, require_captions=require_captions)
-    if format == "jsonl":
-        return jsonl_rows(file, root, offset=offset, line=number or 1, require_captions=require_captions)
-    if format == "karpathy":
-        return itertools.islice(karpathy_rows(file, root), offset, None)
-    if format == "parquet":
-        return parquet_rows(file, root, image_column=image_column, caption_column=caption_column, offset=offset,
+        rows = csv_rows(file, root, offset=offset, line=number or 1, require_captions=require_captions)
+    elif format == "jsonl":
+        rows = jsonl_rows(file, root, offset=offset, line=number or 1, require_captions=require_captions)
+    elif format == "karpathy":
+        rows = itertools.islice(karpathy_rows(file, root), offset, None)
+    elif format == "parquet":
+        rows = parquet_rows(file, root, image_column=image_column, caption_column=caption_column, offset=offset,
                             read_images=read_images, require_captions=require_captions)
-    if format == "webdataset":
+    elif format == "webdataset":  # its images are bytes in the shard: no path to confine
         return wds_rows(file, offset=offset, number=number or 0, read_images=read_images,
                         require_captions=require_captions)
-    raise ValueError(f"unknown format {format!r}; expected auto or one of {', '.join(FORMATS)}")
+    else:
+        raise ValueError(f"unknown format {format!r}; expected auto or one of {', '.join(FORMATS)}")
+    return _confined(rows, ImageRoots([root, *allowed_image_roots]))
+
+
+def _confined(rows: Iterator[Positioned], roots: ImageRoots) -> Iterator[Positioned]:
+    """`rows`, those whose image file lies outside `roots` made malformed rows that say so."""
+    for offset, number, row in rows:
+        refused = roots.refusal(row.image, row.where) if row.image is not None and not row.problem else ""
+        if refused:
+            row = SourceRow(row.where, problem=refused, location=row.where)
+        yield offset, number, row
 
 
 def detect_format(source: Path) -> str:
@@ -884,6 +910,7 @@ def import_corpus(
     image_column: str | None = None,
     caption_column: str | None = None,
     progress: bool = True,
+    allowed_image_roots: Sequence[str | os.PathLike[str]] = (),
 ) -> Path:
     """Convert ``source`` into ``out_dir/manifest.jsonl`` and return that path.
 
@@ -894,6 +921,9 @@ def import_corpus(
     ``test_fraction`` (val: ``val_fraction``), decided by a hash of ``seed`` and the row id.
     ``style`` defaults to the source's name (``dataset_flickr30k.json`` → ``flickr30k``).
     ``image_column``/``caption_column`` name Parquet columns when detection by name is not enough.
+    An image path must lie under the image root (else the source file's directory) or under one
+    of ``allowed_image_roots`` (and ``$XMODAL_ALLOWED_IMAGE_ROOTS``: ``settings.allowed_image_roots``);
+    a row naming another file stops the import, as a malformed one does.
     """
     started = time.perf_counter()
     source = Path(source)
@@ -911,15 +941,18 @@ def import_corpus(
         )
     forced_split = normalise_split(split, "split=") if split is not None else None
     style = style or default_style(source)
+    allowed_image_roots = settings.allowed_image_roots(allowed_image_roots)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     skip_log = SkipLog(out_dir / "skipped.jsonl")
     collector = Collector()
     with tqdm(desc=f"import {style}", unit="row", disable=not progress, file=sys.stderr) as bar:
         ctx = Context(style, collector, skip_log, ImageStore(out_dir / "images"), bar)
+        read_roots: list[Path] = []
         for file in source_files(source, format):
+            read_roots.append(corpus_root(file, image_root).resolve())
             for _, _, row in file_rows(format, file, image_root=image_root, image_column=image_column,
-                                       caption_column=caption_column):
+                                       caption_column=caption_column, allowed_image_roots=allowed_image_roots):
                 ctx.add(row)
 
     rows: list[ManifestRow] = []
@@ -936,6 +969,15 @@ def import_corpus(
             group=entry.group,
         ))
     manifest = write_manifest(out_dir / "manifest.jsonl", rows)
+    elsewhere = _roots_outside(out_dir, [*read_roots, *allowed_image_roots], [row.image for row in rows])
+    # The manifest's images must lie under its directory unless its reader allows theirs: the
+    # directories this import was told to read are recorded for its readers (manifest.imported_roots,
+    # honoured inside the data directory).
+    record_imported_roots(out_dir, elsewhere)
+    if elsewhere and not out_dir.resolve().is_relative_to(settings.data_dir().resolve()):
+        print(f"the manifest names images outside {out_dir}, under {', '.join(elsewhere)}: to read it, allow "
+              f"those (XMODAL_ALLOWED_IMAGE_ROOTS={os.pathsep.join(elsewhere)}, or xmodal index --allow-image-root "
+              "DIR, or allowed_image_roots= in Python)", flush=True)
     splits: dict[str, int] = {}
     for row in rows:
         splits[row.split] = splits.get(row.split, 0) + 1
@@ -948,3 +990,16 @@ def import_corpus(
         flush=True,
     )
     return manifest
+
+
+def _roots_outside(out_dir: Path, roots: Sequence[Path | str], images: Sequence[Path]) -> list[str]:
+    """Those of `roots` that hold images lying outside `out_dir`: what a reader of the manifest
+    written there must allow."""
+    inside = ImageRoots([out_dir])
+    outside = [image for image in images if image not in inside]
+    holding = []
+    for root in dict.fromkeys(map(str, roots)):
+        under = ImageRoots([root])
+        if any(image in under for image in outside):
+            holding.append(root)
+    return holding

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -33,3 +34,11 @@ def default_model_repository() -> Path:
 
 def default_triton_url() -> str:
     return os.environ.get("XMODAL_TRITON_URL", f"{HOST}:{HTTP_PORT}")
+
+
+def allowed_image_roots(given: Iterable[str | os.PathLike[str]] = ()) -> list[str]:
+    """Directories outside a corpus's root whose images may be read on purpose: `given`
+    (``--allow-image-root``), then those of ``$XMODAL_ALLOWED_IMAGE_ROOTS`` (separated by
+    ``os.pathsep``), which reaches the commands that take no such flag (``xmodal train``)."""
+    listed = [root for root in os.environ.get("XMODAL_ALLOWED_IMAGE_ROOTS", "").split(os.pathsep) if root]
+    return list(dict.fromkeys([*map(str, given), *listed]))

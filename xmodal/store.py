@@ -14,6 +14,10 @@ The model that filled a collection travels with it in two places, read in this o
    stick: milvus-lite 2.5.1 keeps no properties and no description (``describe_collection``
    returns ``properties {}``, ``alter_collection_properties`` is UNIMPLEMENTED).
 
+The directories (or filesystem URIs) a collection's rows name images under travel the same
+way (``xmodal.image_roots``, ``record_image_roots``): the indexer adds its input's before it
+writes a row, and the web page serves no file outside them.
+
 ``drop_collection`` drops a collection and its record; ``ensure_collection`` overwrites the
 record of a collection it creates. The metadata collections (``xmodal_models``, the indexing
 runs' books ``xmodal_books``, and each collection's re-ranker sides ``<collection>__sides`` on a
@@ -36,6 +40,7 @@ from pymilvus.exceptions import MilvusException
 from xmodal import contract
 from xmodal.card import ModelCard
 from xmodal.contract import GLOBAL, CollectionKind, vector_field
+from xmodal.files import ImageRoots, is_uri
 
 # Collection properties (all values are strings in Milvus).
 MODEL_KEY = "xmodal.model"
@@ -45,15 +50,17 @@ DIM_KEY = "xmodal.dim"
 METRIC_KEY = "xmodal.metric"
 KIND_KEY = "xmodal.kind"  # the collection kind: contract.KINDS
 INDEX_KEY = "xmodal.index"  # the vector index it was made with: {"type": ..., "params": {...}} as JSON
+# The directories (or filesystem URIs) its rows name images under, as a JSON list: the web page
+# serves no file outside them (``record_image_roots``)
+IMAGE_ROOTS_KEY = "xmodal.image_roots"
 
 # The index each vector field gets when the caller names none (``default_index``):
-# - a Milvus server: HNSW with the parameters DESIGN.md measured; `ef` at search time is
-#   max(DEFAULT_EF, k);
+# - a Milvus server: HNSW, which benchmarks/query.py measures on a server (docs/scale-out.md,
+#   docs/query-benchmark.md); `ef` at search time is max(DEFAULT_EF, k);
 # - milvus-lite 2.5.1 builds only FLAT, IVF_FLAT and AUTOINDEX ("local mode only support FLAT
-#   IVF_FLAT AUTOINDEX"): IVF_FLAT with nlist 1024, the configuration benchmarks/query.py
-#   measured at 1,000,000 rows (p50 8.1 ms, p99 24.8 ms, recall@10 0.998 at nprobe 4-64,
-#   docs/query-benchmark.md). Small collections are searched exactly: at 200-30,000 rows
-#   (flushed every 5,000) recall@10 was 1.0 even at nprobe 1 (milvus-lite had indexed no rows).
+#   IVF_FLAT AUTOINDEX"): IVF_FLAT with nlist 1024, whatever the collection's size, the
+#   configuration benchmarks/query.py measures (latency and recall@10 against exact search:
+#   docs/query-benchmark.md).
 DEFAULT_INDEX_TYPE = "HNSW"
 DEFAULT_INDEX_PARAMS = {"M": 16, "efConstruction": 200}
 DEFAULT_EF = 64
@@ -66,10 +73,9 @@ INDEX_PARAMS = {DEFAULT_INDEX_TYPE: DEFAULT_INDEX_PARAMS, LITE_INDEX_TYPE: LITE_
 # latency against it.
 DEFAULT_NPROBE = 16
 # Rows per insert/upsert call into milvus-lite 2.5.1 (``upsert_rows``). Through pymilvus 3.0.2
-# a call slows down pathologically past a few MB of vectors: 5,000 rows of 256 floats ≈1 s,
-# 10,000 took 110 s (benchmarks/query.py); 7,000 x 256 took 1.8 s, but 2,500 x 768 10 s and
-# 5,000 x 768 (three 256-d levels) over 40 s, while 1,700 x 768 took 0.4 s. So a call holds
-# at most 5,000 rows and at most 5,000 x 256 vector floats.
+# a call slows down out of all proportion once it carries more than a few MB of vectors, by
+# rows and by floats alike (three 256-d levels a row count as 768 floats). So a call holds at
+# most 5,000 rows and at most 5,000 x 256 vector floats, a size that stays fast.
 LITE_MAX_ROWS_PER_CALL = 5000
 LITE_MAX_FLOATS_PER_CALL = 5000 * 256
 
@@ -343,14 +349,19 @@ def _described_vector_fields(described: dict[str, Any]) -> dict[str, int]:
 def ensure_record_collection(client: MilvusClient, name: str, *, description: str, key_max_length: int,
                              record_max_length: int) -> None:
     """A metadata collection of text records by text key (``RECORD_KEY``, ``RECORD_TEXT``), loaded."""
+    index = client.prepare_index_params()
+    index.add_index(RECORD_VECTOR, index_type="FLAT", metric_type="L2")
     if not client.has_collection(name):
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
         _varchar(schema, RECORD_KEY, key_max_length, is_primary=True)
         _varchar(schema, RECORD_TEXT, record_max_length)
         schema.add_field(RECORD_VECTOR, DataType.FLOAT_VECTOR, dim=2)
-        index = client.prepare_index_params()
-        index.add_index(RECORD_VECTOR, index_type="FLAT", metric_type="L2")
         client.create_collection(name, schema=schema, index_params=index)
+    elif not client.list_indexes(name):
+        # Another process (another machine's run) created it and has not built its index yet, or
+        # died before it did: a collection without an index cannot load. The same index twice is
+        # accepted.
+        client.create_index(name, index)
     ensure_loaded(client, name)
 
 
@@ -373,8 +384,8 @@ def _record_model(client: MilvusClient, name: str, properties: dict[str, str], f
     client.flush(MODELS_COLLECTION)
 
 
-def _recorded_model(client: MilvusClient, name: str, described: dict[str, Any]) -> dict[str, str] | None:
-    """`name`'s record in the metadata collection, as properties; None when there is none or it
+def _model_record(client: MilvusClient, name: str, described: dict[str, Any]) -> dict[str, Any] | None:
+    """`name`'s record in the metadata collection, as written; None when there is none or it
     names other vector fields than the collection has (a record outliving its collection)."""
     if not client.has_collection(MODELS_COLLECTION):
         return None
@@ -388,7 +399,62 @@ def _recorded_model(client: MilvusClient, name: str, described: dict[str, Any]) 
         return None
     if not isinstance(record, dict) or record.get("vector_fields") != _described_vector_fields(described):
         return None
+    return record
+
+
+def _recorded_model(client: MilvusClient, name: str, described: dict[str, Any]) -> dict[str, str] | None:
+    """`name`'s record in the metadata collection, as properties (``_model_record``)."""
+    record = _model_record(client, name, described)
+    if record is None:
+        return None
     return {key: str(value) for key, value in record.items() if key in _RECORD_KEYS}
+
+
+def collection_image_roots(client: MilvusClient, name: str) -> list[str]:
+    """The directories (or filesystem URIs) collection `name`'s rows name images under, as the
+    indexer recorded them (``record_image_roots``); [] for a collection filled before xmodal
+    recorded them. Kept beside its model: in its properties on a Milvus server, in its record
+    in the metadata collection on milvus-lite."""
+    described = client.describe_collection(name)
+    properties = described.get("properties") or {}
+    if FINGERPRINT_KEY in properties:
+        try:
+            roots = json.loads(properties.get(IMAGE_ROOTS_KEY) or "[]")
+        except ValueError:
+            roots = []
+    else:
+        roots = (_model_record(client, name, described) or {}).get(IMAGE_ROOTS_KEY, [])
+    return [str(root) for root in roots] if isinstance(roots, list) else []
+
+
+def record_image_roots(client: MilvusClient, name: str, roots: list[str | Path]) -> list[str]:
+    """Add `roots` (directories or filesystem URIs) to those collection `name` records, in
+    order, leaving out any that lies under one recorded already; the roots recorded now. Two
+    runs adding roots to one collection at the same moment may keep only one's."""
+    recorded = collection_image_roots(client, name)
+    added = False
+    for root in roots:
+        text = str(root).rstrip("/") if is_uri(root) else str(Path(root).expanduser().resolve())
+        if text not in ImageRoots(recorded):
+            recorded.append(text)
+            added = True
+    if not added:
+        return recorded
+    described = client.describe_collection(name)
+    if FINGERPRINT_KEY in (described.get("properties") or {}):
+        client.alter_collection_properties(name, properties={IMAGE_ROOTS_KEY: json.dumps(recorded)})
+        return recorded
+    record = _model_record(client, name, described) or {"vector_fields": _described_vector_fields(described)}
+    record[IMAGE_ROOTS_KEY] = recorded
+    text = json.dumps(record)
+    if len(text) > _MODELS_RECORD_MAX_LENGTH:
+        raise ValueError(f"collection {name!r} would record {len(recorded)} image roots, more than its record "
+                         f"holds ({_MODELS_RECORD_MAX_LENGTH} characters): index inputs from fewer directories, "
+                         "or name one directory above them (--image-root, --allow-image-root)")
+    _ensure_models_collection(client)
+    client.upsert(MODELS_COLLECTION, record_rows({name: text}))
+    client.flush(MODELS_COLLECTION)
+    return recorded
 
 
 def _forget_model(client: MilvusClient, name: str) -> None:
@@ -488,8 +554,9 @@ def missing_collection_message(client: MilvusClient, name: str) -> str:
 def index_type(client: MilvusClient, name: str, field: str = GLOBAL) -> str:
     """The index type of the collection's vector `field` ("" when none is described).
 
-    One ``describe_index`` call (≈0.3 ms on milvus-lite 2.5.1; milvus-lite 3.2.2 counted the
-    live rows for it, ≈70 ms at 100,000): callers that search often ask once and keep it.
+    One ``describe_index`` call (cheap on milvus-lite 2.5.1; milvus-lite 3.2.2 counted the
+    live rows for it, a cost that grew with the collection): callers that search often ask
+    once and keep it.
     """
     try:
         return str((client.describe_index(name, field) or {}).get("index_type", "") or "")

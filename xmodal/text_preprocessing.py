@@ -14,11 +14,10 @@ request's row), the in-process embedder ``text is empty``.
 Padding. The ids of a request are padded with the pad id, which the text encoder masks. A
 request of one text is padded up to the first length bucket that holds it: 8, 16, 32, … and
 the tokenizer's max length itself. Triton's dynamic batcher joins only requests of one
-shape; padded to their exact lengths, concurrent single queries almost never shared an
-encoder call (1.1 texts a call at 16 clients, benchmarks/serving.py). A request of several
-texts is already a batch and is padded to its longest text only: with MiniLM, whose cost
-grows with every token, bucket padding made a batch of 32 labels 1.7x slower to encode
-(62 vs 37 ms). Training pads a batch to its longest too (``pad_ids`` without a length).
+shape; padded to their exact lengths, concurrent single queries would almost never share an
+encoder call. A request of several texts is already a batch and is padded to its longest text
+only: MiniLM's cost grows with every token, so bucket padding would make a batch slower to
+encode. Training pads a batch to its longest too (``pad_ids`` without a length).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ benchmarks/render_docs.py), whose sentences are computed
 from those numbers: the papers' claims (instance loss + ranking beats ranking alone; HBTR beats
 the plain hardest-negative triplet; two-level fusion beats either level; re-ranking beats its
 first stage) are judged on the validation set's mean rsum against the seeds' spread, and so is
-the default model. A partial run (--only) keeps the other variants' figures; a variant measured
+the default model. A run keeps the figures of the variants it does not measure; a variant measured
 on other training code is shown as stale until it is run again.
 """
 from __future__ import annotations
@@ -215,8 +215,9 @@ def describe(args: argparse.Namespace, manifests: list[Path]) -> dict:
 
 
 def previous_summary(args: argparse.Namespace) -> dict:
-    """A partial run (--only) updates its variants and keeps the others' figures."""
-    if args.only and args.out.exists():
+    """A run replaces the variants it measures and keeps the others' figures (shown stale when
+    they were measured on other code)."""
+    if args.out.exists():
         return {"results": json.loads(args.out.read_text())["results"]}
     return {"results": {}}
 
@@ -414,6 +415,11 @@ def default_model_lines(results: dict) -> list[str]:
                         f"(`make demo` trains `{DEMO_RUN}`, `xmodal/demo.py`).", ""]
     best = max(figures, key=lambda name: figures[name]["mean"])
     choice = best
+    stale = [name for name in results if name not in figures]
+    lines.append(f"Chosen among the {len(figures)} variants measured on this code"
+                 + (f"; the {len(stale)} stale ones ({', '.join(f'`{name}`' for name in stale)}) are not "
+                    "candidates until they are run again." if stale else "."))
+    lines.append("")
     lines.append(f"The best on the validation set is `{best}` (rsum {spread_text(figures[best])}).")
     readers = [name for name in figures if result_tower(results[name]).startswith("minilm")]
     if readers and best not in readers:

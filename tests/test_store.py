@@ -218,8 +218,9 @@ def test_default_index_is_ivf_flat_on_milvus_lite_and_hnsw_is_refused_clearly(cl
 
 
 def test_search_through_the_default_index_is_exact_on_a_small_collection(client):
-    """Tests check recall on tiny corpora through Milvus: IVF_FLAT (nlist 1024, nprobe 16) must
-    find the exact top 10 at the sizes they use."""
+    """Tests check recall on tiny corpora through Milvus: the default index must find the exact
+    top 10 at the sizes they use (milvus-lite searches a collection that small exhaustively,
+    whatever its index: docs/query-benchmark.md, "What milvus-lite 2.5.1 searches")."""
     rng = np.random.default_rng(0)
     dim = 32
     big = dataclasses.replace(card(), embeddings={"global": {"dim": dim}})

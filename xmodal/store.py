@@ -57,10 +57,17 @@ IMAGE_ROOTS_KEY = "xmodal.image_roots"
 # The index each vector field gets when the caller names none (``default_index``):
 # - a Milvus server: HNSW, which benchmarks/query.py measures on a server (docs/scale-out.md,
 #   docs/query-benchmark.md); `ef` at search time is max(DEFAULT_EF, k);
-# - milvus-lite 2.5.1 builds only FLAT, IVF_FLAT and AUTOINDEX ("local mode only support FLAT
-#   IVF_FLAT AUTOINDEX"): IVF_FLAT with nlist 1024, whatever the collection's size, the
-#   configuration benchmarks/query.py measures (latency and recall@10 against exact search:
-#   docs/query-benchmark.md).
+# - milvus-lite 2.5.1 takes only FLAT, IVF_FLAT and AUTOINDEX ("local mode only support FLAT
+#   IVF_FLAT AUTOINDEX") and builds none of them as asked: a collection is one growing segment
+#   it never seals (flush does nothing), searched exhaustively until the segment reaches a row
+#   count milvus-lite fixes, then through segcore's interim IVF_FLAT_CC index with segcore's own
+#   list and probe counts: the nlist asked for and the nprobe a search sends are not used.
+#   AUTOINDEX gets the same; FLAT is searched exhaustively at every size. describe_index reports
+#   any of them Finished with no row counts. IVF_FLAT stays the default so that a large
+#   collection gets that index (exhaustive search slows with the rows and was slower than
+#   numpy's exact search); its recall is the data's: full on clustered vectors, far below the
+#   target on random ones (benchmarks/store_index.py, docs/query-benchmark.md "What milvus-lite
+#   2.5.1 searches"). `--index-type FLAT` asks for exact search.
 DEFAULT_INDEX_TYPE = "HNSW"
 DEFAULT_INDEX_PARAMS = {"M": 16, "efConstruction": 200}
 DEFAULT_EF = 64
@@ -70,7 +77,7 @@ LITE_INDEX_TYPES = ("FLAT", "IVF_FLAT", "AUTOINDEX")
 # The parameters an index type gets when the caller names the type but no parameters.
 INDEX_PARAMS = {DEFAULT_INDEX_TYPE: DEFAULT_INDEX_PARAMS, LITE_INDEX_TYPE: LITE_INDEX_PARAMS}
 # IVF indexes: the lists probed per search; benchmarks/query.py measures recall@10 and
-# latency against it.
+# latency against it. milvus-lite 2.5.1 replaces it with its interim index's own (above).
 DEFAULT_NPROBE = 16
 # Rows per insert/upsert call into milvus-lite 2.5.1 (``upsert_rows``). Through pymilvus 3.0.2
 # a call slows down out of all proportion once it carries more than a few MB of vectors, by

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import http.client
 import json
-import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +19,6 @@ import pytest
 import tinymodel
 from xmodal import contract, store
 from xmodal.client import Client
-from xmodal.client.web import make_server
 from xmodal.files import ImageRoots
 from xmodal.indexer import IndexJob, formats, sources
 from xmodal.indexer.formats import Source
@@ -251,17 +249,10 @@ def page(tmp_path_factory, tiny_triton, ray_local):
     report = IndexJob(manifest=manifest, triton_url=tiny_triton.url, milvus_uri=str(db), batch_size=4,
                       progress=False).run()
     assert report.rows_written == len(images)
-    with Client(tiny_triton.url, db) as client:
-        server = make_server(client, port=0)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield {"client": client, "db": db, "corpus": corpus, "images": images, "secret": secret,
-                   "outside_png": outside_png, "port": server.server_address[1], "manifest": manifest,
-                   "triton_url": tiny_triton.url}
-        finally:
-            server.shutdown()
-            server.server_close()
+    with Client(tiny_triton.url, db) as client, tinymodel.web_page(client) as server:
+        yield {"client": client, "db": db, "corpus": corpus, "images": images, "secret": secret,
+               "outside_png": outside_png, "port": server.server_address[1], "manifest": manifest,
+               "triton_url": tiny_triton.url}
     store.release_local(db)
 
 

@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import shutil
-import threading
 import uuid
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -21,7 +20,7 @@ from playwright.sync_api import sync_playwright
 import tinymodel
 from xmodal import contract, store
 from xmodal.client import Client
-from xmodal.client.web import make_server, parse_multipart
+from xmodal.client.web import parse_multipart
 from xmodal.indexer import IndexJob
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -44,16 +43,9 @@ def stack(tmp_path_factory, tiny_triton, ray_local):
     triton = tiny_triton
     report = IndexJob(manifest=manifest, triton_url=triton.url, milvus_uri=str(db), batch_size=4, progress=False).run()
     assert report.rows_written == len(images)
-    with Client(triton.url, db) as client:
-        server = make_server(client, port=0)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield {"client": client, "server": server, "url": server.url, "images": images,
-                   "port": server.server_address[1]}
-        finally:
-            server.shutdown()
-            server.server_close()
+    with Client(triton.url, db) as client, tinymodel.web_page(client) as server:
+        yield {"client": client, "server": server, "url": server.url, "images": images,
+               "port": server.server_address[1]}
     store.release_local(db)
 
 

@@ -311,6 +311,22 @@ def record(directory_relative_image: str, concept: str, *, style: str = "tiny", 
             "image": directory_relative_image, "captions": [f"{concept} thing"]}
 
 
+@contextlib.contextmanager
+def web_page(client) -> Iterator[object]:
+    """`xmodal web` over `client` on a free port of 127.0.0.1, serving from a thread until left."""
+    import threading
+
+    from xmodal.client.web import make_server
+
+    server = make_server(client, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ---- shared by the indexer tests: WebDataset shards, killing a run part-way ---------------
 
 

@@ -16,6 +16,7 @@ on other training code is shown as stale until it is run again.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -149,8 +150,10 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+@functools.lru_cache(maxsize=None)
 def code_fingerprint() -> str:
-    """A hash of the training code's files: equal exactly when the code is."""
+    """A hash of the training code's files: equal exactly when the code is (read once per process:
+    every row's staleness compares with it)."""
     import hashlib
 
     digest = hashlib.sha256()
